@@ -1,0 +1,26 @@
+# Two commands set everything up on a fresh machine: `make demo` and `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# Real data is never committed: a folder holding <dataset>.npz or medmnist/<dataset>.npz.
+FEDGE_DATA_DIR ?= $(firstword $(wildcard ../shared/data) $(HOME)/.cache/fedge)
+export FEDGE_DATA_DIR
+
+.PHONY: install demo test bench clean
+
+$(BIN)/.installed: pyproject.toml constraints-cpu.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -c constraints-cpu.txt -e '.[cpu,dev]'
+	touch $@
+
+install: $(BIN)/.installed
+
+demo: $(BIN)/.installed
+	$(BIN)/fedge demo --dataset pneumoniamnist --data-dir "$(FEDGE_DATA_DIR)" --clients 4 --rounds 10 --report runs/demo/report.json
+
+test: $(BIN)/.installed
+	$(BIN)/python -m pytest -q -p no:cacheprovider
+
+clean:
+	rm -rf runs .pytest_cache

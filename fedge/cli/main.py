@@ -1,0 +1,32 @@
+"""Entry point: registers each command module. Keep imports here light: `fedge --help` loads no torch."""
+
+from __future__ import annotations
+
+import importlib
+
+import typer
+
+app = typer.Typer(
+    name="fedge",
+    help="Federated learning at the hospital edge: train together over MQTT, keep images on site.",
+    no_args_is_help=True,
+    pretty_exceptions_show_locals=False,
+)
+
+# (module, attribute, name): a Typer app is mounted as a command group, a function as a command.
+_COMMANDS: list[tuple[str, str, str]] = [
+    ("fedge.cli.demo", "demo", "demo"),
+    ("fedge.cli.server", "server", "server"),
+    ("fedge.cli.agent", "app", "agent"),
+]
+
+for module_name, attr, name in _COMMANDS:
+    target = getattr(importlib.import_module(module_name), attr)
+    if isinstance(target, typer.Typer):
+        app.add_typer(target, name=name)
+    else:
+        app.command(name)(target)
+
+
+if __name__ == "__main__":
+    app()
