@@ -1,0 +1,121 @@
+"""Versioned, hashed, optionally Ed25519-signed envelopes.
+
+Layout: b"FDG1" | u32 header length | header JSON | payload | [64-byte signature].
+The header is a strict allow-list (pydantic, extra fields forbidden): an agent can only ever send
+these fields, and metrics only under the names in ALLOWED_METRICS, so nothing identifying a
+patient can ride along in metadata.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import secrets
+import struct
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from fedge.protocol.errors import ProtocolError
+from fedge.protocol.signing import SIGNATURE_BYTES, Signer, Verifier
+
+MAGIC = b"FDG1"
+_PREFIX = struct.Struct(">4sI")
+MAX_HEADER_BYTES = 1 << 20
+MAX_TENSORS = 100_000
+ALLOWED_METRICS = frozenset(
+    {"train_loss", "train_accuracy", "train_seconds", "encode_seconds", "val_auc", "val_accuracy", "peak_mem_mb", "epochs"}
+)
+NAME_PATTERN = r"^[A-Za-z0-9_.-]{1,64}$"
+
+
+class TensorEntry(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    name: str = Field(min_length=1, max_length=256, pattern=r"^[A-Za-z0-9_.\-]+$")
+    shape: tuple[int, ...] = Field(max_length=8)
+    dtype: Literal["float32"] = "float32"
+
+    @field_validator("shape")
+    @classmethod
+    def _dims(cls, shape: tuple[int, ...]) -> tuple[int, ...]:
+        if any(d < 0 or d > 1 << 31 for d in shape):
+            raise ValueError("dimensions must be in [0, 2^31]")
+        return shape
+
+
+class EnvelopeHeader(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    version: Literal[1] = 1
+    kind: Literal["update", "global"]
+    federation: str = Field(pattern=NAME_PATTERN)
+    round: int = Field(ge=0, le=10**9)
+    sender: str = Field(pattern=NAME_PATTERN)
+    codec: str = Field(min_length=1, max_length=256)
+    manifest: tuple[TensorEntry, ...] = Field(max_length=MAX_TENSORS)
+    num_samples: int = Field(default=0, ge=0, le=10**9)
+    metrics: dict[str, float] = Field(default_factory=dict)
+    base_round: int | None = Field(default=None, ge=0)
+    model: dict[str, Any] | None = None  # the model config, on global envelopes only
+    nonce: str = Field(default_factory=lambda: secrets.token_hex(16), pattern=r"^[0-9a-f]{32}$")
+    payload_sha256: str = Field(default="", pattern=r"^([0-9a-f]{64})?$")
+    payload_len: int = Field(default=0, ge=0)
+    signed: bool = False
+
+    @field_validator("metrics")
+    @classmethod
+    def _allowed_metrics(cls, metrics: dict[str, float]) -> dict[str, float]:
+        unknown = set(metrics) - ALLOWED_METRICS
+        if unknown:
+            raise ValueError(f"metrics {sorted(unknown)} are not on the allow-list {sorted(ALLOWED_METRICS)}")
+        return metrics
+
+
+@dataclass(frozen=True)
+class Envelope:
+    header: EnvelopeHeader
+    payload: bytes
+
+
+def encode_envelope(header: EnvelopeHeader, payload: bytes, signer: Signer | None = None) -> bytes:
+    header = header.model_copy(
+        update={"payload_sha256": hashlib.sha256(payload).hexdigest(), "payload_len": len(payload), "signed": signer is not None}
+    )
+    head = header.model_dump_json().encode()
+    body = _PREFIX.pack(MAGIC, len(head)) + head + payload
+    return body + signer.sign(body) if signer else body
+
+
+def decode_envelope(data: bytes, verifier: Verifier | None = None) -> Envelope:
+    """Validate every length before slicing; raise ProtocolError with the reason."""
+    if len(data) < _PREFIX.size:
+        raise ProtocolError(f"envelope of {len(data)} bytes is shorter than its {_PREFIX.size}-byte prefix")
+    magic, head_len = _PREFIX.unpack_from(data)
+    if magic != MAGIC:
+        raise ProtocolError(f"bad magic {magic!r}: not a fedge v1 envelope")
+    if head_len > MAX_HEADER_BYTES or _PREFIX.size + head_len > len(data):
+        raise ProtocolError(f"header length {head_len} exceeds the envelope ({len(data)} bytes) or the {MAX_HEADER_BYTES}-byte limit")
+    head_end = _PREFIX.size + head_len
+    try:
+        header = EnvelopeHeader.model_validate(json.loads(data[_PREFIX.size : head_end]))
+    except (ValueError, ValidationError) as exc:
+        raise ProtocolError(f"invalid header: {_short(exc)}") from None
+    sig_len = SIGNATURE_BYTES if header.signed else 0
+    if head_end + header.payload_len + sig_len != len(data):
+        raise ProtocolError(f"payload length {header.payload_len} does not match the {len(data) - head_end - sig_len} bytes present")
+    body_end = head_end + header.payload_len
+    payload = data[head_end:body_end]
+    if hashlib.sha256(payload).hexdigest() != header.payload_sha256:
+        raise ProtocolError("payload SHA-256 does not match the header")
+    if verifier is not None:
+        if not header.signed:
+            raise ProtocolError(f"unsigned envelope from {header.sender!r}, but signatures are required")
+        verifier.verify(header.sender, data[:body_end], data[body_end:])
+    return Envelope(header=header, payload=payload)
+
+
+def _short(exc: Exception) -> str:
+    text = str(exc).replace("\n", "; ")
+    return text if len(text) <= 300 else text[:297] + "..."
