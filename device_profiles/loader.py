@@ -1,0 +1,84 @@
+"""Load a profile by shipped name or from a user's YAML file, with errors that name the field."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ValidationError
+
+from device_profiles.schema import Profile
+
+SHIPPED_DIR = Path(__file__).resolve().parent
+
+
+class ProfileError(ValueError):
+    """A profile that cannot be found, parsed or validated. The CLI exits with `exit_code`."""
+
+    exit_code = 3
+
+
+def shipped_names() -> list[str]:
+    """Names of the profiles that ship with fedge (one YAML file each)."""
+    return sorted(p.stem for p in SHIPPED_DIR.glob("*.yaml"))
+
+
+def load_profile(name_or_path: str | Path) -> Profile:
+    """Resolve a shipped name (`jetson-orin-nano-8gb`) or a path to a user YAML file, and validate it.
+
+    Anything that looks like a path (has a separator or a .yaml/.yml suffix, or exists) is read as a
+    file, so a user profile never shadows a shipped one by accident.
+    """
+    text = str(name_or_path)
+    candidate = Path(text).expanduser()
+    if isinstance(name_or_path, Path) or "/" in text or "\\" in text or candidate.suffix in (".yaml", ".yml") or candidate.exists():
+        return load_profile_file(candidate)
+    path = SHIPPED_DIR / f"{text}.yaml"
+    if not path.is_file():
+        raise ProfileError(
+            f"no shipped profile named {text!r}; known: {', '.join(shipped_names())}. "
+            "Pass a path to your own YAML file with --profile PATH."
+        )
+    return load_profile_file(path)
+
+
+def load_profile_file(path: Path) -> Profile:
+    """Read and validate one YAML file; every problem is reported as `file: field: problem`."""
+    if not path.is_file():
+        raise ProfileError(f"{path}: profile file not found")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        raise ProfileError(f"{path}: not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise ProfileError(f"{path}: a profile is a YAML mapping with keys device, link, defaults; got {type(data).__name__}")
+    try:
+        return Profile.model_validate(data)
+    except ValidationError as exc:
+        problems = "\n".join(f"  {_describe(err)}" for err in exc.errors())
+        raise ProfileError(f"{path}: invalid profile ({exc.error_count()} problem(s)):\n{problems}") from None
+
+
+def _describe(err: Any) -> str:
+    """One pydantic error as `field.path: message (got VALUE)`, listing valid keys for unknown ones."""
+    loc = tuple(err["loc"])
+    field = ".".join(str(part) for part in loc) or "(profile)"
+    message = err["msg"]
+    if err["type"] == "extra_forbidden":
+        known = _known_keys(loc[:-1])
+        message = f"unknown field; valid fields here: {', '.join(known)}"
+    elif err["type"] != "missing" and not isinstance(err.get("input"), (dict, list)):
+        message = f"{message} (got {err['input']!r})"
+    return f"{field}: {message}"
+
+
+def _known_keys(loc: tuple[Any, ...]) -> list[str]:
+    """Field names of the nested model at `loc` (e.g. ("device",) -> Device's fields)."""
+    model: type[BaseModel] = Profile
+    for part in loc:
+        annotation = model.model_fields[str(part)].annotation
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return []
+        model = annotation
+    return sorted(model.model_fields)
