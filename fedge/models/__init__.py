@@ -6,5 +6,6 @@ from fedge.models.registry import MODELS, ModelConfig, build_model, register_mod
 # Importing the modules registers their architectures.
 from fedge.models import cnn as _cnn  # noqa: F401,E402
 from fedge.models import resnet as _resnet  # noqa: F401,E402
+from fedge.models import vit as _vit  # noqa: F401,E402
 
 __all__ = ["MODELS", "ModelConfig", "build_model", "register_model"]

@@ -55,4 +55,10 @@ def build_model(config: ModelConfig) -> nn.Module:
         builder = MODELS[config.arch]
     except KeyError:
         raise ValueError(f"unknown architecture {config.arch!r}; known: {', '.join(sorted(MODELS))}") from None
-    return builder(config)
+    if "pruned" not in config.options:
+        return builder(config)
+    # A server-pruned architecture: build the unpruned network, then shrink it to the recorded shapes.
+    from compression.pruning import apply_shapes  # lazy: torch-pruning loads only for pruned models
+
+    options = {k: v for k, v in config.options.items() if k != "pruned"}
+    return apply_shapes(builder(config.replace(options=options)), config.options["pruned"])
