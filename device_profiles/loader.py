@@ -25,22 +25,27 @@ def shipped_names() -> list[str]:
 
 
 def load_profile(name_or_path: str | Path) -> Profile:
-    """Resolve a shipped name (`jetson-orin-nano-8gb`) or a path to a user YAML file, and validate it.
+    """Load and validate a shipped profile by name or a user profile by path."""
+    return load_profile_file(resolve_profile_path(name_or_path))
 
-    Anything that looks like a path (has a separator or a .yaml/.yml suffix, or exists) is read as a
-    file, so a user profile never shadows a shipped one by accident.
+
+def resolve_profile_path(name_or_path: str | Path) -> Path:
+    """The file behind a shipped name (`jetson-orin-nano-8gb`) or a path to a user YAML file.
+
+    Anything with a path separator or a .yaml/.yml suffix is a file; anything else is a shipped
+    name, so a stray file in the working directory never shadows a shipped profile.
     """
     text = str(name_or_path)
     candidate = Path(text).expanduser()
-    if isinstance(name_or_path, Path) or "/" in text or "\\" in text or candidate.suffix in (".yaml", ".yml") or candidate.exists():
-        return load_profile_file(candidate)
+    if isinstance(name_or_path, Path) or "/" in text or "\\" in text or candidate.suffix in (".yaml", ".yml"):
+        return candidate
     path = SHIPPED_DIR / f"{text}.yaml"
     if not path.is_file():
         raise ProfileError(
             f"no shipped profile named {text!r}; known: {', '.join(shipped_names())}. "
-            "Pass a path to your own YAML file with --profile PATH."
+            "For your own profile, pass the path to its YAML file instead of a name."
         )
-    return load_profile_file(path)
+    return path
 
 
 def load_profile_file(path: Path) -> Profile:

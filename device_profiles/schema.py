@@ -21,6 +21,8 @@ DeviceKind = Literal["jetson", "gpu", "cpu"]
 TrainingMode = Literal["full", "lora", "pruned", "qat"]
 ExportFormat = Literal["onnx", "onnx-int8", "tensorrt"]
 Precision = Literal["fp32", "fp16", "int8"]
+# Which Device field holds the peak for each precision.
+PEAK_FIELDS: dict[str, str] = {"fp32": "fp32_tflops", "fp16": "fp16_tflops", "int8": "int8_tops"}
 
 # One codec stage is `name` or `name:args`; stages join with `|` (e.g. "topk:0.01,ef|q8|zstd:3").
 _CODEC_STAGE = re.compile(r"^[a-z][a-z0-9_]*(:[^|:\s]+)?$")
@@ -58,7 +60,7 @@ class Device(_Strict):
 
     def peak_ops_per_s(self, precision: Precision) -> float | None:
         """Peak operations per second at `precision`, or None when the profile has no such figure."""
-        tera = {"fp32": self.fp32_tflops, "fp16": self.fp16_tflops, "int8": self.int8_tops}[precision]
+        tera: float | None = getattr(self, PEAK_FIELDS[precision])
         return None if tera is None else tera * 1e12
 
 
