@@ -117,7 +117,7 @@ class UpdateCodec:
         specs = []
         for name, array in delta.items():
             if not isinstance(array, np.ndarray) or not np.issubdtype(array.dtype, np.floating):
-                raise CodecError(f"delta tensor {name!r} must be a floating numpy array, got {type(array).__name__}")
+                raise CodecError(f"delta tensor {name!r} must be a floating numpy array, got {type(array).__module__}.{type(array).__name__}")
             specs.append(TensorSpec(name=name, shape=tuple(int(d) for d in array.shape), dtype=str(array.dtype)))
         return specs
 

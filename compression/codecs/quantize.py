@@ -69,7 +69,8 @@ class Fp16(ValueCoder):
         return self.name
 
     def encode(self, values: np.ndarray, rng: np.random.Generator) -> tuple[bytes, np.ndarray]:
-        half = values.astype(np.float16)
+        with np.errstate(over="ignore"):
+            half = values.astype(np.float16)
         if not bool(np.isfinite(half).all()):
             raise CodecError("a value exceeds the fp16 range (|x| > 65504); use fp32 or a block quantizer such as q8")
         return half.astype("<f2").tobytes(), half.astype(np.float32)
@@ -127,7 +128,8 @@ class BlockQuantizer(ValueCoder):
         if bool((scales < 0).any()):
             raise CodecError(f"{what}: negative {self.name} block scale; the payload is corrupt")
         codes = self.unpack(reader, count, what)
-        out = codes.astype(np.float32) * np.repeat(scales, self.block)[:count]
+        with np.errstate(over="ignore"):
+            out = codes.astype(np.float32) * np.repeat(scales, self.block)[:count]
         require_finite(out, what)
         return out
 
