@@ -73,6 +73,8 @@ def _describe(err: Any) -> str:
     if err["type"] == "extra_forbidden":
         known = _known_keys(loc[:-1])
         message = f"unknown field; valid fields here: {', '.join(known)}"
+    elif err["type"] == "value_error":
+        message = str(err["ctx"]["error"])  # our validators' own sentences already name the value
     elif err["type"] != "missing" and not isinstance(err.get("input"), (dict, list)):
         message = f"{message} (got {err['input']!r})"
     return f"{field}: {message}"
