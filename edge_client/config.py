@@ -1,0 +1,46 @@
+"""Agent settings, loadable from the YAML file that `fedge agent init` writes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from fedge.protocol.chunks import DEFAULT_CHUNK_SIZE
+
+
+class AgentConfig(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    broker: str
+    site: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    federation: str = Field(default="demo", pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    dataset: str = "pneumoniamnist"
+    data_dir: Path | None = None
+    shard: int | None = Field(default=None, ge=0)  # simulation: this site's Dirichlet shard of a public dataset
+    num_shards: int | None = Field(default=None, ge=1)
+    alpha: float = Field(default=0.5, gt=0)
+    state_dir: Path = Path("agent-state")
+    codec: str | None = None  # if set, refuse rounds that announce another uplink codec
+    seed: int = 0
+    threads: int = Field(default=1, ge=1)
+    signing_key: Path | None = None
+    server_key: Path | None = None
+    chunk_size: int = Field(default=DEFAULT_CHUNK_SIZE, ge=1024)
+    uplink_mbps: float | None = Field(default=None, gt=0)  # link emulation (profile's link) when set
+    downlink_mbps: float | None = Field(default=None, gt=0)
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> "AgentConfig":
+        try:
+            data = yaml.safe_load(Path(path).read_text()) or {}
+            return cls.model_validate(data)
+        except (OSError, yaml.YAMLError) as exc:
+            raise ValueError(f"cannot read agent config {path}: {exc}") from exc
+        except ValidationError as exc:
+            problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+            raise ValueError(f"agent config {path} is invalid: {problems}") from None
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json", exclude_none=True), sort_keys=False)

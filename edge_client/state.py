@@ -1,0 +1,43 @@
+"""What an agent keeps across restarts: its error-feedback residual and its last sent update."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from compression import ErrorFeedback
+from fedge.checkpoint import atomic_write_bytes
+
+
+class AgentState:
+    def __init__(self, folder: Path):
+        self.folder = Path(folder)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.residual = ErrorFeedback()
+        if self._residual_file.exists():
+            self.residual.load(self._residual_file)
+
+    @property
+    def _residual_file(self) -> Path:
+        return self.folder / "residual.safetensors"
+
+    @property
+    def _meta_file(self) -> Path:
+        return self.folder / "agent.json"
+
+    def save_residual(self) -> None:
+        self.residual.save(self._residual_file)
+
+    def remember_update(self, federation: str, rnd: int, model_sha256: str, envelope: bytes) -> None:
+        """Keep the last update so a restarted server that re-announces the round gets it again
+        instead of the agent training twice (which would also double-count its residual)."""
+        atomic_write_bytes(self.folder / "last_update.bin", envelope)
+        atomic_write_bytes(self._meta_file, json.dumps({"federation": federation, "round": rnd, "model_sha256": model_sha256}).encode())
+
+    def last_update(self, federation: str, rnd: int, model_sha256: str) -> bytes | None:
+        if not self._meta_file.exists():
+            return None
+        meta = json.loads(self._meta_file.read_text())
+        if (meta.get("federation"), meta.get("round"), meta.get("model_sha256")) != (federation, rnd, model_sha256):
+            return None
+        return (self.folder / "last_update.bin").read_bytes()

@@ -1,0 +1,1 @@
+"""The aggregation server: round state machine, strategies, update validation, checkpoints."""
