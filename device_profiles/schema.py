@@ -12,6 +12,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from compression.codecs import CodecSpecError, UpdateCodec
+
 SCHEMA_VERSION = 1
 DEFAULT_CHUNK_SIZE = 256 * 1024
 # MQTT's largest packet (remaining length field) bounds one chunk.
@@ -24,8 +26,6 @@ Precision = Literal["fp32", "fp16", "int8"]
 # Which Device field holds the peak for each precision.
 PEAK_FIELDS: dict[str, str] = {"fp32": "fp32_tflops", "fp16": "fp16_tflops", "int8": "int8_tops"}
 
-# One codec stage is `name` or `name:args`; stages join with `|` (e.g. "topk:0.01,ef|q8|zstd:3").
-_CODEC_STAGE = re.compile(r"^[a-z][a-z0-9_]*(:[^|:\s]+)?$")
 _PROFILE_NAME = re.compile(r"^[a-z0-9][a-z0-9-]*$")
 
 
@@ -85,13 +85,12 @@ class Defaults(_Strict):
 
     @field_validator("codec")
     @classmethod
-    def _codec_syntax(cls, value: str) -> str:
-        for stage in value.split("|"):
-            if not _CODEC_STAGE.match(stage):
-                raise ValueError(
-                    f"codec stage {stage!r} is not `name` or `name:args` (stages join with '|', "
-                    'e.g. "topk:0.01,ef|q8|zstd:3")'
-                )
+    def _codec_parses(cls, value: str) -> str:
+        # The codec's own parser, so a profile accepts exactly the specs an agent can run.
+        try:
+            UpdateCodec.from_spec(value)
+        except CodecSpecError as exc:
+            raise ValueError(str(exc)) from None
         return value
 
     @model_validator(mode="after")

@@ -96,7 +96,8 @@ def test_chunk_size_defaults_to_256_kib(tmp_path: Path) -> None:
         ("link", "loss", 1.5, r"link\.loss: Input should be less than 1 \(got 1\.5\)"),
         ("link", "uplink_mbps", -10, r"link\.uplink_mbps: Input should be greater than 0"),
         ("defaults", "training_mode", "dense", r"defaults\.training_mode: Input should be 'full', 'lora', 'pruned' or 'qat'"),
-        ("defaults", "codec", "topk:0.01,ef||zstd", r"defaults\.codec: .*codec stage '' is not `name` or `name:args`"),
+        ("defaults", "codec", "topk:0.01,ef||zstd", r"defaults\.codec: empty stage in codec spec 'topk:0\.01,ef\|\|zstd'"),
+        ("defaults", "codec", "q8|lzma", r"defaults\.codec: unknown stage 'lzma' .*valid stages: .*zstd"),
         ("defaults", "chunk_size", 10, r"defaults\.chunk_size: Input should be greater than or equal to 1024"),
     ],
 )
