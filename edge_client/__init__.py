@@ -1,0 +1,1 @@
+"""The fedge agent: runs beside a scanner, ingests DICOM into a local store, trains locally, sends only deltas."""
