@@ -18,6 +18,7 @@ _COMMANDS: list[tuple[str, str, str]] = [
     ("fedge.cli.demo", "demo", "demo"),
     ("fedge.cli.server", "server", "server"),
     ("fedge.cli.agent", "app", "agent"),
+    ("fedge.cli.ingest", "ingest", "ingest"),
     ("fedge.cli.profiles", "app", "profiles"),
 ]
 
