@@ -1,0 +1,110 @@
+"""Parity of an exported artifact with the PyTorch model it came from, on the same inputs, in one run:
+max |logit difference|, the task metric on both, batch-1 latency of both, at equal thread counts."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from exporters.base import INPUT_NAME, ExportError, Runner, UnsupportedOpError
+from exporters.latency import measure_latency
+from fedge.tasks import preprocess
+from fedge.tasks.metrics import classification_metrics
+
+METRIC = "auc"
+_EVAL_BATCH = 64
+
+
+def ort_runner(path: Path, threads: int) -> Runner:
+    """A fresh onnxruntime session on `path` (CUDA provider when present, else CPU)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in ort.get_available_providers()]
+    try:
+        session = ort.InferenceSession(str(path), sess_options=options, providers=providers)
+    except Exception as exc:  # onnxruntime raises its own pybind exception types
+        text = str(exc)
+        if "NOT_IMPLEMENTED" in text or "Could not find an implementation" in text:
+            raise UnsupportedOpError(
+                f"onnxruntime {ort.__version__} has no kernel for an operator in {path.name}: {text.splitlines()[0]}. "
+                "Export at a different --precision, or replace the operator in the model."
+            ) from exc
+        raise ExportError(f"onnxruntime cannot load {path}: {text.splitlines()[0]}") from exc
+    provider = session.get_providers()[0]
+
+    def run(x: np.ndarray) -> np.ndarray:
+        return session.run(None, {INPUT_NAME: x})[0]
+
+    return Runner(name=f"onnxruntime {ort.__version__} {provider}", run=run, device="cuda" if provider.startswith("CUDA") else "cpu")
+
+
+def _finite(value: float) -> float | None:
+    """JSON has no NaN: an undefined metric (single-class test set) is written as null."""
+    return None if math.isnan(value) else value
+
+
+def check_parity(
+    model: nn.Module,
+    runner: Runner,
+    images: np.ndarray,
+    labels: np.ndarray,
+    *,
+    threads: int,
+    warmup: int = 10,
+    iters: int = 100,
+) -> dict[str, Any]:
+    """The measured half of `export_report.json` (everything but format, precision and bytes)."""
+    x = preprocess(images)
+    if len(x) == 0:
+        raise ValueError("the parity test set is empty; pass the test split of the dataset the model was trained on")
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        model = model.eval().to(runner.device)
+        with torch.inference_mode():
+            ref = torch.cat([model(x[i : i + _EVAL_BATCH].to(runner.device)).float().cpu() for i in range(0, len(x), _EVAL_BATCH)]).numpy()
+            xn = x.numpy()
+            out = np.concatenate([np.asarray(runner.run(xn[i : i + _EVAL_BATCH]), dtype=np.float32) for i in range(0, len(xn), _EVAL_BATCH)])
+            if out.shape != ref.shape:
+                raise ExportError(f"exported model returns shape {out.shape}, torch returns {ref.shape}")
+            one = x[:1].to(runner.device)
+            one_np = xn[:1]
+
+            def torch_once() -> object:
+                y = model(one)
+                if runner.device != "cpu":
+                    torch.cuda.synchronize()
+                return y
+
+            torch_lat = measure_latency(torch_once, warmup, iters)
+            exported_lat = measure_latency(lambda: runner.run(one_np), warmup, iters)
+    finally:
+        torch.set_num_threads(previous)
+    m_torch = classification_metrics(ref, labels)[METRIC]
+    m_exported = classification_metrics(out, labels)[METRIC]
+    return {
+        "max_abs_diff": float(np.abs(out - ref).max()),
+        "metric": {
+            "name": METRIC,
+            "torch": _finite(m_torch),
+            "exported": _finite(m_exported),
+            "delta": _finite(m_exported - m_torch),
+        },
+        "latency_ms": {
+            "torch_eager": {"p50": torch_lat.p50_ms, "p95": torch_lat.p95_ms},
+            "exported": {"p50": exported_lat.p50_ms, "p95": exported_lat.p95_ms},
+        },
+        "speedup_p50": torch_lat.p50_ms / exported_lat.p50_ms,
+        "runtime": runner.name,
+        "threads": threads,
+        "test_samples": int(len(x)),
+    }
