@@ -21,6 +21,7 @@ _COMMANDS: list[tuple[str, str, str]] = [
     ("fedge.cli.ingest", "ingest", "ingest"),
     ("fedge.cli.profiles", "app", "profiles"),
     ("fedge.cli.compress", "compress", "compress"),
+    ("fedge.cli.pretrain", "pretrain", "pretrain"),
 ]
 
 for module_name, attr, name in _COMMANDS:
