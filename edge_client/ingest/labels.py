@@ -67,7 +67,8 @@ class Labels:
             return self.by_study[instance.study_instance_uid]
         if self.class_root is not None and source is not None:
             try:
-                parts = source.resolve().relative_to(self.class_root.resolve()).parts
+                # absolute, not resolved: a symlinked file belongs to the folder it is linked into
+                parts = source.absolute().relative_to(self.class_root.absolute()).parts
             except ValueError:
                 return UNLABELLED
             match = _CLASS_FOLDER.match(parts[0]) if len(parts) > 1 else None
