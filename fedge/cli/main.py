@@ -20,6 +20,7 @@ _COMMANDS: list[tuple[str, str, str]] = [
     ("fedge.cli.agent", "app", "agent"),
     ("fedge.cli.ingest", "ingest", "ingest"),
     ("fedge.cli.profiles", "app", "profiles"),
+    ("fedge.cli.export", "export", "export"),
     ("fedge.cli.compress", "compress", "compress"),
     ("fedge.cli.pretrain", "pretrain", "pretrain"),
 ]

@@ -1,0 +1,69 @@
+"""`fedge export` end to end on a real checkpoint and dataset: exit codes, report file, messages."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import typer
+from typer.testing import CliRunner
+
+from fedge.checkpoint import save_checkpoint
+from fedge.cli.export import export
+from fedge.data import load_medmnist
+from fedge.models import build_model
+from fedge.tasks import ClassificationTask
+
+app = typer.Typer()
+app.command()(export)
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def checkpoint(medmnist_root, tmp_path_factory):
+    splits = load_medmnist("pneumoniamnist", medmnist_root)
+    task = ClassificationTask(splits)
+    config = task.model_config("cnn", widths=[16, 32])
+    torch.manual_seed(0)
+    model = build_model(config)
+    task.train_local(model, np.arange(512), epochs=1, batch_size=64)
+    return save_checkpoint(tmp_path_factory.mktemp("ckpt") / "model.safetensors", model.state_dict(), config, dataset="pneumoniamnist")
+
+
+def test_export_onnx_writes_report_and_exits_zero(checkpoint, medmnist_root, tmp_path):
+    result = runner.invoke(app, [str(checkpoint), "--format", "onnx", "--out", str(tmp_path), "--data-dir", str(medmnist_root)])
+
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "export_report.json").read_text())
+    assert report["format"] == "onnx" and report["precision"] == "fp32" and report["max_abs_diff"] <= 1e-4
+    assert report["threads"] == 1 and report["test_samples"] == 624
+
+
+def test_int8_without_calib_exits_with_calibration_code(checkpoint, medmnist_root, tmp_path):
+    result = runner.invoke(app, [str(checkpoint), "--format", "onnx-int8", "--out", str(tmp_path), "--data-dir", str(medmnist_root)])
+
+    assert result.exit_code == 6
+    assert "--calib" in result.output
+
+
+def test_precision_the_format_cannot_write_is_a_usage_error(checkpoint, tmp_path):
+    result = runner.invoke(app, [str(checkpoint), "--format", "onnx", "--precision", "int8", "--out", str(tmp_path)])
+
+    assert result.exit_code == 2
+    assert "onnx exports fp32, fp16, not int8" in result.output
+
+
+def test_unknown_profile_exits_with_profile_code(checkpoint, tmp_path):
+    result = runner.invoke(app, [str(checkpoint), "--format", "tensorrt", "--out", str(tmp_path), "--profile", "no-such-device"])
+
+    assert result.exit_code == 3
+    assert "no-such-device" in result.output
+
+
+def test_missing_checkpoint_is_a_usage_error(tmp_path):
+    result = runner.invoke(app, [str(tmp_path / "nope.safetensors"), "--format", "onnx", "--out", str(tmp_path)])
+
+    assert result.exit_code == 2
+    assert "no checkpoint" in result.output
