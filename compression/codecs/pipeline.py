@@ -193,10 +193,11 @@ class UpdateCodec:
         version = reader.byte("format version")
         if version != FORMAT_VERSION:
             raise CodecError(f"payload format version {version}, this fedge reads {FORMAT_VERSION}; upgrade the older side")
-        # What our encoder can write: DENSE without a sparsifier (or keep_dense under fp32), KEEP_DENSE under a lossy coder.
+        # Only what our encoder writes: DENSE without a sparsifier (or keep_dense under fp32), KEEP_DENSE under a lossy coder.
         allowed = set(INDEX_CODERS) if self.sparsifier is not None else set()
-        allowed.add(DENSE if self.sparsifier is None or self.values.lossless else KEEP_DENSE)
-        if self.sparsifier is None and not self.values.lossless:
+        if self.sparsifier is None or self.values.lossless:
+            allowed.add(DENSE)
+        if not self.values.lossless:
             allowed.add(KEEP_DENSE)
         out: dict[str, np.ndarray | SparseTensor] = {}
         for spec in manifest:
