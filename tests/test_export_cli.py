@@ -67,3 +67,15 @@ def test_missing_checkpoint_is_a_usage_error(tmp_path):
 
     assert result.exit_code == 2
     assert "no checkpoint" in result.output
+
+
+def test_profile_supplies_the_precision_and_names_the_engine_target(checkpoint, medmnist_root, tmp_path):
+    npz = medmnist_root / "medmnist" / "pneumoniamnist.npz"
+    args = [str(checkpoint), "--format", "tensorrt", "--out", str(tmp_path), "--profile", "jetson-orin-nano-8gb", "--calib", str(npz)]
+
+    result = runner.invoke(app, [*args, "--data-dir", str(medmnist_root)])
+
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "export_report.json").read_text())
+    assert report["precision"] == "int8" and report["profile"] == "jetson-orin-nano-8gb"
+    assert "--int8" in (tmp_path / "build_engine.sh").read_text()
