@@ -79,3 +79,15 @@ def test_profile_supplies_the_precision_and_names_the_engine_target(checkpoint, 
     report = json.loads((tmp_path / "export_report.json").read_text())
     assert report["precision"] == "int8" and report["profile"] == "jetson-orin-nano-8gb"
     assert "--int8" in (tmp_path / "build_engine.sh").read_text()
+
+
+def test_calibration_from_an_empty_dicom_store_says_what_to_do(checkpoint, medmnist_root, tmp_path):
+    from edge_client.ingest.store import DatasetStore
+
+    store = DatasetStore.create(tmp_path / "store", image_size=28, channels=1)
+    args = [str(checkpoint), "--format", "onnx-int8", "--out", str(tmp_path / "out"), "--calib", str(store.root)]
+
+    result = runner.invoke(app, [*args, "--data-dir", str(medmnist_root)])
+
+    assert result.exit_code == 6
+    assert "no train-split images" in result.output and "fedge ingest" in result.output
