@@ -64,6 +64,7 @@ class Agent:
         self.snapshot_envelope: bytes | None = None
         self.want_snapshot = False
         self.finished = False
+        self.answered: RoundAnnouncement | None = None  # a re-announcement (server restart) gets the update again
         self.rounds_done: list[int] = []
         self.session: MqttSession | None = None
 
@@ -131,6 +132,7 @@ class Agent:
     def _train_and_send(self, ann: RoundAnnouncement) -> None:
         if self.config.codec and UpdateCodec.from_spec(self.config.codec).spec != ann.uplink_codec:
             log.error("%s: round %d asks for codec %r but this site is configured for %r; skipping", self.config.site, ann.round, ann.uplink_codec, self.config.codec)
+            self.answered = ann
             return
         cached = self.state.last_update(self.config.federation, ann.round, ann.model_sha256)
         if cached is None:
@@ -138,7 +140,9 @@ class Agent:
         self.session.publish_chunked(
             lambda i: self.topics.update_chunk(ann.round, self.config.site, i), cached, chunk_size=self.config.chunk_size
         )
-        self.rounds_done.append(ann.round)
+        self.answered = ann
+        if ann.round not in self.rounds_done:
+            self.rounds_done.append(ann.round)
         log.info("%s: sent update for round %d (%d bytes)", self.config.site, ann.round, len(cached))
 
     def _train(self, ann: RoundAnnouncement) -> bytes:
@@ -208,7 +212,7 @@ class Agent:
 
     def _progress(self) -> None:
         ann = self.pending
-        if ann is None or ann.round in self.rounds_done:
+        if ann is None or ann == self.answered:
             return
         if self._try_obtain(ann):
             self._train_and_send(ann)

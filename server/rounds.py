@@ -80,7 +80,7 @@ class RoundServer:
             residual_file = record.get("downlink_residual")
             if residual_file:
                 self.downlink_residual.load(self.store.folder / residual_file)
-            log.info("resuming federation %s after round %d", self.config.federation, state.round)
+            log.warning("resuming federation %s after round %d (checkpoint in %s)", self.config.federation, state.round, self.store.folder)
             return state
         if self.config.init_checkpoint is not None:
             return RoundState(0, W.float_state(load_checkpoint(self.config.init_checkpoint).build()))

@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from fedge import weights as W
 from fedge.checkpoint import atomic_write_bytes, load_checkpoint, save_checkpoint
 from fedge.models import ModelConfig, build_model
 
@@ -65,5 +66,5 @@ class CheckpointStore:
                 f"checkpoint in {self.folder} was written for model {ckpt.config}, not {self.config}; "
                 "use another --checkpoint-dir or the same model settings"
             )
-        weights = {k: v.numpy().astype(np.float32) for k, v in ckpt.state.items() if v.is_floating_point()}
+        weights = W.float_state(ckpt.build())  # model order, not the file's alphabetical order
         return RoundState(record["round"], weights, record.get("history", [])), record

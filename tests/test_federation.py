@@ -1,0 +1,199 @@
+"""Real federations over real brokers: the embedded amqtt broker and a Mosquitto process.
+
+Agents run as separate processes (as on real sites); the server runs in-process or as a
+`fedge server` process that the resume test kills with SIGKILL.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from brokers import mosquitto_broker  # noqa: F401  (fixture)
+from safetensors.numpy import load_file
+
+from fedge.checkpoint import load_checkpoint
+from fedge.cli.federation import FederationSettings, run_federation
+
+FEDGE = [sys.executable, "-m", "fedge.cli.main"]
+
+
+def test_demo_federation_on_embedded_broker(medmnist_root, tmp_path):
+    rounds_seen = []
+    report = run_federation(
+        FederationSettings(dataset="pneumoniamnist", data_dir=str(medmnist_root), clients=2, rounds=2, workdir=tmp_path / "run"),
+        on_round=rounds_seen.append,
+        report_path=tmp_path / "report.json",
+    )
+    assert [r["round"] for r in report["rounds"]] == [1, 2] == [r["round"] for r in rounds_seen]
+    assert report["final"]["auc"] > 0.85
+    assert report["rejected_updates"] == 0
+    # Each round: two dense fp32 updates travelled, each a little over the dense model size.
+    for r in report["rounds"]:
+        assert 2 * report["dense_update_bytes"] < r["uplink_bytes"] < 2.1 * report["dense_update_bytes"]
+        assert r["downlink_bytes"] > 0
+    model = load_checkpoint(report["checkpoint"]).build()
+    float_tensors = [t for t in model.state_dict().values() if t.is_floating_point()]
+    assert sum(t.numel() for t in float_tensors) * 4 == report["dense_update_bytes"]
+    assert (tmp_path / "report.png").stat().st_size > 1000
+
+
+def test_other_dataset_on_mosquitto(medmnist_root, tmp_path, mosquitto_broker):
+    host, port = mosquitto_broker
+    report = run_federation(
+        FederationSettings(
+            dataset="breastmnist", data_dir=str(medmnist_root), clients=2, rounds=2, broker=f"mqtt://{host}:{port}",
+            federation="mosq", workdir=tmp_path / "run", codec="fp16",
+        )
+    )
+    assert len(report["rounds"]) == 2
+    # fp16 halves the payload of the dense fp32 update
+    assert report["rounds"][0]["uplink_bytes"] < 1.1 * report["dense_update_bytes"]
+    assert 0.0 <= report["final"]["auc"] <= 1.0
+
+
+def _spawn_federation(root: Path, data: Path, broker: str, federation: str, rounds: int) -> tuple[list[str], list[subprocess.Popen]]:
+    server_cmd = FEDGE + [
+        "server", "--broker", broker, "--federation", federation, "--dataset", "breastmnist", "--data-dir", str(data),
+        "--rounds", str(rounds), "--min-clients", "2", "--clients", "site-1,site-2", "--checkpoint-dir", str(root / "ckpt"),
+        "--round-timeout", "120", "--quiet",
+    ]
+    agents = []
+    for i, site in enumerate(["site-1", "site-2"]):
+        cmd = FEDGE + [
+            "agent", "--broker", broker, "--site", site, "--federation", federation, "--dataset", "breastmnist",
+            "--data-dir", str(data), "--shard", str(i), "--num-shards", "2", "--alpha", "1.0",
+            "--state-dir", str(root / site), "--quiet",
+        ]
+        agents.append(subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=open(root / f"{site}.log", "wb")))
+    return server_cmd, agents
+
+
+def _round_done(ckpt: Path) -> int:
+    import json
+
+    try:
+        return json.loads((ckpt / "state.json").read_text())["round"]
+    except (FileNotFoundError, ValueError):
+        return 0
+
+
+def test_server_killed_mid_federation_resumes_to_the_same_model(medmnist_root, tmp_path, mosquitto_broker):
+    host, port = mosquitto_broker
+    broker = f"mqtt://{host}:{port}"
+    rounds = 4
+    finals = []
+    for name, kill_after in (("straight", None), ("killed", 2)):
+        root = tmp_path / name
+        root.mkdir()
+        server_cmd, agents = _spawn_federation(root, medmnist_root, broker, f"resume-{name}", rounds)
+        log = open(root / "server.log", "wb")
+        server = subprocess.Popen(server_cmd, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            if kill_after is not None:
+                deadline = time.monotonic() + 240
+                while _round_done(root / "ckpt") < kill_after:
+                    assert server.poll() is None, (root / "server.log").read_text()
+                    assert time.monotonic() < deadline, "server made no progress"
+                    time.sleep(0.05)
+                os.kill(server.pid, signal.SIGKILL)
+                server.wait()
+                killed_at = _round_done(root / "ckpt")
+                assert killed_at < rounds, "the federation finished before the kill; nothing was resumed"
+                server = subprocess.Popen(server_cmd, stdout=log, stderr=subprocess.STDOUT)
+            assert server.wait(timeout=300) == 0, (root / "server.log").read_text()[-3000:]
+            for agent in agents:
+                assert agent.wait(timeout=60) == 0
+        finally:
+            for proc in [server, *agents]:
+                if proc.poll() is None:
+                    proc.kill()
+        if kill_after is not None:
+            assert "resuming federation" in (root / "server.log").read_text()
+        finals.append(load_file(str(root / "ckpt" / "final.safetensors")))
+    straight, resumed = finals
+    assert straight.keys() == resumed.keys()
+    for key in straight:
+        np.testing.assert_array_equal(straight[key], resumed[key], err_msg=key)
+
+
+def _publish(host: str, port: int, topic: str, payload: bytes) -> None:
+    subprocess.run(["mosquitto_pub", "-h", host, "-p", str(port), "-q", "1", "-t", topic, "-s"], input=payload, check=True, timeout=10)
+
+
+def test_malformed_updates_are_rejected_and_the_round_completes(medmnist_root, tmp_path, mosquitto_broker):
+    if subprocess.run(["which", "mosquitto_pub"], capture_output=True).returncode != 0:
+        pytest.skip("mosquitto_pub not installed (apt-get install -y mosquitto-clients)")
+    from fedge.data import load_medmnist
+    from fedge.protocol import EnvelopeHeader, StatusMessage, Topics, encode_envelope, split_chunks
+    from fedge.transport import MqttSession
+    from fedge.tasks import ClassificationTask
+    from server.config import ServerConfig
+    from server.rounds import RoundServer
+
+    host, port = mosquitto_broker
+    broker = f"mqtt://{host}:{port}"
+    federation = "hostile"
+    topics = Topics(federation)
+    model = ClassificationTask(load_medmnist("breastmnist", medmnist_root)).model_config("cnn")
+    server = RoundServer(ServerConfig(
+        federation=federation, broker=broker, model=model, checkpoint_dir=tmp_path / "ckpt", rounds=1, min_clients=2,
+        expected_clients=("site-1", "site-2"), round_timeout=120,
+    ))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while server.session is None or not server.session.connected:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+
+    def chunk_of(envelope: bytes) -> bytes:
+        return split_chunks(envelope)[0].encode()
+
+    manifest = ({"name": "head.weight", "shape": [2, 128]},)
+    good_header = dict(kind="update", federation=federation, round=1, sender="site-1", codec="fp32", manifest=manifest, num_samples=5)
+    attacks = {
+        "garbage": (topics.update_chunk(1, "site-1", 0), os.urandom(300)),
+        "truncated chunk": (topics.update_chunk(1, "site-2", 0), chunk_of(b"x" * 100)[:20]),
+        "malformed envelope": (topics.update_chunk(1, "site-1", 0), chunk_of(b"FDG1" + b"\xff" * 50)),
+        "wrong federation": (topics.update_chunk(1, "site-2", 0), chunk_of(encode_envelope(EnvelopeHeader(**(good_header | {"federation": "other", "sender": "site-2"})), b""))),
+        "stale round": (topics.update_chunk(0, "site-1", 0), chunk_of(encode_envelope(EnvelopeHeader(**(good_header | {"round": 0})), b""))),
+        "bad topic": (f"fedge/{federation}/round/1/update/site-1/notanumber", b"zzz"),
+    }
+    # Mark both sites online (retained, as their agents would) so the server opens round 1, then attack the open round.
+    for site in ("site-1", "site-2"):
+        subprocess.run(
+            ["mosquitto_pub", "-h", host, "-p", str(port), "-q", "1", "-r", "-t", topics.status(site), "-s"],
+            input=StatusMessage(client=site, state="online").to_bytes(), check=True, timeout=10,
+        )
+    watcher = MqttSession(broker, "test-watcher", clean_session=True)
+    watcher.subscribe(topics.announce(1))
+    watcher.connect()
+    assert watcher.get(timeout=60) is not None, "round 1 was never announced"
+    watcher.close()
+    for topic, payload in attacks.values():
+        _publish(host, port, topic, payload)
+    _, agents = _spawn_federation(tmp_path, medmnist_root, broker, federation, 1)
+    try:
+        thread.join(timeout=240)
+        assert not thread.is_alive(), "round did not complete"
+        for agent in agents:
+            assert agent.wait(timeout=60) == 0
+    finally:
+        for agent in agents:
+            if agent.poll() is None:
+                agent.kill()
+    reasons = " | ".join(reason for _, _, reason in server.rejections)
+    assert "bad chunk" in reasons
+    assert "header length" in reasons
+    assert "wrong federation" in reasons
+    assert "round 0 is not open" in reasons
+    assert len(server.rejections) >= 5
+    assert server.state.round == 1 and server.state.history[0]["clients"] == ["site-1", "site-2"]
