@@ -169,7 +169,7 @@ class Agent:
             round=ann.round,
             sender=self.config.site,
             codec=codec.spec,
-            manifest=W.manifest_entries(UpdateCodec.manifest(delta)),
+            manifest_sha256=W.manifest_sha256(UpdateCodec.manifest(delta)),
             num_samples=result.num_samples,
             metrics={"train_loss": result.loss, "train_accuracy": result.accuracy, "train_seconds": result.seconds},
         )

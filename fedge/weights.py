@@ -74,3 +74,10 @@ def specs_from_entries(entries) -> list[TensorSpec]:
 
 def densify(decoded: dict[str, np.ndarray | SparseTensor]) -> dict[str, np.ndarray]:
     return {k: v.to_dense() if isinstance(v, SparseTensor) else v for k, v in decoded.items()}
+
+
+def manifest_sha256(specs: list[TensorSpec]) -> str:
+    digest = hashlib.sha256()
+    for t in specs:
+        digest.update(f"{t.name}:{','.join(map(str, t.shape))};".encode())
+    return digest.hexdigest()

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Collection
 
 from compression import TensorSpec
+from fedge import weights as W
 from fedge.protocol import EnvelopeHeader
 
 
@@ -38,7 +39,8 @@ def validate_header(
         raise RejectedUpdate(f"codec {header.codec!r} differs from the announced {codec!r}")
     if header.num_samples < 1:
         raise RejectedUpdate("update trained on zero samples")
-    sent = [(t.name, tuple(t.shape)) for t in header.manifest]
-    expected = [(t.name, tuple(t.shape)) for t in manifest]
-    if sent != expected:
-        raise RejectedUpdate("tensor manifest does not match the global model")
+    if header.manifest:
+        if [(t.name, tuple(t.shape)) for t in header.manifest] != [(t.name, tuple(t.shape)) for t in manifest]:
+            raise RejectedUpdate("tensor manifest does not match the global model")
+    elif header.manifest_sha256 != W.manifest_sha256(manifest):
+        raise RejectedUpdate("tensor manifest digest missing or does not match the global model")

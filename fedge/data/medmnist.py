@@ -37,7 +37,7 @@ class ImageSplits:
 
     @property
     def num_classes(self) -> int:
-        return int(max(int(lbl.max()) for lbl in self.labels.values() if lbl.size) + 1)
+        return int(max((int(lbl.max()) for lbl in self.labels.values() if lbl.size), default=0) + 1)
 
     @classmethod
     def from_arrays(cls, arrays: dict[str, np.ndarray], name: str) -> "ImageSplits":
@@ -55,7 +55,7 @@ class ImageSplits:
                 x = x[..., None]
             if x.ndim != 4 or x.shape[-1] not in (1, 3) or x.shape[1] != x.shape[2]:
                 raise ValueError(f"{name}: {ki} has shape {x.shape}; expected (N, H, W) or (N, H, W, 3) square images")
-            y = np.asarray(arrays[kl]).reshape(len(x), -1)
+            y = np.asarray(arrays[kl]).reshape(len(x), -1) if len(x) else np.zeros((0, 1), np.int64)
             if y.shape[1] != 1:
                 raise ValueError(f"{name}: {kl} has {y.shape[1]} columns; multi-label subsets (ChestMNIST) are not supported yet")
             images[split] = x.astype(np.uint8, copy=False)

@@ -54,7 +54,10 @@ class EnvelopeHeader(BaseModel):
     round: int = Field(ge=0, le=10**9)
     sender: str = Field(pattern=NAME_PATTERN)
     codec: str = Field(min_length=1, max_length=256)
-    manifest: tuple[TensorEntry, ...] = Field(max_length=MAX_TENSORS)
+    manifest: tuple[TensorEntry, ...] = Field(default=(), max_length=MAX_TENSORS)
+    # Updates name the manifest by digest: the server already holds it, and ~1.5 KB of tensor
+    # names per update would dominate a top-0.1% payload. Globals carry the full manifest.
+    manifest_sha256: str | None = Field(default=None, pattern=r"^[0-9a-f]{64}$")
     num_samples: int = Field(default=0, ge=0, le=10**9)
     metrics: dict[str, float] = Field(default_factory=dict)
     base_round: int | None = Field(default=None, ge=0)
