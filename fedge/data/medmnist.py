@@ -118,7 +118,10 @@ def load_medmnist(name: str, data_dir: str | os.PathLike | None = None, cache_di
     path = _find_local(name, folder) if folder else None
     if path is None:
         if folder is not None and folder.exists() and name not in MEDMNIST_MD5:
-            raise FileNotFoundError(f"no {name}.npz in {folder} (nor in {folder / 'medmnist'})")
+            raise FileNotFoundError(
+                f"no {name}.npz in {folder} (nor in {folder / 'medmnist'}); pass --data-dir (or FEDGE_DATA_DIR) "
+                f"pointing at the folder that holds it"
+            )
         path = _download(name, Path(cache_dir or Path.home() / ".cache" / "fedge" / "medmnist"))
     try:
         with np.load(path, allow_pickle=False) as npz:
