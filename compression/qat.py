@@ -34,7 +34,8 @@ class _FakeQuant:
             raise ValueError(f"qat momentum must be in [0, 1), got {momentum}")
         self.momentum = momentum
         # 0 means "not observed yet": the first training batch sets the range.
-        self.register_buffer("input_amax", torch.zeros((), device=self.weight.device))  # type: ignore[attr-defined]
+        # Shape (1,), not a 0-d scalar: numpy turns 0-d differences into scalars the codecs refuse.
+        self.register_buffer("input_amax", torch.zeros(1, device=self.weight.device))  # type: ignore[attr-defined]
 
     def _quant_input(self, x: torch.Tensor) -> torch.Tensor:
         if self.training:  # type: ignore[attr-defined]
@@ -42,7 +43,7 @@ class _FakeQuant:
                 batch = x.detach().abs().amax().to(self.input_amax.dtype)
                 ema = self.momentum * self.input_amax + (1.0 - self.momentum) * batch
                 self.input_amax.copy_(torch.where(self.input_amax > 0, ema, batch))
-        scale = (self.input_amax.clamp_min(1e-8) / _QSCALE).detach()
+        scale = (self.input_amax.clamp_min(1e-8) / _QSCALE).detach().reshape(())
         zero = torch.zeros((), dtype=torch.int32, device=x.device)
         return torch.fake_quantize_per_tensor_affine(x, scale, zero, QMIN, QMAX)
 
