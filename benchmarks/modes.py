@@ -125,7 +125,7 @@ def federate(mode_name: str, seed: int, args: argparse.Namespace, checkpoint: Pa
     from fedge.cli.federation import FederationSettings, run_federation
 
     fields = {f.name for f in dataclasses.fields(FederationSettings)}
-    needed = {"mode", "init_checkpoint"}
+    needed = {"mode", "init"}
     if not needed <= fields:
         raise SystemExit(
             f"run_federation cannot run training modes yet: FederationSettings lacks {sorted(needed - fields)}. "
@@ -135,7 +135,7 @@ def federate(mode_name: str, seed: int, args: argparse.Namespace, checkpoint: Pa
         dataset=args.dataset, data_dir=args.data_dir, clients=args.clients, rounds=args.rounds, codec=args.codec,
         arch="vit", seed=seed, alpha=args.alpha, epochs=args.epochs, lr=DEFAULT_LR[mode_name],
         batch_size=args.batch_size, workdir=Path(args.workdir) / f"{mode_name}-s{seed}",
-        mode=mode_name, init_checkpoint=str(checkpoint),
+        mode=mode_name, init=checkpoint,
     )  # type: ignore[call-arg]  # fmt: skip
     return run_federation(settings)
 
