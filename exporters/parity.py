@@ -20,8 +20,19 @@ METRIC = "auc"
 _EVAL_BATCH = 64
 
 
+def disabled_optimizers(path: Path) -> list[str]:
+    """Graph optimizers the exporter asked sessions to skip (model metadata; see exporters.onnx_int8)."""
+    import onnx
+
+    from exporters.onnx_int8 import ORT_DISABLED_OPTIMIZERS_KEY
+
+    props = {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
+    return [name for name in props.get(ORT_DISABLED_OPTIMIZERS_KEY, "").split(",") if name]
+
+
 def ort_runner(path: Path, threads: int) -> Runner:
-    """A fresh onnxruntime session on `path` (CUDA provider when present, else CPU)."""
+    """A fresh onnxruntime session on `path` (CUDA provider when present, else CPU), honouring the
+    optimizers the artifact's metadata says to skip."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -30,7 +41,7 @@ def ort_runner(path: Path, threads: int) -> Runner:
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in ort.get_available_providers()]
     try:
-        session = ort.InferenceSession(str(path), sess_options=options, providers=providers)
+        session = ort.InferenceSession(str(path), sess_options=options, providers=providers, disabled_optimizers=disabled_optimizers(path))
     except Exception as exc:  # onnxruntime raises its own pybind exception types
         text = str(exc)
         if "NOT_IMPLEMENTED" in text or "Could not find an implementation" in text:

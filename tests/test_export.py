@@ -24,13 +24,14 @@ from exporters import (
     measure_latency,
     register_exporter,
 )
-from exporters.parity import ort_runner
+from exporters.onnx_int8 import ORT_DISABLED_OPTIMIZERS
+from exporters.parity import disabled_optimizers, ort_runner
 from exporters.tensorrt import is_available as tensorrt_available
 from exporters.tensorrt import trtexec_command
 from exporters.triton import check_repository, parse_pbtxt
 from fedge.checkpoint import save_checkpoint
 from fedge.data import load_medmnist
-from fedge.models import build_model
+from fedge.models import ModelConfig, build_model
 from fedge.tasks import ClassificationTask
 
 FAST = dict(latency_warmup=1, latency_iters=5, calib_samples=64)
@@ -113,6 +114,27 @@ def test_int8_is_symmetric_per_channel_qdq(trained, tmp_path):
     assert all(z.dtype == np.int8 and not z.any() for z in zero_points)
     assert any(consts[n.input[1]].size > 1 for n in qdq if n.op_type == "DequantizeLinear"), "weights per channel"
     assert abs(result.report["metric"]["delta"]) <= 0.01
+
+
+def test_int8_resnet_runs_every_conv_in_int8_on_the_cpu(trained, tmp_path):
+    """Residual blocks fan a tensor out to conv1 and the shortcut; each consumer gets its own Q->DQ
+    pair and the session skips CSE (metadata), so onnxruntime turns every Conv into QLinearConv
+    instead of leaving those convs in fp32 between Q/DQ."""
+    import onnxruntime as ort
+
+    _, _, calib, test = trained
+    config = ModelConfig(arch="resnet", in_channels=1, num_classes=2, image_size=28)
+    torch.manual_seed(0)
+    model = build_model(config).eval()
+    result = export_model(model, config, "onnx-int8", tmp_path, _spec("int8", calib), test)
+
+    assert disabled_optimizers(result.path) == list(ORT_DISABLED_OPTIMIZERS)
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    ort.InferenceSession(str(result.path), options, providers=["CPUExecutionProvider"], disabled_optimizers=disabled_optimizers(result.path))
+    ops = [n.op_type for n in onnx.load(str(tmp_path / "optimized.onnx")).graph.node]
+    assert ops.count("QLinearConv") == 9 and "Conv" not in ops and "FusedConv" not in ops
 
 
 def test_int8_without_calibration_data_says_how_to_fix(trained, tmp_path):
