@@ -15,6 +15,7 @@ from edge_client.config import AgentConfig
 from edge_client.state import AgentState
 from fedge import weights as W
 from fedge.models import ModelConfig, build_model
+from fedge.modes import TrainingMode, get_mode
 from fedge.protocol import (
     Chunk,
     EnvelopeHeader,
@@ -58,6 +59,7 @@ class Agent:
         self.reassembler = Reassembler()
         self.held: _Global | None = None
         self.model: torch.nn.Module | None = None
+        self.mode: TrainingMode | None = None
         self.pending: RoundAnnouncement | None = None
         self.round_envelopes: dict[int, bytes] = {}
         self.snapshot: SnapshotAnnouncement | None = None
@@ -77,13 +79,15 @@ class Agent:
         decoded = UpdateCodec.from_spec(env.header.codec).decode(env.payload, manifest)
         return env.header, W.densify(decoded)
 
-    def _install(self, header: EnvelopeHeader, weights: dict[str, np.ndarray], rnd: int) -> None:
+    def _install(self, header: EnvelopeHeader, weights: dict[str, np.ndarray], rnd: int, ann: RoundAnnouncement) -> None:
         config = ModelConfig.from_json(json.dumps(header.model))
-        if self.model is None or self.held is None or self.held.config != config:
-            self.model = build_model(config)
+        mode = get_mode(ann.train.get("mode", "full"), **ann.train.get("mode_options", {}))
+        if self.model is None or self.held is None or (self.held.config, self.mode) != (config, mode):
+            self.model = mode.prepare(build_model(config), config)
+            self.mode = mode
         ours = W.float_state(self.model)
         if [(k, v.shape) for k, v in ours.items()] != [(k, v.shape) for k, v in weights.items()]:
-            raise ProtocolError("global tensors do not match the announced architecture")
+            raise ProtocolError("global tensors do not match the announced architecture and training mode")
         self.held = _Global(rnd, config, weights, W.state_sha256(weights))
 
     def _try_obtain(self, ann: RoundAnnouncement) -> bool:
@@ -95,9 +99,9 @@ class Agent:
             try:
                 header, payload = self._decode_global(data)
                 if ann.downlink_kind == "full":
-                    self._install(header, payload, ann.round - 1)
+                    self._install(header, payload, ann.round - 1, ann)
                 elif self.held is not None and self.held.round == ann.base_round:
-                    self._install(header, W.add(self.held.weights, payload), ann.round - 1)
+                    self._install(header, W.add(self.held.weights, payload), ann.round - 1, ann)
             except (ProtocolError, CodecError, ValueError) as exc:
                 log.warning("%s: unusable global for round %d: %s", self.config.site, ann.round, exc)
             self.round_envelopes.pop(ann.round, None)
@@ -106,7 +110,7 @@ class Agent:
         if self.snapshot is not None and self.snapshot_envelope is not None and self.snapshot.model_sha256 == ann.model_sha256:
             try:
                 header, payload = self._decode_global(self.snapshot_envelope)
-                self._install(header, payload, self.snapshot.round)
+                self._install(header, payload, self.snapshot.round, ann)
             except (ProtocolError, CodecError, ValueError) as exc:
                 log.warning("%s: unusable snapshot: %s", self.config.site, exc)
             self.snapshot_envelope = None
@@ -158,7 +162,9 @@ class Agent:
             batch_size=int(train.get("batch_size", 32)),
             seed=seed,
         )
-        delta = W.subtract(W.float_state(self.model), self.held.weights)
+        trainable = self.mode.trainable_state(self.model)  # e.g. only LoRA adapters + head travel
+        local = W.float_state(self.model)
+        delta = {k: local[k] - self.held.weights[k] for k in local if k in trainable}
         codec = UpdateCodec.from_spec(ann.uplink_codec)
         payload = codec.encode(delta, residual=self.state.residual, keep_dense=W.norm_stat_names(delta), seed=seed)
         if codec.uses_error_feedback:

@@ -23,6 +23,8 @@ class ServerConfig:
     uplink_codec: str = "fp32"
     downlink_codec: str | None = None  # None: full model each round; else a delta codec spec
     strategy: str = "fedavg"
+    mode: str = "full"  # full | lora | pruned | qat (fedge.modes)
+    mode_options: dict[str, Any] = field(default_factory=dict)
     train: dict[str, Any] = field(default_factory=lambda: {"epochs": 1, "lr": 1e-3, "batch_size": 32})
     seed: int = 0
     chunk_size: int = DEFAULT_CHUNK_SIZE

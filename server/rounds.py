@@ -8,15 +8,15 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from compression import CodecError, ErrorFeedback, UpdateCodec
 from fedge import weights as W
-from fedge.checkpoint import load_checkpoint
 from fedge.models import ModelConfig, build_model
+from fedge.modes import PrunedMode, get_mode, init_from_checkpoint
 from fedge.protocol import (
     Chunk,
     EnvelopeHeader,
@@ -38,7 +38,7 @@ from server.validation import RejectedUpdate, validate_header
 
 log = logging.getLogger("fedge.server")
 
-Evaluator = Callable[[ModelConfig, dict[str, np.ndarray]], dict[str, float]]
+Evaluator = Callable[[torch.nn.Module], dict[str, float]]
 
 
 @dataclass
@@ -58,7 +58,10 @@ class RoundServer:
         self.topics = Topics(config.federation)
         self.evaluator = evaluator
         self.on_round = on_round
-        self.store = CheckpointStore(config.checkpoint_dir, config.model)
+        self.mode = get_mode(config.mode, **config.mode_options)
+        self.model_config, template = self._initial_model()
+        self.template = template
+        self.store = CheckpointStore(config.checkpoint_dir, self.model_config, template, self.mode.name)
         self.strategy = get_strategy(config.strategy)
         self.uplink = UpdateCodec.from_spec(config.uplink_codec)
         self.downlink = UpdateCodec.from_spec(config.downlink_codec) if config.downlink_codec else None
@@ -71,8 +74,27 @@ class RoundServer:
         self.session: MqttSession | None = None
         self.state = self._initial_state()
         self.manifest = UpdateCodec.manifest(self.state.weights)
+        # What travels up (and as downlink deltas): the mode's trainable tensors only, e.g. LoRA adapters + head.
+        trainable = self.mode.trainable_state(template)
+        self.uplink_manifest = [t for t in self.manifest if t.name in trainable]
 
     # ---- state -------------------------------------------------------------------------------
+    def _initial_model(self) -> tuple[ModelConfig, torch.nn.Module]:
+        """The training-time global model: seeded or pretrained, pruned once by the server in `pruned` mode."""
+        torch.manual_seed(self.config.seed)
+        config = self.config.model
+        if self.config.init_checkpoint is not None:
+            model, config = init_from_checkpoint(
+                str(self.config.init_checkpoint), in_channels=config.in_channels, num_classes=config.num_classes, image_size=config.image_size
+            )
+        else:
+            model = build_model(config)
+        if isinstance(self.mode, PrunedMode) and "pruned" not in config.options:
+            result = self.mode.prune(model, config)
+            log.warning("pruned the global model: %s", result.stats)
+            model, config = result.model, result.config
+        return config, self.mode.prepare(model, config)
+
     def _initial_state(self) -> RoundState:
         resumed = self.store.load_latest()
         if resumed is not None:
@@ -82,10 +104,12 @@ class RoundServer:
                 self.downlink_residual.load(self.store.folder / residual_file)
             log.warning("resuming federation %s after round %d (checkpoint in %s)", self.config.federation, state.round, self.store.folder)
             return state
-        if self.config.init_checkpoint is not None:
-            return RoundState(0, W.float_state(load_checkpoint(self.config.init_checkpoint).build()))
-        torch.manual_seed(self.config.seed)
-        return RoundState(0, W.float_state(build_model(self.config.model)))
+        return RoundState(0, W.float_state(self.template))
+
+    def global_model(self) -> torch.nn.Module:
+        """The current global as a training-time module (what the evaluator scores)."""
+        W.load_float_state(self.template, self.state.weights)
+        return self.template
 
     def _checkpoint(self) -> None:
         extra = {}
@@ -96,16 +120,16 @@ class RoundServer:
         self.store.save(self.state, self.config.federation, extra)
 
     # ---- wire ----------------------------------------------------------------------------------
-    def _global_envelope(self, rnd: int, payload: bytes, codec: str, base_round: int | None) -> bytes:
+    def _global_envelope(self, rnd: int, payload: bytes, codec: str, base_round: int | None, manifest: list | None = None) -> bytes:
         header = EnvelopeHeader(
             kind="global",
             federation=self.config.federation,
             round=rnd,
             sender=self.config.client_id,
             codec=codec,
-            manifest=W.manifest_entries(self.manifest),
+            manifest=W.manifest_entries(manifest or self.manifest),
             base_round=base_round,
-            model=json.loads(self.config.model.to_json()),
+            model=json.loads(self.model_config.to_json()),
         )
         return encode_envelope(header, payload, self.signer)
 
@@ -131,7 +155,7 @@ class RoundServer:
             downlink_kind=kind,
             base_round=base,
             uplink_codec=self.uplink.spec,
-            train=self.config.train,
+            train={**self.config.train, "mode": self.mode.name, "mode_options": self.config.mode_options},
         )
         self.session.publish(self.topics.announce(rnd), announcement.to_bytes(), retain=True)
         return len(env)
@@ -191,9 +215,9 @@ class RoundServer:
                 current_round=rnd,
                 selected=current.selected,
                 codec=self.uplink.spec,
-                manifest=self.manifest,
+                manifest=self.uplink_manifest,
             )
-            delta = self.uplink.decode(env.payload, self.manifest)
+            delta = self.uplink.decode(env.payload, self.uplink_manifest)
         except (ProtocolError, RejectedUpdate, CodecError) as exc:
             self._reject(rnd, client, str(exc), current)
             return
@@ -234,12 +258,12 @@ class RoundServer:
             self._pump(0.2, current)
 
     def _advance(self, current: _Round) -> dict[str, Any]:
-        mean_delta = self.strategy.aggregate(list(current.updates.values()), self.manifest)
+        mean_delta = self.strategy.aggregate(list(current.updates.values()), self.uplink_manifest)
         if self.downlink is not None:
             # What agents reconstruct is what the server keeps: global = previous + decoded(downlink).
             payload = self.downlink.encode(mean_delta, residual=self.downlink_residual, keep_dense=W.norm_stat_names(mean_delta))
-            decoded = W.densify(self.downlink.decode(payload, self.manifest))
-            self._pending_delta = self._global_envelope(current.number + 1, payload, self.downlink.spec, current.number)
+            decoded = W.densify(self.downlink.decode(payload, self.uplink_manifest))
+            self._pending_delta = self._global_envelope(current.number + 1, payload, self.downlink.spec, current.number, self.uplink_manifest)
             mean_delta = decoded
         self.state.weights = W.add(self.state.weights, mean_delta)
         self.state.round = current.number
@@ -253,7 +277,7 @@ class RoundServer:
             "seconds": round(time.monotonic() - current.started, 3),
         }
         if self.evaluator is not None:
-            record.update(self.evaluator(self.config.model, self.state.weights))
+            record.update(self.evaluator(self.global_model()))
         self.state.history.append(record)
         self._checkpoint()
         return record
@@ -277,11 +301,19 @@ class RoundServer:
                 self._clear_round(rnd, -(-env_bytes // self.config.chunk_size))
                 if self.on_round:
                     self.on_round(record)
-            self.store.save_final(self.state, self.config.federation)
+            self._save_final()
             self._publish_final()
         finally:
             self.session.close()
         return self.state
+
+    def _save_final(self) -> Path:
+        """The plain model for export: LoRA merged into the backbone, QAT fake-quant kept (as QDQ)."""
+        plain = self.mode.export_model(self.global_model())
+        config = self.model_config
+        if self.mode.name == "qat":
+            config = config.replace(options={**config.options, "qat": {"momentum": self.mode.momentum}})
+        return self.store.save_final(plain, config, self.state.round, self.config.federation)
 
     def _publish_final(self) -> None:
         """Tell agents the federation is over, and leave the final model as the retained snapshot."""

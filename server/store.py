@@ -14,10 +14,11 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
 
 from fedge import weights as W
 from fedge.checkpoint import atomic_write_bytes, load_checkpoint, save_checkpoint
-from fedge.models import ModelConfig, build_model
+from fedge.models import ModelConfig
 
 
 @dataclass
@@ -28,11 +29,16 @@ class RoundState:
 
 
 class CheckpointStore:
-    def __init__(self, folder: Path, config: ModelConfig):
+    """Round checkpoints hold the training-time model (e.g. with LoRA adapters) for resume;
+    `final.safetensors` holds the plain exported model that `fedge export` and `fedge bench` take."""
+
+    def __init__(self, folder: Path, config: ModelConfig, template: nn.Module, mode: str = "full"):
         self.folder = Path(folder)
         self.config = config
+        self.mode = mode
         self.folder.mkdir(parents=True, exist_ok=True)
-        self._buffers = {k: v for k, v in build_model(config).state_dict().items() if not v.is_floating_point()}
+        self._order = list(W.float_state(template))
+        self._buffers = {k: v for k, v in template.state_dict().items() if not v.is_floating_point()}
 
     @property
     def state_file(self) -> Path:
@@ -47,24 +53,26 @@ class CheckpointStore:
 
     def save(self, state: RoundState, federation: str, extra: dict[str, Any] | None = None) -> Path:
         tensors = {k: torch.from_numpy(v) for k, v in state.weights.items()} | self._buffers
-        path = save_checkpoint(self.model_path(state.round), tensors, self.config, round=state.round, federation=federation)
+        path = save_checkpoint(self.model_path(state.round), tensors, self.config, round=state.round, federation=federation, mode=self.mode)
         record = {"round": state.round, "model": path.name, "federation": federation, "history": state.history, **(extra or {})}
         atomic_write_bytes(self.state_file, json.dumps(record, indent=1).encode())
         return path
 
-    def save_final(self, state: RoundState, federation: str) -> Path:
-        tensors = {k: torch.from_numpy(v) for k, v in state.weights.items()} | self._buffers
-        return save_checkpoint(self.final_path, tensors, self.config, round=state.round, federation=federation)
+    def save_final(self, model: nn.Module, config: ModelConfig, rnd: int, federation: str) -> Path:
+        return save_checkpoint(self.final_path, model.state_dict(), config, round=rnd, federation=federation, mode=self.mode)
 
     def load_latest(self) -> tuple[RoundState, dict[str, Any]] | None:
         if not self.state_file.exists():
             return None
         record = json.loads(self.state_file.read_text())
         ckpt = load_checkpoint(self.folder / record["model"])
-        if ckpt.config != self.config:
+        if ckpt.config != self.config or ckpt.meta.get("mode", "full") != self.mode:
             raise ValueError(
-                f"checkpoint in {self.folder} was written for model {ckpt.config}, not {self.config}; "
-                "use another --checkpoint-dir or the same model settings"
+                f"checkpoint in {self.folder} was written for model {ckpt.config} in mode {ckpt.meta.get('mode')!r}, "
+                f"not {self.config} in mode {self.mode!r}; use another --checkpoint-dir or the same model settings"
             )
-        weights = W.float_state(ckpt.build())  # model order, not the file's alphabetical order
+        missing = [k for k in self._order if k not in ckpt.state]
+        if missing:
+            raise ValueError(f"checkpoint {record['model']} lacks {missing[:3]}; it does not belong to this federation's model")
+        weights = {k: ckpt.state[k].numpy().astype(np.float32) for k in self._order}  # model order, not the file's
         return RoundState(record["round"], weights, record.get("history", [])), record

@@ -20,6 +20,9 @@ def demo(
     alpha: float = typer.Option(1.0, help="Dirichlet label-skew of the site split (smaller = more skewed)"),
     epochs: int = typer.Option(1, min=1, help="Local epochs per round"),
     lr: float = typer.Option(1e-3, help="Local learning rate (Adam)"),
+    mode: str = typer.Option("full", help="Local training mode: full | lora | pruned | qat"),
+    mode_options: str = typer.Option(None, help="Mode options, e.g. 'r=8,alpha=16' (lora) or 'ratio=0.5' (pruned)"),
+    init: Path = typer.Option(None, help="Pretrained checkpoint to federate from (`fedge pretrain`)"),
     workdir: Path = typer.Option(Path("runs/demo"), help="Where checkpoints and agent state go (wiped first)"),
     report: Path = typer.Option(None, help="Write the JSON report here (and a PNG plot beside it)"),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Log server events"),
@@ -32,15 +35,17 @@ def demo(
     from rich.table import Table
 
     from fedge.cli.federation import FederationSettings, run_federation
+    from fedge.cli.options import parse_mode_options
 
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     console = Console()
-    table = Table(title=f"fedge demo: {dataset}, {clients} sites, codec {codec}")
+    table = Table(title=f"fedge demo: {dataset}, {clients} sites, mode {mode}, codec {codec}")
     for col in ("round", "AUC", "accuracy", "uplink bytes", "downlink bytes", "seconds"):
         table.add_column(col, justify="right")
     settings = FederationSettings(
         dataset=dataset, data_dir=data_dir, clients=clients, rounds=rounds, codec=codec, downlink_codec=downlink_codec,
         arch=arch, broker=broker, seed=seed, alpha=alpha, epochs=epochs, lr=lr, workdir=workdir,
+        mode=mode, mode_options=parse_mode_options(mode_options), init=init,
     )
     with Progress(TextColumn("[bold]rounds"), BarColumn(), TextColumn("{task.completed}/{task.total}"), TimeElapsedColumn(), console=console) as progress:
         bar = progress.add_task("rounds", total=rounds)

@@ -36,6 +36,9 @@ class FederationSettings:
     workdir: Path = Path("runs/demo")
     round_timeout: float = 300.0
     model_options: dict[str, Any] = field(default_factory=dict)
+    mode: str = "full"  # full | lora | pruned | qat
+    mode_options: dict[str, Any] = field(default_factory=dict)
+    init: Path | None = None  # pretrained checkpoint (head re-initialised if the class count differs)
 
 
 def _plot(report: dict[str, Any], path: Path) -> None:
@@ -72,7 +75,6 @@ def run_federation(
     from fedge import weights as W
     from fedge.broker import EmbeddedBroker
     from fedge.data import load_medmnist
-    from fedge.models import build_model
     from fedge.tasks import ClassificationTask
     from server.config import ServerConfig
     from server.rounds import RoundServer
@@ -85,10 +87,6 @@ def run_federation(
         shutil.rmtree(workdir)  # a demo starts fresh; `fedge server` is the command that resumes
     workdir.mkdir(parents=True)
 
-    def evaluate(config, weights):
-        model = build_model(config)
-        W.load_float_state(model, weights)
-        return task.evaluate(model)
 
     started = time.monotonic()
     with ExitStack() as stack:
@@ -109,8 +107,11 @@ def run_federation(
                 train={"epochs": settings.epochs, "lr": settings.lr, "batch_size": settings.batch_size},
                 seed=settings.seed,
                 wait_for_clients=120.0,
+                mode=settings.mode,
+                mode_options=settings.mode_options,
+                init_checkpoint=settings.init,
             ),
-            evaluator=evaluate,
+            evaluator=task.evaluate,
             on_round=on_round,
         )
         ctx = mp.get_context("spawn")
@@ -142,6 +143,7 @@ def run_federation(
         "dataset": settings.dataset,
         "clients": settings.clients,
         "codec": settings.codec,
+        "mode": settings.mode,
         "downlink_codec": settings.downlink_codec or "full fp32 snapshot",
         "seed": settings.seed,
         "rounds": [

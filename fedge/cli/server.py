@@ -18,6 +18,8 @@ def server(
     min_clients: int = typer.Option(2, min=1, help="Quorum: aggregate at the deadline once this many updates arrived"),
     clients: str = typer.Option(None, help="Comma-separated site names to wait for each round (default: whoever is online)"),
     codec: str = typer.Option("fp32", help="Uplink codec spec the agents must use"),
+    mode: str = typer.Option("full", help="Local training mode the agents run: full | lora | pruned | qat"),
+    mode_options: str = typer.Option(None, help="Mode options, e.g. 'r=8,alpha=16' (lora) or 'ratio=0.5' (pruned)"),
     downlink_codec: str = typer.Option(None, help="Send each new global as a delta with this codec (default: full model)"),
     round_timeout: float = typer.Option(300.0, help="Seconds a round waits for all selected sites"),
     epochs: int = typer.Option(1), lr: float = typer.Option(1e-3), batch_size: int = typer.Option(32),
@@ -35,6 +37,7 @@ def server(
     from rich.console import Console
 
     from fedge.broker import EmbeddedBroker
+    from fedge.cli.options import parse_mode_options
     from fedge.checkpoint import load_checkpoint
     from fedge.data import load_medmnist
     from fedge.tasks import ClassificationTask
@@ -44,22 +47,14 @@ def server(
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     console = Console()
     task = None
-    if init is not None:
+    if init is not None and data_dir is None:
         model_config = load_checkpoint(init).config
     else:
         task = ClassificationTask(load_medmnist(dataset, data_dir))
         model_config = task.model_config(arch)
     evaluator = None
     if evaluate:
-        from fedge import weights as W
-        from fedge.models import build_model
-
-        task = task or ClassificationTask(load_medmnist(dataset, data_dir))
-
-        def evaluator(config, weights):
-            model = build_model(config)
-            W.load_float_state(model, weights)
-            return task.evaluate(model)
+        evaluator = (task or ClassificationTask(load_medmnist(dataset, data_dir))).evaluate
 
     with ExitStack() as stack:
         if broker is None:
@@ -70,7 +65,7 @@ def server(
             min_clients=min_clients, expected_clients=tuple(c for c in (clients or "").split(",") if c),
             round_timeout=round_timeout, uplink_codec=codec, downlink_codec=downlink_codec,
             train={"epochs": epochs, "lr": lr, "batch_size": batch_size}, seed=seed, init_checkpoint=init,
-            trusted_keys=trusted_keys, signing_key=signing_key,
+            trusted_keys=trusted_keys, signing_key=signing_key, mode=mode, mode_options=parse_mode_options(mode_options),
         )
         state = RoundServer(config, evaluator=evaluator, on_round=lambda r: console.print(r)).run()
     console.print(f"federation {federation} finished after round {state.round}; model: {checkpoint_dir / 'final.safetensors'}")

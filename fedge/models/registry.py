@@ -51,14 +51,20 @@ class ModelConfig:
 
 
 def build_model(config: ModelConfig) -> nn.Module:
+    """Build `config.arch`, then replay what the federation did to it: a server-pruned architecture
+    (`options["pruned"]`: tensor name -> shape) and int8 fake-quantization (`options["qat"]`)."""
     try:
         builder = MODELS[config.arch]
     except KeyError:
         raise ValueError(f"unknown architecture {config.arch!r}; known: {', '.join(sorted(MODELS))}") from None
-    if "pruned" not in config.options:
-        return builder(config)
-    # A server-pruned architecture: build the unpruned network, then shrink it to the recorded shapes.
-    from compression.pruning import apply_shapes  # lazy: torch-pruning loads only for pruned models
+    options = {k: v for k, v in config.options.items() if k not in ("pruned", "qat")}
+    model = builder(config.replace(options=options))
+    if "pruned" in config.options:
+        from compression.pruning import apply_shapes  # lazy: torch-pruning loads only for pruned models
 
-    options = {k: v for k, v in config.options.items() if k != "pruned"}
-    return apply_shapes(builder(config.replace(options=options)), config.options["pruned"])
+        model = apply_shapes(model, config.options["pruned"])
+    if "qat" in config.options:
+        from compression.qat import quantize_layers
+
+        model = quantize_layers(model, **config.options["qat"])
+    return model
