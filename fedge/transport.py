@@ -96,7 +96,7 @@ class MqttSession:
             mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, clean_session=clean_session, protocol=mqtt.MQTTv311
         )
         client.max_inflight_messages_set(64)
-        client.reconnect_delay_set(min_delay=1, max_delay=30)
+        client.reconnect_delay_set(min_delay=1, max_delay=10)
         if self.url.username:
             client.username_pw_set(self.url.username, self.url.password)
         if self.url.tls or tls:
@@ -163,10 +163,16 @@ class MqttSession:
         self._client.unsubscribe(list(filters))
 
     def publish(self, topic: str, payload: bytes, *, retain: bool = False, timeout: float = 120.0) -> None:
+        """QoS 1 publish that rides out a broker restart: waits for the reconnect, then for the PUBACK."""
+        if not self._connected.wait(timeout):
+            raise ConnectionError(f"MQTT broker {self.url.host}:{self.url.port} unreachable for {timeout:.0f}s; is it running?")
         if self.link is not None and payload:
             self.link.uplink.consume(len(payload))
         info = self._client.publish(topic, payload, qos=1, retain=retain)
-        info.wait_for_publish(timeout)
+        if info.rc == mqtt.MQTT_ERR_NO_CONN:
+            log.info("%s: connection dropped; %s queued until paho reconnects", self.client_id, topic)
+        else:
+            info.wait_for_publish(timeout)
         self.bytes_sent += len(payload)
 
     def publish_chunked(self, topic_for: Callable[[int], str], data: bytes, *, chunk_size: int = DEFAULT_CHUNK_SIZE, retain: bool = False) -> TransferInfo:

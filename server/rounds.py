@@ -253,7 +253,9 @@ class RoundServer:
                 if have >= self.config.min_clients:
                     log.warning("round %d deadline: aggregating %d of %d updates", current.number, have, len(current.selected))
                     return
-                log.warning("round %d deadline with %d updates (< %d); extending", current.number, have, self.config.min_clients)
+                # Re-announce: agents whose update was lost (broker restart, server crash) resend it.
+                log.warning("round %d deadline with %d updates (< %d); re-announcing", current.number, have, self.config.min_clients)
+                self._publish_round(current.number, current.selected)
                 current.deadline = time.time() + self.config.round_timeout
             self._pump(0.2, current)
 

@@ -197,3 +197,57 @@ def test_malformed_updates_are_rejected_and_the_round_completes(medmnist_root, t
     assert "round 0 is not open" in reasons
     assert len(server.rejections) >= 5
     assert server.state.round == 1 and server.state.history[0]["clients"] == ["site-1", "site-2"]
+
+
+def _start_mosquitto(binary: str, conf: Path, port: int) -> subprocess.Popen:
+    proc = subprocess.Popen([binary, "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            import socket
+
+            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                return proc
+        except OSError:
+            assert proc.poll() is None and time.monotonic() < deadline, "mosquitto did not start"
+            time.sleep(0.05)
+
+
+def test_broker_killed_mid_federation_recovers(medmnist_root, tmp_path):
+    """SIGKILL the (persistent) Mosquitto during a round and restart it: paho reconnects, persistent
+    sessions and retained messages come back, a lost update is re-requested, and the federation ends."""
+    from brokers import _free_port, mosquitto_binary
+
+    binary = mosquitto_binary()
+    if binary is None:
+        pytest.skip("mosquitto binary not found (apt-get install -y mosquitto)")
+    port = _free_port()
+    conf = tmp_path / "mosquitto.conf"
+    conf.write_text(
+        f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence true\npersistence_location {tmp_path}/\n"
+        "autosave_interval 1\n"
+    )
+    broker_proc = _start_mosquitto(binary, conf, port)
+    broker = f"mqtt://127.0.0.1:{port}"
+    server_cmd, agents = _spawn_federation(tmp_path, medmnist_root, broker, "broker-crash", 3)
+    server_cmd[server_cmd.index("--round-timeout") + 1] = "15"
+    server = subprocess.Popen(server_cmd, stdout=open(tmp_path / "server.log", "wb"), stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 240
+        while _round_done(tmp_path / "ckpt") < 1:
+            assert server.poll() is None, (tmp_path / "server.log").read_text()
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        broker_proc.kill()
+        broker_proc.wait()
+        time.sleep(2)
+        broker_proc = _start_mosquitto(binary, conf, port)
+        assert server.wait(timeout=300) == 0, (tmp_path / "server.log").read_text()[-3000:]
+        for agent in agents:
+            assert agent.wait(timeout=60) == 0
+    finally:
+        for proc in [server, *agents, broker_proc]:
+            if proc.poll() is None:
+                proc.kill()
+    assert _round_done(tmp_path / "ckpt") == 3
+    assert load_checkpoint(tmp_path / "ckpt" / "final.safetensors").meta["round"] == 3
