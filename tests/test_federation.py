@@ -251,3 +251,47 @@ def test_broker_killed_mid_federation_recovers(medmnist_root, tmp_path):
                 proc.kill()
     assert _round_done(tmp_path / "ckpt") == 3
     assert load_checkpoint(tmp_path / "ckpt" / "final.safetensors").meta["round"] == 3
+
+
+def test_signed_federation_rejects_a_forged_site(medmnist_root, tmp_path):
+    """With --trusted-keys the server counts only updates signed by a known site key; agents verify
+    the server's signature on the global model. A site signing with an unknown key is rejected."""
+    from fedge.broker import EmbeddedBroker
+    from fedge.data import load_medmnist
+    from fedge.tasks import ClassificationTask
+    from server.config import ServerConfig
+    from server.rounds import RoundServer
+
+    keys, trusted = tmp_path / "keys", tmp_path / "trusted"
+    for name in ("server", "site-1", "site-2"):
+        subprocess.run(FEDGE + ["keys", name, "--out", str(keys)], check=True, capture_output=True)
+    subprocess.run(FEDGE + ["keys", "site-2", "--out", str(tmp_path / "rogue")], check=True, capture_output=True)
+    trusted.mkdir()
+    for name in ("site-1", "site-2"):
+        (trusted / f"{name}.pub").write_bytes((keys / f"{name}.pub").read_bytes())
+    model = ClassificationTask(load_medmnist("breastmnist", medmnist_root)).model_config("cnn")
+    with EmbeddedBroker() as broker:
+        server = RoundServer(ServerConfig(
+            federation="signed", broker=broker.url, model=model, checkpoint_dir=tmp_path / "ckpt", rounds=1, min_clients=1,
+            expected_clients=("site-1", "site-2"), round_timeout=10, trusted_keys=trusted, signing_key=keys / "server.key",
+        ))
+        thread = threading.Thread(target=server.run, daemon=True)
+        thread.start()
+        agents = []
+        for i, (site, key) in enumerate([("site-1", keys / "site-1.key"), ("site-2", tmp_path / "rogue" / "site-2.key")]):
+            cmd = FEDGE + [
+                "agent", "--broker", broker.url, "--site", site, "--federation", "signed", "--dataset", "breastmnist",
+                "--data-dir", str(medmnist_root), "--shard", str(i), "--num-shards", "2", "--state-dir", str(tmp_path / site),
+                "--signing-key", str(key), "--server-key", str(keys / "server.pub"), "--quiet",
+            ]
+            agents.append(subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        try:
+            thread.join(timeout=240)
+            assert not thread.is_alive(), "round did not complete"
+        finally:
+            for agent in agents:
+                agent.wait(timeout=60) if agent.poll() is None else None
+                if agent.poll() is None:
+                    agent.kill()
+    assert server.state.history[0]["clients"] == ["site-1"]
+    assert any(client == "site-2" and "bad signature" in reason for _, client, reason in server.rejections)

@@ -18,11 +18,13 @@ _COMMANDS: list[tuple[str, str, str]] = [
     ("fedge.cli.demo", "demo", "demo"),
     ("fedge.cli.server", "server", "server"),
     ("fedge.cli.agent", "app", "agent"),
+    ("fedge.cli.keys", "keys", "keys"),
     ("fedge.cli.ingest", "ingest", "ingest"),
     ("fedge.cli.profiles", "app", "profiles"),
     ("fedge.cli.export", "export", "export"),
     ("fedge.cli.compress", "compress", "compress"),
     ("fedge.cli.pretrain", "pretrain", "pretrain"),
+    ("fedge.cli.bench", "bench", "bench"),
 ]
 
 for module_name, attr, name in _COMMANDS:

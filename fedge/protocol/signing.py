@@ -26,7 +26,7 @@ class Signer:
     def load(cls, path: str | Path) -> "Signer":
         key = serialization.load_pem_private_key(Path(path).read_bytes(), password=None)
         if not isinstance(key, Ed25519PrivateKey):
-            raise ValueError(f"{path} is not an Ed25519 private key; create one with `fedge keys`")
+            raise ValueError(f"{path} is not an Ed25519 private key; create one with `fedge keys NAME`")
         return cls(key)
 
     def save(self, private_path: str | Path, public_path: str | Path) -> None:
