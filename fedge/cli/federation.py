@@ -39,6 +39,7 @@ class FederationSettings:
     mode: str = "full"  # full | lora | pruned | qat
     mode_options: dict[str, Any] = field(default_factory=dict)
     init: Path | None = None  # pretrained checkpoint (head re-initialised if the class count differs)
+    emulate_link: str | None = None  # device profile name/path: pace each agent's MQTT traffic to its link
 
 
 def _plot(report: dict[str, Any], path: Path) -> None:
@@ -79,6 +80,12 @@ def run_federation(
     from server.config import ServerConfig
     from server.rounds import RoundServer
 
+    link: dict[str, float | None] = {}
+    if settings.emulate_link:
+        from device_profiles.loader import load_profile
+
+        profile_link = load_profile(settings.emulate_link).link
+        link = {"uplink_mbps": profile_link.uplink_mbps, "downlink_mbps": profile_link.downlink_mbps}
     splits = load_medmnist(settings.dataset, settings.data_dir)  # fail fast, before any process starts
     task = ClassificationTask(splits)
     model_config = task.model_config(settings.arch, **settings.model_options)
@@ -128,6 +135,7 @@ def run_federation(
                 alpha=settings.alpha,
                 seed=settings.seed,
                 state_dir=workdir / "agents" / site,
+                **link,
             )
             proc = ctx.Process(target=run_agent, args=(config,), name=site, daemon=True)
             proc.start()
@@ -144,6 +152,7 @@ def run_federation(
         "clients": settings.clients,
         "codec": settings.codec,
         "mode": settings.mode,
+        "emulated_link": link or None,
         "downlink_codec": settings.downlink_codec or "full fp32 snapshot",
         "seed": settings.seed,
         "rounds": [
