@@ -158,7 +158,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=1, help="Local epochs per round")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--alpha", type=float, default=1.0, help="Dirichlet label skew of the site split")
-    parser.add_argument("--codec", default="topk:0.01,ef|q8|zstd:3", help="The uplink codec every mode uses")
+    parser.add_argument("--codec", default="topk:0.1,ef|q8|zstd:3", help="The uplink codec every mode uses")
     args = parser.parse_args()
     modes = [m for m in args.modes.split(",") if m]
     unknown = sorted(set(modes) - set(MODES))

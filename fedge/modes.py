@@ -18,7 +18,6 @@ from __future__ import annotations
 import dataclasses
 import threading
 import time
-from abc import ABC
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import ClassVar
@@ -62,7 +61,7 @@ def _float_state(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 @dataclass(frozen=True)
-class TrainingMode(ABC):
+class TrainingMode:
     """Base: dense training where every float parameter and buffer travels."""
 
     name: ClassVar[str]
