@@ -60,3 +60,127 @@ def run(config: Path = typer.Option(..., help="Agent YAML written by `fedge agen
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from None
     run_agent(cfg, logging.INFO)
+
+
+# ---- installing the agent on a device: `fedge agent init` and `fedge agent install-service` ----------
+# Exit codes: 0 written; 2 usage error (bad option, invalid config, file exists); 3 profile not found or invalid.
+
+
+def _agent_fail(message: str, code: int = 2) -> typer.Exit:
+    typer.echo(f"error: {message}", err=True)
+    return typer.Exit(code)
+
+
+@app.command("init")
+def init(
+    broker: str = typer.Option(..., help="MQTT broker URL, e.g. mqtts://broker.hospital.local:8883"),
+    site: str = typer.Option(..., help="This site's name (unique in the federation)"),
+    data_dir: Path = typer.Option(..., help="The site's DICOM store (`fedge ingest`) or a folder with <dataset>.npz"),
+    profile: str = typer.Option("detect", help="Device profile: a shipped name, a path to your YAML, or `detect` (this host)"),
+    out: Path = typer.Option(Path("agent.yaml"), help="Where to write the agent config"),
+    federation: str = typer.Option("demo"),
+    dataset: str = typer.Option("pneumoniamnist", help="MedMNIST subset name, when --data-dir holds npz files"),
+    state_dir: Path = typer.Option(None, help="Residuals and the last update survive restarts here (default: agent-state/ beside --out)"),
+    emulate_link: bool = typer.Option(False, "--emulate-link", help="Throttle MQTT traffic to the profile's uplink/downlink (testing only)"),
+    force: bool = typer.Option(False, "--force", help="Overwrite --out if it exists"),
+) -> None:
+    """Write an agent config whose defaults (codec, chunk size, link rates) come from a device profile."""
+    from pydantic import ValidationError
+
+    from device_profiles import ProfileError, load_profile
+    from edge_client.config import AgentConfig
+    from fedge.checkpoint import atomic_write_bytes
+    from fedge.transport import BrokerURL
+
+    out = out.absolute()
+    if out.exists() and not force:
+        raise _agent_fail(f"{out} exists; pass --force to overwrite it")
+    detected = None
+    if profile == "detect":
+        from device_profiles.detect import detect
+
+        detected = detect()
+        profile = detected.profile
+        typer.echo(f"detected {detected.found}: profile {profile} ({detected.reason})", err=True)
+    try:
+        prof = load_profile(profile)
+    except ProfileError as exc:
+        raise _agent_fail(str(exc), ProfileError.exit_code) from None
+    try:
+        url = BrokerURL.parse(broker)
+    except ValueError as exc:
+        raise _agent_fail(str(exc)) from None
+    link = prof.link
+    if emulate_link and link.uplink_mbps is None and link.downlink_mbps is None:
+        raise _agent_fail(f"profile {prof.name} has no uplink_mbps or downlink_mbps figure: --emulate-link has nothing to emulate")
+    data_dir = data_dir.expanduser().absolute()
+    try:
+        config = AgentConfig(
+            broker=broker, site=site, federation=federation, dataset=dataset, data_dir=data_dir,
+            state_dir=(state_dir or out.parent / "agent-state").expanduser().absolute(),
+            codec=prof.defaults.codec, chunk_size=prof.defaults.chunk_size,
+            uplink_mbps=link.uplink_mbps if emulate_link else None, downlink_mbps=link.downlink_mbps if emulate_link else None,
+        )  # fmt: skip
+    except ValidationError as exc:
+        problems = "; ".join(f"--{'-'.join(map(str, e['loc'])).replace('_', '-')}: {e['msg']}" for e in exc.errors())
+        raise _agent_fail(f"invalid agent config: {problems}") from None
+    origin = f"detected on this host: {detected.found}" if detected else "chosen with --profile"
+    header = [
+        f"# fedge agent config, written by `fedge agent init` from device profile {prof.name} ({origin}).",
+        "# codec and chunk_size are the profile's defaults; the agent refuses rounds that announce another codec.",
+    ]
+    if emulate_link:
+        header.append("# uplink_mbps/downlink_mbps emulate the profile's site link (--emulate-link): for tests, not production.")
+    header.append(f"# Run it: fedge agent run --config {out}")
+    atomic_write_bytes(out, ("\n".join(header) + "\n" + config.to_yaml()).encode())
+    if url.password:
+        out.chmod(0o600)  # the broker password is in the URL
+    typer.echo(f"wrote {out} (profile {prof.name}, codec {config.codec}, chunk {config.chunk_size} B)")
+    if emulate_link:
+        for direction, value in (("uplink", config.uplink_mbps), ("downlink", config.downlink_mbps)):
+            typer.echo(f"  {direction}: {'unthrottled (profile has no figure)' if value is None else f'{value:g} Mbit/s emulated'}")
+    if not data_dir.exists():
+        typer.echo(f"warning: --data-dir {data_dir} does not exist yet; ingest images into it before starting the agent", err=True)
+
+
+@app.command("install-service")
+def install_service(
+    config: Path = typer.Option(Path("agent.yaml"), help="Agent YAML written by `fedge agent init`"),
+    user: str = typer.Option("fedge", help="Unprivileged account the agent runs as"),
+    out: Path = typer.Option(Path("fedge-agent.service"), help="Where to write the systemd unit"),
+    fedge: Path = typer.Option(None, help="Absolute path of the fedge executable (default: this installation's)"),
+    force: bool = typer.Option(False, "--force", help="Overwrite --out if it exists"),
+) -> None:
+    """Write a systemd unit that runs `fedge agent run --config CONFIG` (restart on failure, unprivileged user)."""
+    from edge_client.config import AgentConfig
+    from edge_client.service import UNIT_NAME, ServiceError, fedge_executable, render_unit
+    from fedge.checkpoint import atomic_write_bytes
+
+    config = config.expanduser().absolute()
+    if out.exists() and not force:
+        raise _agent_fail(f"{out} exists; pass --force to overwrite it")
+    try:
+        cfg = AgentConfig.from_yaml(config)
+    except ValueError as exc:
+        raise _agent_fail(f"{exc} (write one with `fedge agent init`)") from None
+    state = cfg.state_dir if cfg.state_dir.is_absolute() else config.parent / cfg.state_dir
+    try:
+        executable = (fedge or fedge_executable()).expanduser()
+        unit = render_unit(config, user=user, site=cfg.site, federation=cfg.federation, fedge=executable, state_dir=state)
+    except ServiceError as exc:
+        raise _agent_fail(str(exc), exc.exit_code) from None
+    atomic_write_bytes(out, unit.encode())
+    typer.echo(f"wrote {out}")
+    for path in (cfg.data_dir, cfg.state_dir):
+        if path is not None and not path.is_absolute():
+            typer.echo(f"note: {path} is relative: the service resolves it against {config.parent}", err=True)
+    typer.echo(
+        "install it:\n"
+        f"  id {user} || sudo useradd --system --create-home --shell /usr/sbin/nologin {user}\n"
+        f"  sudo mkdir -p {state} && sudo chown -R {user}: {state}   # the agent writes its state here\n"
+        f"  sudo chgrp {user} {config} && sudo chmod g+r {config}\n"
+        f"  sudo cp {out} /etc/systemd/system/{UNIT_NAME}\n"
+        "  sudo systemctl daemon-reload && sudo systemctl enable --now fedge-agent\n"
+        "  journalctl -u fedge-agent -f\n"
+        f"On a Jetson, the GPU needs the video group: sudo usermod -aG video {user}"
+    )
