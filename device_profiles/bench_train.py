@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from fedge.models import ModelConfig, build_model
+from fedge.tasks import LocalTrainer
 
 BENCH_LR = 1e-3
 
@@ -93,25 +94,6 @@ def site_model(mode_name: str, source: ModelSource) -> tuple[Any, nn.Module, nn.
     return mode, mode.prepare(model, config), plain.eval(), config
 
 
-class LocalTrainer:
-    """The task's local training loop on one device: cross-entropy, Adam (as `ClassificationTask.train_local`)."""
-
-    def __init__(self, model: nn.Module, device: str) -> None:
-        self.model = model.to(device).train()
-        self.device = device
-        self.optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=BENCH_LR)
-
-    def batch(self, images: np.ndarray, labels: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-        from fedge.tasks import preprocess
-
-        return preprocess(images).to(self.device), torch.from_numpy(np.asarray(labels, dtype=np.int64)).to(self.device)
-
-    def step(self, x: torch.Tensor, y: torch.Tensor) -> None:
-        self.optimizer.zero_grad(set_to_none=True)
-        nn.functional.cross_entropy(self.model(x), y).backward()
-        self.optimizer.step()
-
-
 def measure_train_step(job: TrainJob) -> dict[str, Any]:
     """Seconds per step and peak memory of one mode. CPU: peak RSS during the steps minus RSS just
     before them (optimizer state, gradients, activations); CUDA: max memory allocated (absolute)."""
@@ -121,7 +103,7 @@ def measure_train_step(job: TrainJob) -> dict[str, Any]:
 
     torch.set_num_threads(job.threads)
     mode, model, _plain, _config = site_model(job.mode, job.source)
-    trainer = LocalTrainer(model, job.device)
+    trainer = LocalTrainer(model, lr=BENCH_LR, device=job.device)
     x, y = trainer.batch(job.images, job.labels)
     baseline_mb = psutil.Process().memory_info().rss / 2**20
     footprint = measure_step(lambda: trainer.step(x, y), repeats=job.repeats, device=job.device)
@@ -193,7 +175,7 @@ def local_delta(mode_name: str, source: ModelSource, images: np.ndarray, labels:
 
     mode, model, plain, config = site_model(mode_name, source)
     before = {k: v.detach().cpu().numpy().astype(np.float32, copy=True) for k, v in mode.trainable_state(model).items()}
-    trainer = LocalTrainer(model, device)
+    trainer = LocalTrainer(model, lr=BENCH_LR, device=device)
     steps = 0
     for start in range(0, len(labels), batch):
         if len(labels[start : start + batch]) < 2:  # BatchNorm cannot train on a single sample

@@ -29,7 +29,7 @@ from fedge.protocol import (
     encode_envelope,
 )
 from fedge.protocol.signing import Signer, Verifier
-from fedge.tasks import ClassificationTask
+from fedge.tasks import ClassificationTask, default_device
 from fedge.transport import Message, MqttSession
 
 log = logging.getLogger("fedge.agent")
@@ -161,6 +161,7 @@ class Agent:
             lr=float(train.get("lr", 1e-3)),
             batch_size=int(train.get("batch_size", 32)),
             seed=seed,
+            device=default_device() if self.config.device == "auto" else self.config.device,
         )
         trainable = self.mode.trainable_state(self.model)  # e.g. only LoRA adapters + head travel
         local = W.float_state(self.model)

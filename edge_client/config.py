@@ -25,6 +25,7 @@ class AgentConfig(BaseModel):
     codec: str | None = None  # if set, refuse rounds that announce another uplink codec
     seed: int = 0
     threads: int = Field(default=1, ge=1)
+    device: str = Field(default="auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")  # auto: CUDA when present
     signing_key: Path | None = None
     server_key: Path | None = None
     chunk_size: int = Field(default=DEFAULT_CHUNK_SIZE, ge=1024)

@@ -22,6 +22,41 @@ def preprocess(images: np.ndarray) -> torch.Tensor:
     return x.permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0).contiguous()
 
 
+def default_device() -> str:
+    """CUDA when the device has it (workstation GPU, Jetson), else the CPU."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+class LocalTrainer:
+    """The local step every site runs: Adam on the trainable parameters, cross-entropy, on one device.
+
+    On CUDA it trains in bfloat16 autocast where the GPU supports it (Ampere and newer, Jetson Orin
+    included), which needs no loss scaling; elsewhere in fp32.
+    """
+
+    def __init__(self, model: nn.Module, *, lr: float = 1e-3, weight_decay: float = 0.0, device: str = "cpu"):
+        self.device = device
+        self.model = model.to(device)
+        params = [p for p in model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
+        self.loss_fn = nn.CrossEntropyLoss()
+        self.autocast = device.startswith("cuda") and torch.cuda.is_bf16_supported()
+
+    def batch(self, images: np.ndarray, labels: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        return preprocess(images).to(self.device), torch.from_numpy(np.asarray(labels, dtype=np.int64)).to(self.device)
+
+    def step(self, x: torch.Tensor, y: torch.Tensor) -> tuple[float, int]:
+        """One optimizer step; returns (loss, correct predictions)."""
+        self.model.train()
+        self.optimizer.zero_grad(set_to_none=True)
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.autocast):
+            logits = self.model(x)
+            loss = self.loss_fn(logits.float(), y)
+        loss.backward()
+        self.optimizer.step()
+        return float(loss.detach()), int((logits.argmax(1) == y).sum())
+
+
 @dataclass(frozen=True)
 class TrainResult:
     num_samples: int
@@ -57,36 +92,28 @@ class ClassificationTask:
         batch_size: int = 32,
         seed: int = 0,
         weight_decay: float = 0.0,
+        device: str = "cpu",
     ) -> TrainResult:
-        """Train in place on the train split (or its `indices`); deterministic for a given seed."""
+        """Train in place on the train split (or its `indices`); deterministic for a given seed on CPU."""
         images = self.splits.images["train"]
         labels = self.splits.labels["train"]
         if indices is not None:
             images, labels = images[indices], labels[indices]
-        x_all = preprocess(images)
-        y_all = torch.from_numpy(labels)
+        trainer = LocalTrainer(model, lr=lr, weight_decay=weight_decay, device=device)
+        x_all, y_all = trainer.batch(images, labels)
         generator = torch.Generator().manual_seed(seed)
-        params = [p for p in model.parameters() if p.requires_grad]
-        optimizer = torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
-        loss_fn = nn.CrossEntropyLoss()
-        model.train()
         start, total_loss, correct, seen = time.perf_counter(), 0.0, 0, 0
         for _ in range(epochs):
             order = torch.randperm(len(y_all), generator=generator)
             for i in range(0, len(order), batch_size):
-                idx = order[i : i + batch_size]
+                idx = order[i : i + batch_size].to(device)
                 if len(idx) < 2:  # BatchNorm cannot train on a single sample
                     continue
-                xb, yb = x_all[idx], y_all[idx]
-                optimizer.zero_grad(set_to_none=True)
-                logits = model(xb)
-                loss = loss_fn(logits, yb)
-                loss.backward()
-                optimizer.step()
-                total_loss += float(loss.detach()) * len(idx)
-                correct += int((logits.argmax(1) == yb).sum())
+                loss, hits = trainer.step(x_all[idx], y_all[idx])
+                total_loss += loss * len(idx)
+                correct += hits
                 seen += len(idx)
-        model.eval()
+        model.to("cpu").eval()
         return TrainResult(
             num_samples=len(y_all),
             loss=total_loss / max(seen, 1),
