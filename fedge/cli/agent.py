@@ -24,6 +24,8 @@ def agent(
     codec: str = typer.Option(None, help="Refuse rounds that ask for another uplink codec"),
     seed: int = typer.Option(0),
     threads: int = typer.Option(1, help="Torch CPU threads for local training"),
+    device: str = typer.Option("auto", help="Training device: auto (CUDA when present), cpu, cuda, cuda:N"),
+    emulate_link: str = typer.Option(None, help="Pace MQTT traffic to this device profile's uplink/downlink (name or YAML)"),
     signing_key: Path = typer.Option(None, help="Ed25519 private key to sign updates"),
     server_key: Path = typer.Option(None, help="Server's Ed25519 public key: unsigned globals are then refused"),
     verbose: bool = typer.Option(True, "--verbose/--quiet"),
@@ -38,10 +40,13 @@ def agent(
     from edge_client.config import AgentConfig
     from edge_client.runner import run_agent
 
+    from fedge.cli.options import profile_link_rates
+
+    link = profile_link_rates(emulate_link) if emulate_link else {}
     config = AgentConfig(
         broker=broker, site=site, federation=federation, data_dir=data_dir, dataset=dataset, shard=shard,
         num_shards=num_shards, alpha=alpha, state_dir=state_dir, codec=codec, seed=seed, threads=threads,
-        signing_key=signing_key, server_key=server_key,
+        signing_key=signing_key, server_key=server_key, device=device, **link,
     )
     rounds = run_agent(config, logging.INFO if verbose else logging.WARNING)
     typer.echo(f"{site}: took part in rounds {rounds}")

@@ -80,12 +80,9 @@ def run_federation(
     from server.config import ServerConfig
     from server.rounds import RoundServer
 
-    link: dict[str, float | None] = {}
-    if settings.emulate_link:
-        from device_profiles.loader import load_profile
+    from fedge.cli.options import profile_link_rates
 
-        profile_link = load_profile(settings.emulate_link).link
-        link = {"uplink_mbps": profile_link.uplink_mbps, "downlink_mbps": profile_link.downlink_mbps}
+    link = profile_link_rates(settings.emulate_link) if settings.emulate_link else {}
     splits = load_medmnist(settings.dataset, settings.data_dir)  # fail fast, before any process starts
     task = ClassificationTask(splits)
     model_config = task.model_config(settings.arch, **settings.model_options)

@@ -34,3 +34,11 @@ def _split(text: str) -> list[str]:
         else:
             current += ch
     return parts + [current]
+
+
+def profile_link_rates(profile: str) -> dict[str, float | None]:
+    """AgentConfig link-emulation fields from a device profile's site link."""
+    from device_profiles.loader import load_profile
+
+    link = load_profile(profile).link
+    return {"uplink_mbps": link.uplink_mbps, "downlink_mbps": link.downlink_mbps}
