@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
-from peft import LoraConfig, PeftModel, get_peft_model
 from torch import nn
+
+if TYPE_CHECKING:  # peft pulls in transformers (~5 s of imports): load it only when LoRA is used
+    from peft import PeftModel
 
 
 def default_targets(model: nn.Module, exclude: Sequence[str] = ("head",)) -> list[str]:
@@ -29,8 +32,10 @@ def add_adapters(
     targets: Sequence[str],
     dropout: float = 0.0,
     trainable: Sequence[str] = ("head",),
-) -> PeftModel:
+) -> "PeftModel":
     """Freeze `model`, add rank-`r` adapters to `targets`, keep `trainable` layers fully trainable."""
+    from peft import LoraConfig, get_peft_model
+
     missing = [t for t in trainable if t not in dict(model.named_modules())]
     if missing:
         raise ValueError(f"layers {missing} to train fully are not in the model; name its classifier (e.g. 'head')")
@@ -45,6 +50,6 @@ def add_adapters(
     return get_peft_model(model, config)
 
 
-def merge_adapters(model: PeftModel) -> nn.Module:
+def merge_adapters(model: "PeftModel") -> nn.Module:
     """A plain copy of the network with adapters folded into the weights (the training copy stays)."""
     return copy.deepcopy(model).merge_and_unload()
