@@ -13,7 +13,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-from brokers import mosquitto_broker  # noqa: F401  (pytest fixture)
 from typer.testing import CliRunner
 
 from device_profiles import load_profile

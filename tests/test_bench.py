@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 import typer
-from conftest import find_medmnist_root
+from data_fixtures import find_medmnist_root
 from typer.testing import CliRunner
 
 from device_profiles import load_profile

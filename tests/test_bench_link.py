@@ -8,7 +8,6 @@ import time
 import numpy as np
 import pytest
 import torch
-from brokers import mosquitto_broker  # noqa: F401  (pytest fixture)
 
 from compression import UpdateCodec
 from fedge import weights as W

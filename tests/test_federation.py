@@ -16,7 +16,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from brokers import mosquitto_broker  # noqa: F401  (fixture)
 from safetensors.numpy import load_file
 
 from fedge.checkpoint import load_checkpoint

@@ -12,7 +12,7 @@ from pathlib import Path
 import pydicom
 import pytest
 import typer
-from dicom_fixtures import data_dir, data_path  # noqa: F401  (pytest fixture)
+from data_fixtures import data_path
 from typer.testing import CliRunner
 
 from edge_client.ingest.labels import Labels

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
-from dicom_fixtures import data_dir, data_path  # noqa: F401  (pytest fixture)
+from data_fixtures import data_path
 from pydicom.encaps import encapsulate, generate_frames
 from pydicom.pixels import convert_color_space
 from pydicom.uid import MPEG2MPML, ExplicitVRLittleEndian

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Iterator
 
 import pytest
-from dicom_fixtures import data_dir, data_path, storescu  # noqa: F401  (pytest fixtures)
+from data_fixtures import data_path
 
 from edge_client.ingest.pipeline import Ingestor
 from edge_client.ingest.reader import ReadConfig

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
-from dicom_fixtures import data_dir, data_path  # noqa: F401  (pytest fixture)
+from data_fixtures import data_path
 
 from edge_client.ingest.reader import Instance, ReadConfig, load_dataset, read_dataset
 from edge_client.ingest.store import SPLITS, DatasetStore, is_store, split_for

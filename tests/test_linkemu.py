@@ -8,7 +8,6 @@ import time
 
 import paho.mqtt.client as mqtt
 import pytest
-from brokers import mosquitto_broker  # noqa: F401  (pytest fixture)
 
 from fedge.linkemu import LinkEmulator, TokenBucket
 

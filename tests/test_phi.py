@@ -49,8 +49,7 @@ import numpy as np
 import pydicom
 import pytest
 import zstandard
-from brokers import mosquitto_broker  # noqa: F401  (fixture)
-from dicom_fixtures import data_dir, data_path  # noqa: F401  (fixture)
+from data_fixtures import data_path
 
 from fedge.protocol import (
     ALLOWED_METRICS,

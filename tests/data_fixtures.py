@@ -1,7 +1,7 @@
-"""Fixtures for the ingest tests: the real DICOM under FEDGE_DATA_DIR (or ../shared/data) and dcmtk.
+"""Where the real data lives (never copied into the repository) and the tools that feed it.
 
-Import the fixtures into a test module (`from dicom_fixtures import data_dir`); nothing here copies
-data into the repository.
+The data root is FEDGE_DATA_DIR, else ../shared/data beside the repository; it holds medmnist/,
+dicom/, ct/ and bad_inputs/ (see SOURCES.md there). Fixtures skip with the fix when data is missing.
 """
 
 from __future__ import annotations
@@ -15,17 +15,29 @@ import pytest
 _REPO = Path(__file__).resolve().parents[1]
 
 
-def find_data_dir() -> Path | None:
-    """FEDGE_DATA_DIR (the root data folder), else ../shared/data beside the repository."""
+def find_data_root(marker: str) -> Path | None:
+    """The first candidate root that holds `marker` (a relative path such as 'dicom')."""
     for candidate in (os.environ.get("FEDGE_DATA_DIR"), _REPO.parent / "shared" / "data"):
-        if candidate and (Path(candidate) / "dicom").is_dir():
+        if candidate and (Path(candidate) / marker).exists():
             return Path(candidate)
     return None
 
 
+def find_medmnist_root() -> Path | None:
+    return find_data_root("medmnist/pneumoniamnist.npz") or find_data_root("pneumoniamnist.npz")
+
+
+@pytest.fixture(scope="session")
+def medmnist_root() -> Path:
+    found = find_medmnist_root()
+    if found is None:
+        pytest.skip("MedMNIST npz files not found: set FEDGE_DATA_DIR to the data root or put them at ../shared/data/medmnist")
+    return found
+
+
 @pytest.fixture(scope="session")
 def data_dir() -> Path:
-    found = find_data_dir()
+    found = find_data_root("dicom")
     if found is None:
         pytest.skip("real DICOM not found: set FEDGE_DATA_DIR to the data root (with dicom/, ct/, bad_inputs/) or put it at ../shared/data")
     return found
