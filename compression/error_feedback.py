@@ -1,15 +1,12 @@
 """Error-feedback residuals: what compression dropped last round is added back before the next.
 
 x' = delta + residual; send C(x'); residual = x' - decode(C(x')). The agent keeps one store per
-federation and saves it beside its state, so a restart does not forget what it still owes.
+federation and saves `to_bytes()` beside its state, so a restart does not forget what it still owes.
 """
 
 from __future__ import annotations
 
-import os
-import tempfile
 from collections.abc import Mapping
-from pathlib import Path
 
 import numpy as np
 from safetensors import SafetensorError
@@ -54,30 +51,15 @@ class ErrorFeedback:
             loaded[name] = np.ascontiguousarray(array, dtype=np.float32)
         self._residuals = loaded
 
-    def save(self, path: str | os.PathLike[str]) -> None:
-        """Atomic write (temp file + rename): a crash leaves the previous file intact."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        data = st_save(self.state_dict(), metadata={"format": "fedge-error-feedback", "schema_version": "1"})
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                fh.write(data)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+    def to_bytes(self) -> bytes:
+        """safetensors bytes; the owner writes them atomically beside its own state."""
+        return st_save(self.state_dict(), metadata={"format": "fedge-error-feedback", "schema_version": "1"})
 
-    def load(self, path: str | os.PathLike[str]) -> ErrorFeedback:
-        """Replace this store's residuals with the file's; returns self for chaining."""
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"no error-feedback residuals at {path}; a new agent starts with ErrorFeedback()")
+    def load_bytes(self, data: bytes, source: str = "residual file") -> ErrorFeedback:
+        """Replace this store's residuals with the serialized ones; returns self for chaining."""
         try:
-            state = st_load(path.read_bytes())
+            state = st_load(data)
         except SafetensorError as exc:
-            raise CodecError(f"{path} is not a readable residual file ({exc}); delete it to reset error feedback") from exc
+            raise CodecError(f"{source} is not a readable residual file ({exc}); delete it to reset error feedback") from exc
         self.load_state_dict(state)
         return self

@@ -15,7 +15,7 @@ class AgentState:
         self.folder.mkdir(parents=True, exist_ok=True)
         self.residual = ErrorFeedback()
         if self._residual_file.exists():
-            self.residual.load(self._residual_file)
+            self.residual.load_bytes(self._residual_file.read_bytes(), str(self._residual_file))
 
     @property
     def _residual_file(self) -> Path:
@@ -26,7 +26,7 @@ class AgentState:
         return self.folder / "agent.json"
 
     def save_residual(self) -> None:
-        self.residual.save(self._residual_file)
+        atomic_write_bytes(self._residual_file, self.residual.to_bytes())
 
     def remember_update(self, federation: str, rnd: int, model_sha256: str, envelope: bytes) -> None:
         """Keep the last update so a restarted server that re-announces the round gets it again

@@ -15,6 +15,7 @@ import torch
 
 from compression import CodecError, ErrorFeedback, UpdateCodec
 from fedge import weights as W
+from fedge.checkpoint import atomic_write_bytes
 from fedge.models import ModelConfig, build_model
 from fedge.modes import PrunedMode, get_mode, init_from_checkpoint
 from fedge.protocol import (
@@ -101,7 +102,8 @@ class RoundServer:
             state, record = resumed
             residual_file = record.get("downlink_residual")
             if residual_file:
-                self.downlink_residual.load(self.store.folder / residual_file)
+                path = self.store.folder / residual_file
+                self.downlink_residual.load_bytes(path.read_bytes(), str(path))
             log.warning("resuming federation %s after round %d (checkpoint in %s)", self.config.federation, state.round, self.store.folder)
             return state
         return RoundState(0, W.float_state(self.template))
@@ -115,7 +117,7 @@ class RoundServer:
         extra = {}
         if self.downlink is not None:
             name = "downlink_residual.safetensors"
-            self.downlink_residual.save(self.store.folder / name)
+            atomic_write_bytes(self.store.folder / name, self.downlink_residual.to_bytes())
             extra["downlink_residual"] = name
         self.store.save(self.state, self.config.federation, extra)
 

@@ -294,3 +294,29 @@ def test_signed_federation_rejects_a_forged_site(medmnist_root, tmp_path):
                     agent.kill()
     assert server.state.history[0]["clients"] == ["site-1"]
     assert any(client == "site-2" and "bad signature" in reason for _, client, reason in server.rejections)
+
+
+def test_sparse_updates_with_error_feedback_and_delta_downlink(medmnist_root, tmp_path):
+    """Top-k + error feedback up, quantized deltas down: bytes shrink, residuals persist on both sides
+    and a restarted server picks its downlink residual back up."""
+    from server.config import ServerConfig
+    from server.rounds import RoundServer
+
+    settings = FederationSettings(
+        dataset="breastmnist", data_dir=str(medmnist_root), clients=2, rounds=2, workdir=tmp_path / "run",
+        codec="topk:0.05,ef|q8|zstd", downlink_codec="q8,ef|zstd", federation="sparse",
+    )
+    report = run_federation(settings)
+    dense = report["dense_update_bytes"]
+    for r in report["rounds"]:
+        assert r["uplink_bytes"] < 2 * dense / 10  # two sites, each well over 10x below dense fp32
+    assert report["rounds"][1]["downlink_bytes"] < report["rounds"][0]["downlink_bytes"] / 2  # delta vs full
+    for site in ("site-1", "site-2"):
+        assert (tmp_path / "run" / "agents" / site / "residual.safetensors").stat().st_size > 0
+    ckpt = load_checkpoint(report["checkpoint"])
+    restarted = RoundServer(ServerConfig(
+        federation="sparse", broker="mqtt://127.0.0.1:1", model=ckpt.config, checkpoint_dir=tmp_path / "run" / "checkpoints",
+        rounds=2, downlink_codec="q8|zstd",
+    ))
+    assert restarted.state.round == 2
+    assert len(restarted.downlink_residual) > 0

@@ -11,7 +11,6 @@ Nothing else: shapes, names and counts come from the manifest in the envelope he
 
 from __future__ import annotations
 
-import math
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 

@@ -35,6 +35,20 @@ class PerTensorSparsifier(Sparsifier):
     def select_one(self, x: np.ndarray, rng: np.random.Generator) -> np.ndarray: ...
 
 
+class FractionArg:
+    """Sparsifiers whose one argument is the kept fraction, written `name:FRACTION` in a spec."""
+
+    name: ClassVar[str]
+    fraction: float
+
+    @classmethod
+    def from_arg(cls, arg: str | None):
+        return cls(parse_fraction(cls.name, arg))
+
+    def token(self) -> str:
+        return f"{self.name}:{self.fraction!r}"
+
+
 def _largest(magnitude: np.ndarray, k: int) -> np.ndarray:
     if k >= magnitude.size:
         return np.arange(magnitude.size, dtype=np.int64)
@@ -43,18 +57,11 @@ def _largest(magnitude: np.ndarray, k: int) -> np.ndarray:
 
 @register_stage
 @dataclass(frozen=True)
-class TopK(PerTensorSparsifier):
+class TopK(FractionArg, PerTensorSparsifier):
     """The largest-magnitude fraction of each tensor (DGC-style)."""
 
     name: ClassVar[str] = "topk"
     fraction: float
-
-    @classmethod
-    def from_arg(cls, arg: str | None) -> TopK:
-        return cls(parse_fraction(cls.name, arg))
-
-    def token(self) -> str:
-        return f"{self.name}:{self.fraction!r}"
 
     def select_one(self, x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         return _largest(np.abs(x), keep_count(self.fraction, x.size))
@@ -62,19 +69,12 @@ class TopK(PerTensorSparsifier):
 
 @register_stage
 @dataclass(frozen=True)
-class GlobalTopK(Sparsifier):
+class GlobalTopK(FractionArg, Sparsifier):
     """The largest-magnitude fraction over all tensors together: one global threshold, so layers
     with large updates get more of the budget."""
 
     name: ClassVar[str] = "gtopk"
     fraction: float
-
-    @classmethod
-    def from_arg(cls, arg: str | None) -> GlobalTopK:
-        return cls(parse_fraction(cls.name, arg))
-
-    def token(self) -> str:
-        return f"{self.name}:{self.fraction!r}"
 
     def select(self, flat: dict[str, np.ndarray], rng: np.random.Generator) -> dict[str, np.ndarray]:
         if not flat:
@@ -114,18 +114,11 @@ class Threshold(PerTensorSparsifier):
 
 @register_stage
 @dataclass(frozen=True)
-class RandomK(PerTensorSparsifier):
+class RandomK(FractionArg, PerTensorSparsifier):
     """A uniformly random fraction of each tensor (values unscaled: pair with `ef`)."""
 
     name: ClassVar[str] = "randk"
     fraction: float
-
-    @classmethod
-    def from_arg(cls, arg: str | None) -> RandomK:
-        return cls(parse_fraction(cls.name, arg))
-
-    def token(self) -> str:
-        return f"{self.name}:{self.fraction!r}"
 
     def select_one(self, x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         k = keep_count(self.fraction, x.size)

@@ -13,7 +13,7 @@ def demo(
     clients: int = typer.Option(4, min=1, help="Number of hospital sites (agent processes)"),
     rounds: int = typer.Option(10, min=1, help="Federated rounds"),
     codec: str = typer.Option("fp32", help="Uplink codec spec, e.g. 'fp16' or 'topk:0.01,ef|q8|zstd:3'"),
-    downlink_codec: str = typer.Option(None, help="Downlink delta codec spec; default sends the full model"),
+    downlink_codec: str = typer.Option(None, help="Downlink delta codec spec, e.g. 'q8,ef|zstd'; default sends the full model"),
     arch: str = typer.Option("cnn", help="Model architecture from the zoo (cnn, resnet, vit)"),
     broker: str = typer.Option(None, help="MQTT broker URL (mqtt://host:port); default: embedded amqtt on 127.0.0.1"),
     seed: int = typer.Option(0, help="Seed for the site split, initial model and local training"),
