@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 import zlib
 from dataclasses import dataclass
 
@@ -141,9 +142,16 @@ class Agent:
         cached = self.state.last_update(self.config.federation, ann.round, ann.model_sha256)
         if cached is None:
             cached = self._train(ann)
+        started = time.perf_counter()
         self.session.publish_chunked(
             lambda i: self.topics.update_chunk(ann.round, self.config.site, i), cached, chunk_size=self.config.chunk_size
         )
+        # Measured upload time (until the broker acknowledged every chunk), for link planning.
+        status = StatusMessage(
+            client=self.config.site, state="online", round=ann.round,
+            metrics={"upload_seconds": time.perf_counter() - started, "upload_bytes": float(len(cached))},
+        )
+        self.session.publish(self.topics.status(self.config.site), status.to_bytes(), retain=True)
         self.answered = ann
         if ann.round not in self.rounds_done:
             self.rounds_done.append(ann.round)

@@ -72,6 +72,7 @@ class RoundServer:
         self.signer = Signer.load(config.signing_key) if config.signing_key else None
         self.online: set[str] = set()
         self.rejections: list[tuple[int, str, str]] = []  # (round, client, reason), for operators and tests
+        self.uploads: dict[tuple[int, str], dict[str, float]] = {}  # sites' measured upload time and bytes
         self.session: MqttSession | None = None
         self.state = self._initial_state()
         self.manifest = UpdateCodec.manifest(self.state.weights)
@@ -183,6 +184,8 @@ class RoundServer:
                 log.warning("ignored malformed status on %s", msg.topic)
                 return
             (self.online.add if status.state != "offline" else self.online.discard)(info.client)
+            if status.round is not None and "upload_seconds" in status.metrics:
+                self.uploads[(status.round, info.client)] = status.metrics
             return
         if info.kind != "update":
             return
@@ -306,10 +309,18 @@ class RoundServer:
                 if self.on_round:
                     self.on_round(record)
             self._save_final()
+            self._await_upload_reports(grace=2.0)
             self._publish_final()
         finally:
             self.session.close()
         return self.state
+
+    def _await_upload_reports(self, grace: float) -> None:
+        """Sites report their measured upload time just after their last update: give them a moment."""
+        last = self.state.history[-1] if self.state.history else None
+        deadline = time.monotonic() + grace
+        while last and time.monotonic() < deadline and any((last["round"], c) not in self.uploads for c in last["clients"]):
+            self._pump(0.1, None)
 
     def _save_final(self) -> Path:
         """The plain model for export: LoRA merged into the backbone, QAT fake-quant kept (as QDQ)."""

@@ -320,3 +320,24 @@ def test_sparse_updates_with_error_feedback_and_delta_downlink(medmnist_root, tm
     ))
     assert restarted.state.round == 2
     assert len(restarted.downlink_residual) > 0
+
+
+def test_emulated_link_upload_time_matches_the_projection(medmnist_root, tmp_path):
+    """`--emulate-link` paces each agent to its profile's uplink: the measured upload of a dense update
+    lands within 15% of bytes / bandwidth (the issue's acceptance bound)."""
+    import yaml
+
+    from device_profiles.loader import resolve_profile_path
+
+    profile = yaml.safe_load(resolve_profile_path("cpu-console").read_text())
+    profile["device"]["name"] = "slow-site"
+    profile["link"].update(uplink_mbps=4.0, downlink_mbps=None)
+    path = tmp_path / "slow-site.yaml"
+    path.write_text(yaml.safe_dump(profile))
+    report = run_federation(FederationSettings(
+        dataset="breastmnist", data_dir=str(medmnist_root), clients=2, rounds=1, workdir=tmp_path / "run",
+        federation="slowlink", emulate_link=str(path),
+    ))
+    transfer = report["uplink_transfer"]
+    assert transfer["updates"] == 2 and transfer["projected_seconds"] > 0.5
+    assert 0.85 <= transfer["measured_over_projected"] <= 1.15, transfer

@@ -161,12 +161,26 @@ def run_federation(
         "rejected_updates": sum(r["rejected"] for r in history),
         "seconds": round(time.monotonic() - started, 2),
     }
+    report["uplink_transfer"] = _uplink_transfer(server.uploads, link)
     if report_path is not None:
         report_path = Path(report_path)
         report_path.parent.mkdir(parents=True, exist_ok=True)
         report_path.write_text(json.dumps(report, indent=2))
         _plot(report, report_path.with_suffix(".png"))
     return report
+
+
+def _uplink_transfer(uploads: dict, link: dict) -> dict[str, Any]:
+    """Sites' measured upload time of one update beside the link's projection (bytes / bandwidth)."""
+    if not uploads:
+        return {}
+    seconds = sum(m["upload_seconds"] for m in uploads.values()) / len(uploads)
+    nbytes = sum(m["upload_bytes"] for m in uploads.values()) / len(uploads)
+    result: dict[str, Any] = {"updates": len(uploads), "mean_bytes": nbytes, "measured_seconds": seconds}
+    if link.get("uplink_mbps"):
+        result["projected_seconds"] = nbytes * 8 / (link["uplink_mbps"] * 1e6)
+        result["measured_over_projected"] = seconds / result["projected_seconds"]
+    return result
 
 
 def _reap(procs: list) -> None:
