@@ -32,4 +32,5 @@ class ServerConfig:
     trusted_keys: Path | None = None  # folder of <client>.pub; when set, unsigned updates are rejected
     signing_key: Path | None = None
     wait_for_clients: float = 600.0
+    dataset: str | None = None  # recorded in checkpoints so `fedge export`/`bench` find the test data
     init_checkpoint: Path | None = None  # pretrained start; else a seeded fresh model

@@ -62,7 +62,7 @@ class RoundServer:
         self.mode = get_mode(config.mode, **config.mode_options)
         self.model_config, template = self._initial_model()
         self.template = template
-        self.store = CheckpointStore(config.checkpoint_dir, self.model_config, template, self.mode.name)
+        self.store = CheckpointStore(config.checkpoint_dir, self.model_config, template, self.mode.name, config.dataset)
         self.strategy = get_strategy(config.strategy)
         self.uplink = UpdateCodec.from_spec(config.uplink_codec)
         self.downlink = UpdateCodec.from_spec(config.downlink_codec) if config.downlink_codec else None

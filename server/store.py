@@ -32,10 +32,11 @@ class CheckpointStore:
     """Round checkpoints hold the training-time model (e.g. with LoRA adapters) for resume;
     `final.safetensors` holds the plain exported model that `fedge export` and `fedge bench` take."""
 
-    def __init__(self, folder: Path, config: ModelConfig, template: nn.Module, mode: str = "full"):
+    def __init__(self, folder: Path, config: ModelConfig, template: nn.Module, mode: str = "full", dataset: str | None = None):
         self.folder = Path(folder)
         self.config = config
         self.mode = mode
+        self.meta = {"mode": mode, **({"dataset": dataset} if dataset else {})}
         self.folder.mkdir(parents=True, exist_ok=True)
         self._order = list(W.float_state(template))
         self._buffers = {k: v for k, v in template.state_dict().items() if not v.is_floating_point()}
@@ -53,13 +54,13 @@ class CheckpointStore:
 
     def save(self, state: RoundState, federation: str, extra: dict[str, Any] | None = None) -> Path:
         tensors = {k: torch.from_numpy(v) for k, v in state.weights.items()} | self._buffers
-        path = save_checkpoint(self.model_path(state.round), tensors, self.config, round=state.round, federation=federation, mode=self.mode)
+        path = save_checkpoint(self.model_path(state.round), tensors, self.config, round=state.round, federation=federation, **self.meta)
         record = {"round": state.round, "model": path.name, "federation": federation, "history": state.history, **(extra or {})}
         atomic_write_bytes(self.state_file, json.dumps(record, indent=1).encode())
         return path
 
     def save_final(self, model: nn.Module, config: ModelConfig, rnd: int, federation: str) -> Path:
-        return save_checkpoint(self.final_path, model.state_dict(), config, round=rnd, federation=federation, mode=self.mode)
+        return save_checkpoint(self.final_path, model.state_dict(), config, round=rnd, federation=federation, **self.meta)
 
     def load_latest(self) -> tuple[RoundState, dict[str, Any]] | None:
         if not self.state_file.exists():

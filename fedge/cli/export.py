@@ -58,6 +58,14 @@ def _calibration(path: Path) -> np.ndarray | Path:
     return images
 
 
+def _default_calibration(console: Console, splits: Any, precision: str) -> np.ndarray | None:
+    """Without --calib, int8 calibrates on the dataset's train split (the site's own data, never the test set)."""
+    if precision != "int8":
+        return None
+    console.print(f"calibrating int8 on {splits.name}'s train split ({len(splits.images['train'])} images); --calib picks other data")
+    return splits.images["train"]
+
+
 def _profile_precision(name: str, fmt: Format) -> tuple[str, str | None]:
     """The profile's name and export precision; the profile's format only supplies a default precision."""
     from device_profiles import load_profile
@@ -118,7 +126,7 @@ def export(
         spec = ExportSpec(
             precision=chosen,  # type: ignore[arg-type]
             batch_sizes=sizes,
-            calib=None if calib is None else load_calibration(_calibration(calib)),
+            calib=load_calibration(_calibration(calib)) if calib is not None else _default_calibration(console, splits, chosen),
             profile=profile_name,
             threads=threads,
         )

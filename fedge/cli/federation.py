@@ -114,6 +114,7 @@ def run_federation(
                 mode=settings.mode,
                 mode_options=settings.mode_options,
                 init_checkpoint=settings.init,
+                dataset=settings.dataset,
             ),
             evaluator=task.evaluate,
             on_round=on_round,

@@ -65,6 +65,7 @@ def server(
             min_clients=min_clients, expected_clients=tuple(c for c in (clients or "").split(",") if c),
             round_timeout=round_timeout, uplink_codec=codec, downlink_codec=downlink_codec,
             train={"epochs": epochs, "lr": lr, "batch_size": batch_size}, seed=seed, init_checkpoint=init,
+            dataset=dataset if task is not None else None,
             trusted_keys=trusted_keys, signing_key=signing_key, mode=mode, mode_options=parse_mode_options(mode_options),
         )
         state = RoundServer(config, evaluator=evaluator, on_round=lambda r: console.print(r)).run()
