@@ -41,11 +41,20 @@ def test_export_onnx_writes_report_and_exits_zero(checkpoint, medmnist_root, tmp
     assert report["threads"] == 1 and report["test_samples"] == 624
 
 
-def test_int8_without_calib_exits_with_calibration_code(checkpoint, medmnist_root, tmp_path):
+def test_int8_without_calib_calibrates_on_the_train_split(checkpoint, medmnist_root, tmp_path):
     result = runner.invoke(app, [str(checkpoint), "--format", "onnx-int8", "--out", str(tmp_path), "--data-dir", str(medmnist_root)])
 
-    assert result.exit_code == 6
-    assert "--calib" in result.output
+    assert result.exit_code == 0, result.output
+    assert "train split" in result.output
+
+
+def test_unusable_calibration_file_exits_with_calibration_code(checkpoint, medmnist_root, tmp_path):
+    bad = tmp_path / "nothing.npz"
+    np.savez(bad, unrelated=np.zeros(3))
+    result = runner.invoke(app, [str(checkpoint), "--format", "onnx-int8", "--out", str(tmp_path / "o"), "--data-dir", str(medmnist_root), "--calib", str(bad)])
+
+    assert result.exit_code == 6, result.output
+    assert "calib" in result.output.lower()
 
 
 def test_precision_the_format_cannot_write_is_a_usage_error(checkpoint, tmp_path):
