@@ -30,7 +30,8 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from exporters import export_artifact
-from fedge.checkpoint import atomic_write_bytes, load_checkpoint, save_checkpoint
+from fedge.checkpoint import load_checkpoint, save_checkpoint
+from fedge.files import atomic_write_bytes
 from fedge.data import load_medmnist
 from fedge.models import MODELS, build_model
 from fedge.tasks import ClassificationTask

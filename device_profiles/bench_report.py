@@ -10,7 +10,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from fedge.checkpoint import atomic_write_bytes
+from fedge.files import atomic_write_bytes
 
 
 def _num(value: float | None, fmt: str = ".3f") -> str:

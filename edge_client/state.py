@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 from compression import ErrorFeedback
-from fedge.checkpoint import atomic_write_bytes
+from fedge.files import atomic_write_bytes
 
 
 class AgentState:

@@ -40,7 +40,8 @@ from exporters import tensorrt as _tensorrt  # noqa: F401,E402
 from exporters import triton as _triton  # noqa: F401,E402
 from exporters.onnx_int8 import load_calibration  # noqa: E402
 from exporters.parity import check_parity  # noqa: E402
-from fedge.checkpoint import atomic_write_bytes, load_checkpoint  # noqa: E402
+from fedge.checkpoint import load_checkpoint  # noqa: E402
+from fedge.files import atomic_write_bytes  # noqa: E402
 from fedge.models import ModelConfig  # noqa: E402
 
 REPORT_NAME = "export_report.json"

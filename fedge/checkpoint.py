@@ -8,15 +8,15 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, safe_open, save_file
+from safetensors.torch import load_file, safe_open, save
 
+from fedge.files import atomic_write_bytes
 from fedge.models import ModelConfig, build_model
 
 _META_KEY = "fedge"
@@ -45,35 +45,12 @@ class Checkpoint:
         return model.eval()
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write-then-rename so a crash never leaves a half-written file under the final name."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def save_checkpoint(path: str | os.PathLike, state: dict[str, torch.Tensor], config: ModelConfig, **meta: Any) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        tensors = {k: v.detach().cpu().contiguous() for k, v in state.items()}
-        save_file(tensors, tmp, metadata={_META_KEY: json.dumps({"config": json.loads(config.to_json()), **meta})})
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    """Atomic: a crash mid-write leaves the previous checkpoint under `path`."""
+    tensors = {k: v.detach().cpu().contiguous() for k, v in state.items()}
+    metadata = {_META_KEY: json.dumps({"config": json.loads(config.to_json()), **meta})}
+    atomic_write_bytes(path, save(tensors, metadata=metadata))
+    return Path(path)
 
 
 def load_checkpoint(path: str | os.PathLike) -> Checkpoint:

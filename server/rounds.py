@@ -15,7 +15,7 @@ import torch
 
 from compression import CodecError, ErrorFeedback, UpdateCodec
 from fedge import weights as W
-from fedge.checkpoint import atomic_write_bytes
+from fedge.files import atomic_write_bytes
 from fedge.models import ModelConfig, build_model
 from fedge.modes import PrunedMode, get_mode, init_from_checkpoint
 from fedge.protocol import (

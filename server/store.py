@@ -17,7 +17,8 @@ import torch
 from torch import nn
 
 from fedge import weights as W
-from fedge.checkpoint import atomic_write_bytes, load_checkpoint, save_checkpoint
+from fedge.checkpoint import load_checkpoint, save_checkpoint
+from fedge.files import atomic_write_bytes
 from fedge.models import ModelConfig
 
 

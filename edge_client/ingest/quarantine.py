@@ -12,6 +12,7 @@ import shutil
 from pathlib import Path
 
 from edge_client.ingest.errors import QuarantineError
+from fedge.files import file_digest
 
 
 class Quarantine:
@@ -22,7 +23,7 @@ class Quarantine:
 
     def put_file(self, source: Path, error: QuarantineError, move: bool) -> Path:
         """Copy (one-shot ingest: the source folder is never modified) or move (watched inbox) a file."""
-        digest = _sha256_file(source)
+        digest = file_digest(source)
         target = self._target(digest, source.name)
         if move:
             shutil.move(os.fspath(source), target)
@@ -45,11 +46,3 @@ class Quarantine:
     @staticmethod
     def _write_reason(target: Path, error: QuarantineError) -> None:
         target.with_name(target.name + ".reason").write_text(f"{error.reason.value}: {error.detail}\n")
-
-
-def _sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()

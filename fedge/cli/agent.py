@@ -94,7 +94,7 @@ def init(
 
     from device_profiles import ProfileError, load_profile
     from edge_client.config import AgentConfig
-    from fedge.checkpoint import atomic_write_bytes
+    from fedge.files import atomic_write_bytes
     from fedge.transport import BrokerURL
 
     out = out.absolute()
@@ -159,7 +159,7 @@ def install_service(
     """Write a systemd unit that runs `fedge agent run --config CONFIG` (restart on failure, unprivileged user)."""
     from edge_client.config import AgentConfig
     from edge_client.service import UNIT_NAME, ServiceError, fedge_executable, render_unit
-    from fedge.checkpoint import atomic_write_bytes
+    from fedge.files import atomic_write_bytes
 
     config = config.expanduser().absolute()
     if out.exists() and not force:

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-import hashlib
 import os
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from fedge.files import file_digest
 
 # MD5 values from medmnist 3.0.2 INFO; the download URL pattern is the official Zenodo record.
 MEDMNIST_MD5 = {
@@ -75,14 +76,6 @@ def _find_local(name: str, data_dir: Path) -> Path | None:
     return None
 
 
-def _md5(path: Path) -> str:
-    digest = hashlib.md5()
-    with path.open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _download(name: str, cache_dir: Path) -> Path:
     if name not in MEDMNIST_MD5:
         raise FileNotFoundError(
@@ -90,7 +83,7 @@ def _download(name: str, cache_dir: Path) -> Path:
             f"put {name}.npz in a folder and pass --data-dir DIR (or set FEDGE_DATA_DIR)"
         )
     target = cache_dir / f"{name}.npz"
-    if target.is_file() and _md5(target) == MEDMNIST_MD5[name]:
+    if target.is_file() and file_digest(target, "md5") == MEDMNIST_MD5[name]:
         return target
     cache_dir.mkdir(parents=True, exist_ok=True)
     tmp = target.with_suffix(".part")
@@ -104,7 +97,7 @@ def _download(name: str, cache_dir: Path) -> Path:
             f"could not download {name}.npz ({exc}); download it on a machine with access and pass "
             f"--data-dir DIR (a folder holding {name}.npz), or set FEDGE_DATA_DIR"
         ) from exc
-    if _md5(tmp) != MEDMNIST_MD5[name]:
+    if file_digest(tmp, "md5") != MEDMNIST_MD5[name]:
         tmp.unlink(missing_ok=True)
         raise ValueError(f"downloaded {name}.npz fails its MD5 check; retry, or pass --data-dir with a verified copy")
     tmp.replace(target)
