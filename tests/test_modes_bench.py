@@ -1,0 +1,114 @@
+"""benchmarks/modes.py: the report arithmetic, the acceptance verdicts, the script's import path and
+one footprint measured in-process on a tiny checkpoint (no federation)."""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import queue
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "modes.py"
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("fedge_modes_bench", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_script_runs_from_its_folder_without_shadowing_packages():
+    out = subprocess.run([sys.executable, str(SCRIPT), "--help"], check=False, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "--report" in out.stdout and "--codec" in out.stdout
+
+
+def test_lr_flag_takes_one_value_or_per_mode_overrides(bench):
+    assert bench.parse_lr("2e-3") == dict.fromkeys(bench.MODES, 2e-3)
+    lr = bench.parse_lr("lora=5e-3")
+    assert lr["lora"] == 5e-3 and lr["full"] == bench.DEFAULT_LR["full"]
+    with pytest.raises(argparse.ArgumentTypeError, match="nosuch"):
+        bench.parse_lr("nosuch=1")
+
+
+def test_mode_options_reach_get_mode(bench):
+    from fedge.modes import get_mode
+
+    args = bench.build_parser().parse_args(["--report", "x.json", "--lora-r", "8", "--lora-alpha", "16", "--prune-ratio", "0.25"])
+    assert get_mode("lora", **bench.mode_options("lora", args)).r == 8
+    assert get_mode("pruned", **bench.mode_options("pruned", args)).ratio == 0.25
+    assert bench.mode_options("full", args) == {} and bench.mode_options("qat", args) == {}
+
+
+def _run(auc: float, uplinks: list[int]) -> dict:
+    return {"final": {"auc": auc}, "rounds": [{"auc": auc - 0.1, "uplink_bytes": u} for u in uplinks], "seconds": 1.0}
+
+
+def _cost(trainable: int, mem: float, prune: dict | None = None) -> dict:
+    return {"trainable_params": trainable, "model_params": 6_000_000 if prune is None else prune["params_after"],
+            "peak_train_mem_mb": mem, "step_seconds": 0.5, "prune": prune}  # fmt: skip
+
+
+def test_summary_ratio_is_dense_full_model_over_one_sites_update(bench):
+    row = bench.summarise("lora", [_run(0.80, [40_000, 40_000]), _run(0.84, [48_000, 40_000])], _cost(100_000, 500.0), 4, 24_000_000)
+
+    assert row["uplink_bytes_per_round"] == 42_000
+    assert row["uplink_bytes_per_update"] == 10_500
+    assert row["ratio_vs_full_fp32"] == pytest.approx(24_000_000 / 10_500)
+    assert row["final_auc"] == pytest.approx(0.82) and row["final_auc_std"] == pytest.approx(0.028284, abs=1e-5)
+    assert row["trainable_fraction"] == pytest.approx(100_000 / 6_000_000)
+    assert row["mean_auc_by_round"] == pytest.approx([0.72, 0.72])
+    assert set(row) >= {"mode", "trainable_params", "uplink_bytes_per_round", "ratio_vs_full_fp32", "final_auc",
+                        "final_auc_std", "peak_train_mem_mb", "step_seconds"}  # fmt: skip
+
+
+def test_acceptance_verdicts(bench):
+    prune = {"params_before": 6_000_000, "params_after": 1_500_000, "macs_before": 100, "macs_after": 25}
+    full = bench.summarise("full", [_run(0.80, [4_000_000])], _cost(6_000_000, 700.0), 4, 24_000_000)
+    lora = bench.summarise("lora", [_run(0.79, [40_000])], _cost(100_000, 500.0), 4, 24_000_000)
+    pruned = bench.summarise("pruned", [_run(0.75, [1_000_000])], _cost(1_500_000, 400.0, prune), 4, 24_000_000)
+
+    verdict = bench.acceptance([full, lora, pruned], 6_000_000)
+
+    assert verdict["lora_trains_at_most_2pct"] and verdict["lora_ratio_at_least_1000x"]
+    assert verdict["lora_ratio_vs_full_fp32"] == pytest.approx(2400)
+    assert verdict["lora_auc_within_0.02_of_full"] and verdict["lora_peak_mem_below_full"]
+    assert verdict["pruned_mac_reduction"] == 4.0
+    assert not verdict["pruned_auc_within_0.02_of_full"]
+    assert verdict["all_hold"] is False
+    assert bench.acceptance([full], 4_000_000) == {"backbone_params": 4_000_000, "backbone_at_least_5m": False, "all_hold": False}
+
+
+@pytest.mark.parametrize("mode", ["lora", "pruned"])
+def test_footprint_of_a_tiny_pretrained_vit(bench, mode, medmnist_root: Path, tmp_path: Path):
+    import torch
+
+    from fedge.checkpoint import save_checkpoint
+    from fedge.models import ModelConfig, build_model
+
+    config = ModelConfig(arch="vit", in_channels=1, num_classes=2, image_size=28, options={"preset": "tiny"})
+    torch.manual_seed(0)
+    ckpt = save_checkpoint(tmp_path / "tiny.safetensors", build_model(config).state_dict(), config)
+    args = bench.build_parser().parse_args(["--report", str(tmp_path / "r.json"), "--data-dir", str(medmnist_root), "--step-repeats", "1"])
+    out: queue.Queue = queue.Queue()
+
+    threads = torch.get_num_threads()
+    try:
+        bench.footprint(mode, args, ckpt, out)
+    finally:
+        torch.set_num_threads(threads)  # footprint pins the agent's thread count
+
+    cost = out.get_nowait()
+    assert cost["mode"] == mode and cost["peak_train_mem_mb"] > 0 and cost["step_seconds"] > 0
+    assert 0 < cost["trainable_params"] <= cost["model_params"]
+    if mode == "lora":
+        assert cost["trainable_params"] < cost["model_params"] and cost["prune"] is None
+    else:
+        assert cost["prune"]["params_after"] < cost["prune"]["params_before"]
+        assert cost["prune"]["macs_after"] < cost["prune"]["macs_before"]
