@@ -105,7 +105,8 @@ def site_model(mode_name: str, options: dict[str, Any], checkpoint: Path, task: 
     splits = task.splits
     torch.manual_seed(seed)
     model, config = init_from_checkpoint(
-        str(checkpoint), in_channels=splits.channels, num_classes=splits.num_classes, image_size=splits.image_size
+        str(checkpoint), in_channels=splits.channels, num_classes=splits.num_classes, image_size=splits.image_size,
+        dataset=splits.name,
     )
     mode = get_mode(mode_name, **options)
     stats = None

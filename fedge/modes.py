@@ -201,10 +201,12 @@ class QatMode(TrainingMode):
         return model.eval()
 
 
-def init_from_checkpoint(path: str, *, in_channels: int, num_classes: int, image_size: int) -> tuple[nn.Module, ModelConfig]:
-    """A pretrained backbone for a new dataset: the head is re-initialised if the class count differs.
-
-    Seed torch before calling so every site re-initialises the same head.
+def init_from_checkpoint(
+    path: str, *, in_channels: int, num_classes: int, image_size: int, dataset: str | None = None
+) -> tuple[nn.Module, ModelConfig]:
+    """A pretrained backbone for a new task. The head is re-initialised when the class count differs
+    or when the checkpoint was trained on another dataset (its label 1 may mean the opposite, e.g.
+    pneumonia vs benign); the backbone is kept. Seed torch before calling so every site agrees.
     """
     ckpt = load_checkpoint(path)
     cfg = ckpt.config
@@ -213,15 +215,16 @@ def init_from_checkpoint(path: str, *, in_channels: int, num_classes: int, image
             f"checkpoint {path} was pretrained on {cfg.in_channels}-channel {cfg.image_size}px images, the dataset has "
             f"{in_channels}-channel {image_size}px; pretrain on data of the same shape (fedge pretrain --dataset ...)"
         )
-    if cfg.num_classes == num_classes:
+    pretrained_on = ckpt.meta.get("dataset")
+    if cfg.num_classes == num_classes and (dataset is None or pretrained_on in (None, dataset)):
         return ckpt.build(), cfg
     config = cfg.replace(num_classes=num_classes)
     model = build_model(config)
     own = model.state_dict()
-    mismatched = sorted(k for k in own if k not in ckpt.state or own[k].shape != ckpt.state[k].shape)
-    if any(not k.startswith("head.") for k in mismatched):
-        raise ValueError(f"checkpoint {path} differs from its own config beyond the head: {mismatched[:5]}")
-    model.load_state_dict({k: v for k, v in ckpt.state.items() if k not in mismatched}, strict=False)
+    fresh = sorted(k for k in own if k.startswith("head.") or k not in ckpt.state or own[k].shape != ckpt.state[k].shape)
+    if any(not k.startswith("head.") for k in fresh):
+        raise ValueError(f"checkpoint {path} differs from its own config beyond the head: {fresh[:5]}")
+    model.load_state_dict({k: v for k, v in ckpt.state.items() if k not in fresh}, strict=False)
     return model, config
 
 

@@ -87,7 +87,8 @@ class RoundServer:
         config = self.config.model
         if self.config.init_checkpoint is not None:
             model, config = init_from_checkpoint(
-                str(self.config.init_checkpoint), in_channels=config.in_channels, num_classes=config.num_classes, image_size=config.image_size
+                str(self.config.init_checkpoint), in_channels=config.in_channels, num_classes=config.num_classes,
+                image_size=config.image_size, dataset=self.config.dataset,
             )
         else:
             model = build_model(config)

@@ -139,6 +139,21 @@ def test_init_from_checkpoint_keeps_the_backbone_and_reinitialises_a_resized_hea
         init_from_checkpoint(str(path), in_channels=3, num_classes=2, image_size=28)
 
 
+def test_init_from_checkpoint_resets_the_head_for_another_dataset(tmp_path) -> None:
+    pretrained = build_model(CONFIGS["cnn"])
+    path = save_checkpoint(tmp_path / "cnn.safetensors", pretrained.state_dict(), CONFIGS["cnn"], dataset="pneumoniamnist")
+    old_head = pretrained.state_dict()["head.weight"]
+
+    same, _ = init_from_checkpoint(str(path), in_channels=1, num_classes=2, image_size=28, dataset="pneumoniamnist")
+    other, config = init_from_checkpoint(str(path), in_channels=1, num_classes=2, image_size=28, dataset="breastmnist")
+
+    assert config.num_classes == 2
+    torch.testing.assert_close(same.state_dict()["head.weight"], old_head)
+    assert not torch.equal(other.state_dict()["head.weight"], old_head)  # labels mean other things: fresh head
+    for key in ("features.0.0.weight", "features.2.0.weight"):
+        torch.testing.assert_close(other.state_dict()[key], pretrained.state_dict()[key])  # backbone kept
+
+
 def test_measure_step_reports_memory_and_time() -> None:
     model = build_model(CONFIGS["cnn"])
 
