@@ -1,3 +1,3 @@
-"""Fixtures for every test: real brokers (brokers.py) and real data (data_fixtures.py)."""
+"""Fixtures for every test: real brokers (brokers.py) and real data (data_fixtures.py), shared models (model_fixtures.py)."""
 
-pytest_plugins = ["brokers", "data_fixtures"]
+pytest_plugins = ["brokers", "data_fixtures", "model_fixtures"]

@@ -3,23 +3,19 @@
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
+from model_fixtures import BENCHMARKS, load_benchmark
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "compression.py"
+SCRIPT = BENCHMARKS / "compression.py"
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("fedge_compression_bench", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("compression")
 
 
 def test_script_does_not_shadow_the_compression_package():

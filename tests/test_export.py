@@ -30,22 +30,15 @@ from exporters.tensorrt import is_available as tensorrt_available
 from exporters.tensorrt import trtexec_command
 from exporters.triton import check_repository, parse_pbtxt
 from fedge.checkpoint import save_checkpoint
-from fedge.data import load_medmnist
 from fedge.models import ModelConfig, build_model
-from fedge.tasks import ClassificationTask
 
 FAST = dict(latency_warmup=1, latency_iters=5, calib_samples=64)
 
 
 @pytest.fixture(scope="module")
-def trained(medmnist_root):
-    """A small CNN trained briefly on PneumoniaMNIST (AUC well above chance), and a 200-image test set."""
-    splits = load_medmnist("pneumoniamnist", medmnist_root)
-    task = ClassificationTask(splits)
-    config = task.model_config("cnn", widths=[16, 32])
-    torch.manual_seed(0)
-    model = build_model(config)
-    task.train_local(model, np.arange(512), epochs=1, batch_size=64)
+def trained(trained_cnn):
+    """The shared small CNN, 256 calibration images and a 200-image test set."""
+    model, config, splits = trained_cnn
     test = (splits.images["test"][:200], splits.labels["test"][:200])
     return model, config, splits.images["train"][:256], test
 

@@ -6,15 +6,11 @@ import json
 
 import numpy as np
 import pytest
-import torch
 import typer
 from typer.testing import CliRunner
 
 from fedge.checkpoint import save_checkpoint
 from fedge.cli.export import export
-from fedge.data import load_medmnist
-from fedge.models import build_model
-from fedge.tasks import ClassificationTask
 
 app = typer.Typer()
 app.command()(export)
@@ -22,13 +18,8 @@ runner = CliRunner()
 
 
 @pytest.fixture(scope="module")
-def checkpoint(medmnist_root, tmp_path_factory):
-    splits = load_medmnist("pneumoniamnist", medmnist_root)
-    task = ClassificationTask(splits)
-    config = task.model_config("cnn", widths=[16, 32])
-    torch.manual_seed(0)
-    model = build_model(config)
-    task.train_local(model, np.arange(512), epochs=1, batch_size=64)
+def checkpoint(trained_cnn, tmp_path_factory):
+    model, config, _ = trained_cnn
     return save_checkpoint(tmp_path_factory.mktemp("ckpt") / "model.safetensors", model.state_dict(), config, dataset="pneumoniamnist")
 
 

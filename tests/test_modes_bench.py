@@ -4,23 +4,20 @@ one footprint measured in-process on a tiny checkpoint (no federation)."""
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import queue
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from model_fixtures import BENCHMARKS, load_benchmark
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "modes.py"
+SCRIPT = BENCHMARKS / "modes.py"
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("fedge_modes_bench", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("modes")
 
 
 def test_script_runs_from_its_folder_without_shadowing_packages():
