@@ -67,6 +67,7 @@ class RoundServer:
         self.uplink = UpdateCodec.from_spec(config.uplink_codec)
         self.downlink = UpdateCodec.from_spec(config.downlink_codec) if config.downlink_codec else None
         self.downlink_residual = ErrorFeedback()
+        self._pending_delta: bytes | None = None  # next round's downlink delta envelope (lost on restart: full then)
         self.reassembler = Reassembler()
         self.verifier = Verifier.from_dir(config.trusted_keys) if config.trusted_keys else None
         self.signer = Signer.load(config.signing_key) if config.signing_key else None
@@ -291,7 +292,6 @@ class RoundServer:
         return record
 
     def run(self) -> RoundState:
-        self._pending_delta = None
         self.session = MqttSession(self.config.broker, f"fedge-{self.config.federation}-{self.config.client_id}")
         self.session.subscribe(self.topics.all_updates, self.topics.all_status)
         self.session.connect()
