@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 # Real data is never committed: a folder holding <dataset>.npz or medmnist/<dataset>.npz.
-FEDGE_DATA_DIR ?= $(firstword $(wildcard ../shared/data) $(HOME)/.cache/fedge)
+FEDGE_DATA_DIR ?= $(firstword $(abspath $(wildcard ../shared/data)) $(HOME)/.cache/fedge)
 export FEDGE_DATA_DIR
 
 .PHONY: install demo test bench clean

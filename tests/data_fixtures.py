@@ -16,10 +16,13 @@ _REPO = Path(__file__).resolve().parents[1]
 
 
 def find_data_root(marker: str) -> Path | None:
-    """The first candidate root that holds `marker` (a relative path such as 'dicom')."""
+    """The first candidate root that holds `marker` (a relative path such as 'dicom').
+
+    Absolute, so that symlinks the tests make to data files resolve wherever they are made.
+    """
     for candidate in (os.environ.get("FEDGE_DATA_DIR"), _REPO.parent / "shared" / "data"):
         if candidate and (Path(candidate) / marker).exists():
-            return Path(candidate)
+            return Path(candidate).absolute()
     return None
 
 
