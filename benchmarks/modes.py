@@ -51,6 +51,9 @@ DEFAULT_LR = {"full": 5e-4, "lora": 3e-3, "pruned": 5e-4, "qat": 5e-4}
 MIN_BACKBONE_PARAMS = 5_000_000
 
 
+from fedge.cli.options import parse_mode_options  # noqa: E402 - after the sys.path line above
+
+
 def default_data_dir() -> str | None:
     if os.environ.get("FEDGE_DATA_DIR"):
         return os.environ["FEDGE_DATA_DIR"]
@@ -75,7 +78,7 @@ def parse_lr(text: str) -> dict[str, float]:
 def mode_options(mode_name: str, args: argparse.Namespace) -> dict[str, Any]:
     """What `get_mode(mode_name, **options)` gets, in the footprint and in the federation alike."""
     if mode_name == "lora":
-        return {"r": args.lora_r, "alpha": args.lora_alpha}
+        return {"r": args.lora_r, "alpha": args.lora_alpha, **args.lora_options}
     if mode_name == "pruned":
         return {"ratio": args.prune_ratio}
     return {}
@@ -296,6 +299,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--codec", default="ternary,ef|zstd:3", help="The uplink codec every mode uses")
     parser.add_argument("--lora-r", type=int, default=4)
     parser.add_argument("--lora-alpha", type=float, default=8.0)
+    parser.add_argument("--lora-options", type=parse_mode_options, default={}, help="More lora options as for --mode-options, e.g. train_norms=true,freeze_a=true")
     parser.add_argument("--prune-ratio", type=float, default=0.5, help="Share of channels the server prunes in `pruned` mode")
     parser.add_argument("--threads", type=int, default=1, help="Torch threads of the footprint step (agents train with 1)")
     parser.add_argument("--step-repeats", type=int, default=3, help="Timed steps per footprint (after one warm-up step)")

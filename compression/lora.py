@@ -16,6 +16,9 @@ if TYPE_CHECKING:  # peft pulls in transformers (~5 s of imports): load it only 
     from peft import PeftModel
 
 
+_NORMS = (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._BatchNorm)
+
+
 def default_targets(model: nn.Module, exclude: Sequence[str] = ("head",)) -> list[str]:
     """Every Linear and Conv2d layer, except those named in `exclude` (and anything inside them)."""
     return [
@@ -32,8 +35,16 @@ def add_adapters(
     targets: Sequence[str],
     dropout: float = 0.0,
     trainable: Sequence[str] = ("head",),
+    train_norms: bool = False,
+    freeze_a: bool = False,
 ) -> "PeftModel":
-    """Freeze `model`, add rank-`r` adapters to `targets`, keep `trainable` layers fully trainable."""
+    """Freeze `model`, add rank-`r` adapters to `targets`, keep `trainable` layers fully trainable.
+
+    `train_norms` also trains the affine parameters of every normalisation layer (a few thousand
+    values that let a frozen backbone re-centre features for a new domain). `freeze_a` keeps the
+    random down-projections A fixed and trains only B (FFA-LoRA, Sun et al. 2024): every site then
+    shares A, so averaging the B's averages the adapters' products exactly, for half the traffic.
+    """
     from peft import LoraConfig, get_peft_model
 
     missing = [t for t in trainable if t not in dict(model.named_modules())]
@@ -47,7 +58,13 @@ def add_adapters(
         modules_to_save=list(trainable),
         bias="none",
     )
-    return get_peft_model(model, config)
+    wrapped = get_peft_model(model, config)
+    for name, module in wrapped.named_modules():
+        if train_norms and isinstance(module, _NORMS):
+            module.requires_grad_(True)
+        if freeze_a and name.endswith("lora_A"):
+            module.requires_grad_(False)
+    return wrapped
 
 
 def merge_adapters(model: "PeftModel") -> nn.Module:

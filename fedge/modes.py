@@ -104,7 +104,8 @@ class FullMode(TrainingMode):
 class LoraMode(TrainingMode):
     """peft LoRA on a frozen backbone; only adapters, the head (and norm statistics) travel.
 
-    `targets=None` adapts every Linear/Conv2d except the head.
+    `targets=None` adapts every Linear/Conv2d except the head; `train_norms` and `freeze_a` are
+    explained at `compression.lora.add_adapters`.
     """
 
     r: int = 4
@@ -112,6 +113,8 @@ class LoraMode(TrainingMode):
     dropout: float = 0.0
     targets: tuple[str, ...] | None = None
     head: str = "head"
+    train_norms: bool = False
+    freeze_a: bool = False
 
     def __post_init__(self) -> None:
         if self.r < 1:
@@ -121,7 +124,10 @@ class LoraMode(TrainingMode):
 
     def prepare(self, model: nn.Module, config: ModelConfig) -> nn.Module:
         targets = list(self.targets) if self.targets is not None else lora.default_targets(model, exclude=(self.head,))
-        return lora.add_adapters(model, self.r, self.alpha, targets, self.dropout, trainable=(self.head,))
+        return lora.add_adapters(
+            model, self.r, self.alpha, targets, self.dropout, trainable=(self.head,),
+            train_norms=self.train_norms, freeze_a=self.freeze_a,
+        )  # fmt: skip
 
     def trainable_state(self, model: nn.Module) -> dict[str, torch.Tensor]:
         # A frozen backbone still updates BatchNorm statistics in train mode: they travel too, so

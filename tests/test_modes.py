@@ -116,6 +116,27 @@ def test_lora_merge_changes_the_backbone_weights() -> None:
     assert torch.equal(merged["blocks.0.attn.proj.weight"], before["blocks.0.attn.proj.weight"])
 
 
+def test_lora_train_norms_and_freeze_a_change_what_trains_and_travels() -> None:
+    config = CONFIGS["vit"]
+    plain, norms, ffa = (get_mode("lora", **o) for o in ({}, {"train_norms": True}, {"freeze_a": True}))
+    torch.manual_seed(0)
+    base = plain.trainable_state(plain.prepare(build_model(config), config))
+    torch.manual_seed(0)
+    with_norms = norms.prepare(build_model(config), config)
+    torch.manual_seed(0)
+    model = ffa.prepare(build_model(config), config)
+    a_before = {k: v.clone() for k, v in model.state_dict().items() if ".lora_A." in k}
+
+    _train(model)
+
+    added = set(norms.trainable_state(with_norms)) - set(base)
+    assert added and all(".norm" in k for k in added)
+    state = ffa.trainable_state(model)
+    assert set(state) == {k for k in base if ".lora_A." not in k}
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in a_before.items())  # A stays what the server sent
+    assert any(not torch.equal(v, torch.zeros_like(v)) for k, v in state.items() if ".lora_B." in k)  # B learns
+
+
 @pytest.mark.parametrize("name", sorted(MODES))
 def test_load_trainable_refuses_a_state_from_another_mode(name: str) -> None:
     mode = get_mode(name)
