@@ -121,6 +121,8 @@ class LoraMode(TrainingMode):
             raise ValueError(f"lora option 'r' must be >= 1, got {self.r}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"lora option 'dropout' must be in [0, 1), got {self.dropout}")
+        if self.targets is not None:  # a JSON list from the round announcement: keep the mode hashable
+            object.__setattr__(self, "targets", tuple(self.targets))
 
     def prepare(self, model: nn.Module, config: ModelConfig) -> nn.Module:
         targets = list(self.targets) if self.targets is not None else lora.default_targets(model, exclude=(self.head,))

@@ -41,6 +41,10 @@ def test_mode_options_reach_get_mode(bench):
     assert get_mode("lora", **bench.mode_options("lora", args)).r == 8
     assert get_mode("pruned", **bench.mode_options("pruned", args)).ratio == 0.25
     assert bench.mode_options("full", args) == {} and bench.mode_options("qat", args) == {}
+    assert get_mode("lora", **bench.mode_options("lora", args)).targets == ("qkv",)  # the default: attention only
+    more = bench.build_parser().parse_args(["--report", "x.json", "--lora-targets", "all", "--lora-options", "train_norms=true,freeze_a=true"])
+    lora = get_mode("lora", **bench.mode_options("lora", more))
+    assert (lora.targets, lora.train_norms, lora.freeze_a) == (None, True, True)
 
 
 def _run(auc: float, uplinks: list[int]) -> dict:
