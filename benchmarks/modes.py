@@ -28,8 +28,9 @@ still makes its update >1000x smaller than the full model's in fp32. Measured at
 with 1-bit signs (`ternary,ef|zstd:3`) on adapters of every linear layer, LoRA ends 0.03-0.04 AUC
 below full whatever its learning rate (1e-3..1e-2), alpha, FFA (`freeze_a`) or `train_norms`; in
 fp32 it is level with full: the 1-bit quantization noise costs, not the adapters' capacity.
-Defaults are sized to finish in under 30 minutes on a 2-core machine shared with other jobs: 15.9
-minutes at load ~5 with the checkpoint cached (the first run also pretrains: 3 PneumoniaMNIST epochs).
+Defaults are sized to finish in under 30 minutes on this 2-core machine: 14.0 minutes when it is
+otherwise idle, with the checkpoint cached (the first run also pretrains: 3 PneumoniaMNIST epochs,
+7 minutes under load); other jobs on the machine stretch it (8 rounds took 22 minutes at load ~5).
 """
 
 from __future__ import annotations

@@ -6,6 +6,8 @@ from pathlib import Path
 
 import typer
 
+from fedge.cli.options import MODE_OPTIONS_HELP
+
 
 def demo(
     dataset: str = typer.Option("pneumoniamnist", help="MedMNIST subset: <name>.npz in --data-dir, else downloaded"),
@@ -21,7 +23,7 @@ def demo(
     epochs: int = typer.Option(1, min=1, help="Local epochs per round"),
     lr: float = typer.Option(1e-3, help="Local learning rate (Adam)"),
     mode: str = typer.Option("full", help="Local training mode: full | lora | pruned | qat"),
-    mode_options: str = typer.Option(None, help="Mode options, e.g. 'r=8,alpha=16' (lora) or 'ratio=0.5' (pruned)"),
+    mode_options: str = typer.Option(None, help=MODE_OPTIONS_HELP),
     init: Path = typer.Option(None, help="Pretrained checkpoint to federate from (`fedge pretrain`)"),
     emulate_link: str = typer.Option(None, help="Device profile (name or YAML path) whose uplink/downlink paces each agent"),
     workdir: Path = typer.Option(Path("runs/demo"), help="Where checkpoints and agent state go (wiped first)"),

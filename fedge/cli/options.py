@@ -7,6 +7,12 @@ from typing import Any
 
 import typer
 
+MODE_OPTIONS_HELP = (
+    "Mode options as KEY=VALUE pairs. lora: r, alpha, dropout, targets (layer names, e.g. "
+    "'targets=[\"qkv\"]'; default every Linear/Conv2d but the head), train_norms, freeze_a; "
+    "pruned: ratio, round_to. E.g. 'r=8,alpha=16' or 'ratio=0.5'"
+)
+
 
 def parse_mode_options(text: str | None) -> dict[str, Any]:
     """`r=8,alpha=16,targets=["qkv","proj"]` -> dict; values are JSON where they parse, else strings."""

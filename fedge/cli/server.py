@@ -6,6 +6,8 @@ from pathlib import Path
 
 import typer
 
+from fedge.cli.options import MODE_OPTIONS_HELP
+
 
 def server(
     broker: str = typer.Option(None, help="MQTT broker URL, e.g. mqtt://127.0.0.1:1883; default: start an embedded broker"),
@@ -19,7 +21,7 @@ def server(
     clients: str = typer.Option(None, help="Comma-separated site names to wait for each round (default: whoever is online)"),
     codec: str = typer.Option("fp32", help="Uplink codec spec the agents must use"),
     mode: str = typer.Option("full", help="Local training mode the agents run: full | lora | pruned | qat"),
-    mode_options: str = typer.Option(None, help="Mode options, e.g. 'r=8,alpha=16' (lora) or 'ratio=0.5' (pruned)"),
+    mode_options: str = typer.Option(None, help=MODE_OPTIONS_HELP),
     downlink_codec: str = typer.Option(None, help="Send each new global as a delta with this codec (default: full model)"),
     round_timeout: float = typer.Option(300.0, help="Seconds a round waits for all selected sites"),
     epochs: int = typer.Option(1), lr: float = typer.Option(1e-3), batch_size: int = typer.Option(32),
