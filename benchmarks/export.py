@@ -87,7 +87,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     models: list[tuple[str, Path, dict[str, Any]]] = []
     if args.checkpoint:
         ckpt = load_checkpoint(args.checkpoint)
-        models.append((ckpt.config.arch, Path(args.checkpoint), {"checkpoint": str(args.checkpoint)}))
+        params = sum(v.numel() for v in ckpt.state.values() if v.is_floating_point())
+        models.append((ckpt.config.arch, Path(args.checkpoint), {"checkpoint": str(args.checkpoint), "params": params}))
     else:
         for arch in args.archs.split(","):
             if BENCH_MODELS.get(arch, (arch,))[0] not in MODELS:

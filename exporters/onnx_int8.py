@@ -100,7 +100,12 @@ def _reader(inputs: np.ndarray):  # noqa: ANN202 - the base class lives in an op
 def quantize_qdq(fp32_path: Path, out_path: Path, inputs: np.ndarray) -> Path:
     """Shape-infer and optimise (onnxruntime's quant pre-processing), then quantize statically."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.registry import QDQRegistry, QLinearOpsRegistry
     from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    # LayerNorm stays float: its per-feature weight has no channel axis to quantize along (ORT warns
+    # once per layer), and TensorRT runs normalisation in fp16/fp32 in any case.
+    op_types = sorted((set(QDQRegistry) | set(QLinearOpsRegistry)) - {"LayerNormalization"})  # ORT's default, less LN
 
     with tempfile.TemporaryDirectory(dir=out_path.parent, prefix=".quant.") as tmp:
         prepared = Path(tmp) / "prepared.onnx"
@@ -111,6 +116,7 @@ def quantize_qdq(fp32_path: Path, out_path: Path, inputs: np.ndarray) -> Path:
             _reader(inputs),
             quant_format=QuantFormat.QDQ,
             per_channel=True,
+            op_types_to_quantize=op_types,
             activation_type=QuantType.QInt8,
             weight_type=QuantType.QInt8,
             calibrate_method=CalibrationMethod.MinMax,
