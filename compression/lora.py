@@ -50,6 +50,11 @@ def add_adapters(
     missing = [t for t in trainable if t not in dict(model.named_modules())]
     if missing:
         raise ValueError(f"layers {missing} to train fully are not in the model; name its classifier (e.g. 'head')")
+    candidates = default_targets(model, exclude=trainable)
+    unmatched = [t for t in targets if not any(n == t or n.endswith("." + t) for n in candidates)]
+    if unmatched:
+        shown = ", ".join(candidates[:12]) + (", ..." if len(candidates) > 12 else "")
+        raise ValueError(f"LoRA targets {unmatched} match no Linear/Conv2d layer of this model; its layers: {shown} (a target is a full name or its last part)")
     config = LoraConfig(
         r=r,
         lora_alpha=alpha,

@@ -53,6 +53,9 @@ def test_unknown_mode_and_option_are_refused_with_the_known_ones() -> None:
         get_mode("lora", r=0)
     with pytest.raises(ValueError, match="ratio"):
         get_mode("pruned", ratio=1.5)
+    cnn = CONFIGS["cnn"]
+    with pytest.raises(ValueError, match=r"\['qkv'\] match no Linear/Conv2d layer.*features\.0"):
+        get_mode("lora", targets=["qkv"]).prepare(build_model(cnn), cnn)
 
 
 @pytest.mark.parametrize("arch", sorted(CONFIGS))
