@@ -14,8 +14,8 @@ Per spec the report gives (list under "results"):
   encode_ms, decode_ms    median of `--repeats` encodes/decodes of a real update: one site's local
                           training delta (the agent's own training step and seed) from the round
                           `--timing-round` global checkpoint of the first fp32 run
-BatchNorm running mean/var travel dense through the codec's keep_dense (int8 beside q8/q4/ternary,
-fp16 beside fp16, fp32 under fp32), as the agent sends them; they are counted in every byte figure. The downlink is
+BatchNorm running mean/var travel dense through the codec's keep_dense (fp16 under lossy specs,
+fp32 under fp32), as the agent sends them; they are counted in every byte figure. The downlink is
 the server's default full fp32 snapshot unless `--downlink-codec` is given (then every run, the fp32
 baseline included, uses that delta downlink); its bytes are reported beside the uplink's.
 
@@ -217,9 +217,9 @@ def summarize(args: argparse.Namespace, runs: list[dict[str, Any]], timing: dict
         "params": dense_update_bytes // 4, "dense_update_bytes": dense_update_bytes,
         "downlink": args.downlink_codec or "full fp32 snapshot (server default), same for every run",
         "norm_stats": (
-            f"BatchNorm running_mean/running_var ({norm_stats} values) travel dense through keep_dense: block int8 "
-            "beside q8/q4/ternary, fp16 beside fp16, fp32 under fp32; never sparsified, and counted in every byte "
-            f"figure (about {norm_stats} bytes of int8 codes per update before zstd, plus a float32 scale per tensor)"
+            f"BatchNorm running_mean/running_var ({norm_stats} values) travel dense through keep_dense: fp16 under "
+            "lossy specs, fp32 under fp32; never sparsified, and counted in every byte figure "
+            f"({2 * norm_stats} bytes of fp16 per update before zstd)"
         ),
         "bytes_note": "uplink bytes are whole update envelopes as the server received them (header + payload, unsigned in "
                       "the demo), summed over the sites of a round; MQTT and chunk framing not included",

@@ -13,9 +13,6 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
 from compression import CodecError, SparseTensor, TensorSpec, UpdateCodec
-from compression.codecs.pipeline import FORMAT_VERSION
-
-V = bytes([FORMAT_VERSION])  # the payload format version byte every hand-built payload starts with
 
 SPECS = [
     "fp32",
@@ -117,9 +114,9 @@ def test_hostile_manifests_only_raise_codec_error(entries: list[object], garbage
 def test_manifest_over_the_output_bound_is_rejected_before_decoding(spec: str) -> None:
     manifest = [TensorSpec("w", (1 << 20, 1 << 10))]  # 4 GiB of float32
     with pytest.raises(CodecError, match="max_output_bytes"):
-        UpdateCodec.from_spec(spec).decode(V, manifest)
+        UpdateCodec.from_spec(spec).decode(b"\x01", manifest)
     with pytest.raises(CodecError, match="repeats"):
-        UpdateCodec.from_spec(spec).decode(V, [TensorSpec("a", (2,)), TensorSpec("a", (2,))])
+        UpdateCodec.from_spec(spec).decode(b"\x01", [TensorSpec("a", (2,)), TensorSpec("a", (2,))])
 
 
 @settings(max_examples=25, deadline=None)
@@ -128,7 +125,7 @@ def test_large_manifest_with_tiny_payload_allocates_nothing_big(spec: str, garba
     manifest = [TensorSpec("w", (25_000_000,))]  # 100 MB if the decoder trusted it
     tracemalloc.start()
     try:
-        decoded = _decode_or_codec_error(spec, V + garbage, manifest)
+        decoded = _decode_or_codec_error(spec, b"\x01" + garbage, manifest)
         peak = tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()
@@ -154,24 +151,24 @@ def test_out_of_range_and_unsorted_indices_are_rejected() -> None:
     manifest = [TensorSpec("w", (4,))]
     values = np.ones(2, "<f4").tobytes()
     # version, kind=1 (delta+varint), count 2, gaps: first index 3, then +1 -> index 5 >= 4
-    assert not _decode_or_codec_error("topk:0.5", bytes([FORMAT_VERSION, 1, 2, 3, 1]) + values, manifest)
+    assert not _decode_or_codec_error("topk:0.5", bytes([1, 1, 2, 3, 1]) + values, manifest)
     # count larger than numel
-    assert not _decode_or_codec_error("topk:0.5", bytes([FORMAT_VERSION, 1, 9, 0, 0, 0, 0, 0, 0, 0, 0, 0]), manifest)
+    assert not _decode_or_codec_error("topk:0.5", bytes([1, 1, 9, 0, 0, 0, 0, 0, 0, 0, 0, 0]), manifest)
     # bitmap with a padding bit set (bit 5 of a 4-element tensor)
-    assert not _decode_or_codec_error("topk:0.5", bytes([FORMAT_VERSION, 2, 0b00100001]) + values, manifest)
+    assert not _decode_or_codec_error("topk:0.5", bytes([1, 2, 0b00100001]) + values, manifest)
     # a valid hand-built payload decodes, so the rejections above are about the defects
-    out = codec.decode(bytes([FORMAT_VERSION, 1, 2, 0, 1]) + values, manifest)["w"]
+    out = codec.decode(bytes([1, 1, 2, 0, 1]) + values, manifest)["w"]
     assert isinstance(out, SparseTensor) and out.indices.tolist() == [0, 2]
 
 
 @pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
 def test_decoder_rejects_nan_and_inf_values(bad: float) -> None:
     manifest = [TensorSpec("w", (2,))]
-    assert not _decode_or_codec_error("fp32", V + b"\x00" + np.array([1.0, bad], "<f4").tobytes(), manifest)
-    assert not _decode_or_codec_error("q8:8", V + b"\x00" + np.array([bad], "<f4").tobytes() + bytes([1, 1]), manifest)
+    assert not _decode_or_codec_error("fp32", b"\x01\x00" + np.array([1.0, bad], "<f4").tobytes(), manifest)
+    assert not _decode_or_codec_error("q8:8", b"\x01\x00" + np.array([bad], "<f4").tobytes() + bytes([1, 1]), manifest)
 
 
 def test_kind_byte_not_written_by_this_codec_is_rejected() -> None:
-    dense_fp32 = V + b"\x00" + np.ones(2, "<f4").tobytes()
+    dense_fp32 = b"\x01\x00" + np.ones(2, "<f4").tobytes()
     assert _decode_or_codec_error("fp32", dense_fp32, [TensorSpec("w", (2,))])
     assert not _decode_or_codec_error("topk:0.5|q8", dense_fp32, [TensorSpec("w", (2,))])

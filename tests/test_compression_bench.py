@@ -54,5 +54,5 @@ def test_time_codec_on_a_model_delta(bench):
     delta = {"conv.weight": rng.standard_normal((16, 8, 3, 3)).astype(np.float32) * 1e-3,
              "bn.running_mean": rng.standard_normal(16).astype(np.float32)}
     t = bench.time_codec("topk:0.01,ef|q8|zstd", delta, ["bn.running_mean"], repeats=2)
-    assert t["encode_ms"] > 0 and t["decode_ms"] > 0 and t["payload_bytes_real_update"] > 16  # the int8 BN stats travel
+    assert t["encode_ms"] > 0 and t["decode_ms"] > 0 and t["payload_bytes_real_update"] > 32  # fp16 BN stats travel
     assert 0 < t["relative_l2_error"] < 1

@@ -5,10 +5,8 @@ order one kind byte and its body:
   0 DENSE       values of all numel entries, by the spec's value coder
   1 SPARSE      delta+varint indices, then the kept values by the value coder
   2 SPARSE      bitmap indices, then the kept values by the value coder
-  3 KEEP_FP16   all numel entries as fp16 (names passed in keep_dense, beside a 16-bit value coder)
-  4 KEEP_Q8     all numel entries as block int8 (names passed in keep_dense, beside a value coder of
-                8 bits or fewer: q8, q4, ternary)
-Under a lossless value coder keep_dense names travel as DENSE. Nothing else: shapes, names and counts come from the manifest in the envelope header.
+  3 KEEP_DENSE  all numel entries as fp16 (names passed in keep_dense, when the value coder is lossy)
+Nothing else: shapes, names and counts come from the manifest in the envelope header.
 """
 
 from __future__ import annotations
@@ -21,14 +19,13 @@ import numpy as np
 from compression.codecs.base import STAGES, CodecError, CodecSpecError, Reader, SparseTensor, TensorSpec, validate_manifest
 from compression.codecs.entropy import EntropyCoder
 from compression.codecs.index import INDEX_CODERS, encode_indices
-from compression.codecs.quantize import Q8, Fp16, Fp32, ValueCoder
+from compression.codecs.quantize import Fp16, Fp32, ValueCoder
 from compression.codecs.sparsify import Sparsifier
 from compression.error_feedback import ErrorFeedback
 
-FORMAT_VERSION = 2  # 2: KEEP_Q8 (version 1 sent keep_dense tensors as fp16 under every lossy coder)
+FORMAT_VERSION = 1
 DENSE = 0
-KEEP_FP16 = 3
-KEEP_Q8 = 4
+KEEP_DENSE = 3
 _ORDER = {"sparsifier": 0, "values": 1, "entropy": 2}
 _FLAGS = ("ef",)
 
@@ -109,13 +106,6 @@ class UpdateCodec:
     def uses_error_feedback(self) -> bool:
         return self.error_feedback
 
-    def keep_coder(self) -> tuple[int, ValueCoder]:
-        """(kind byte, coder) of keep_dense tensors: the spec's own coder when lossless, int8 beside
-        coders of 8 bits or fewer, else fp16 (never coarser than the spec asks for, never finer than needed)."""
-        if self.values.lossless:
-            return DENSE, self.values
-        return (KEEP_Q8, Q8()) if self.values.bits <= 8 else (KEEP_FP16, Fp16())
-
     @property
     def is_lossless(self) -> bool:
         return self.sparsifier is None and self.values.lossless
@@ -140,8 +130,8 @@ class UpdateCodec:
     ) -> bytes:
         """Payload bytes for `delta`; updates `residual` (only when the spec has `ef`).
 
-        keep_dense names skip the sparsifier and travel dense, never coarser than int8 (see `keep_coder`):
-        BatchNorm running statistics are tiny but do not survive sparsification or 1-4 bit codes.
+        keep_dense names skip the sparsifier and travel as fp16 (fp32 under a lossless spec):
+        BatchNorm running statistics are tiny but do not sparsify or block-quantize well.
         """
         manifest = self.manifest(delta)
         unknown = set(keep_dense) - set(delta)
@@ -177,9 +167,9 @@ class UpdateCodec:
                     left[indices] -= recon
                     residuals[spec.name] = left.reshape(spec.shape)
                 continue
-            kind, coder = (DENSE, self.values) if spec.name not in keep else self.keep_coder()
+            coder = self.values if spec.name not in keep or self.values.lossless else Fp16()
             value_bytes, recon = coder.encode(x, rng)
-            parts += [bytes([kind]), value_bytes]
+            parts += [bytes([DENSE if coder is self.values else KEEP_DENSE]), value_bytes]
             if track is not None:
                 residuals[spec.name] = (x - recon).reshape(spec.shape)
         if track is not None:
@@ -202,20 +192,20 @@ class UpdateCodec:
         version = reader.byte("format version")
         if version != FORMAT_VERSION:
             raise CodecError(f"payload format version {version}, this fedge reads {FORMAT_VERSION}; upgrade the older side")
-        # Only what our encoder writes: DENSE without a sparsifier (or keep_dense under fp32), keep_coder's kind for keep_dense.
+        # Only what our encoder writes: DENSE without a sparsifier (or keep_dense under fp32), KEEP_DENSE under a lossy coder.
         allowed = set(INDEX_CODERS) if self.sparsifier is not None else set()
         if self.sparsifier is None or self.values.lossless:
             allowed.add(DENSE)
-        keep_kind, keep_coder = self.keep_coder()
-        allowed.add(keep_kind)
+        if not self.values.lossless:
+            allowed.add(KEEP_DENSE)
         out: dict[str, np.ndarray | SparseTensor] = {}
         for spec in manifest:
             what = f"tensor {spec.name!r}"
             kind = reader.byte(f"{what} kind")
             if kind not in allowed:
                 raise CodecError(f"{what}: kind byte {kind} is not valid for codec {self.spec!r} (allowed {sorted(allowed)})")
-            if kind in (DENSE, keep_kind):
-                coder = self.values if kind == DENSE else keep_coder
+            if kind in (DENSE, KEEP_DENSE):
+                coder = self.values if kind == DENSE else Fp16()
                 out[spec.name] = coder.decode(reader, spec.numel, what).reshape(spec.shape)
             else:
                 indices = INDEX_CODERS[kind].decode(reader, spec.numel, what)

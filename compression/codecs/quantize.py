@@ -18,7 +18,6 @@ from compression.codecs.base import CodecError, Reader, Stage, no_arg, parse_int
 
 class ValueCoder(Stage):
     kind = "values"
-    bits: ClassVar[int]  # per value, scales aside: picks how `keep_dense` tensors travel beside this coder
 
     @abstractmethod
     def encode(self, values: np.ndarray, rng: np.random.Generator) -> tuple[bytes, np.ndarray]:
@@ -36,7 +35,6 @@ class Fp32(ValueCoder):
 
     name: ClassVar[str] = "fp32"
     lossless: ClassVar[bool] = True
-    bits: ClassVar[int] = 32
 
     @classmethod
     def from_arg(cls, arg: str | None) -> Fp32:
@@ -61,7 +59,6 @@ class Fp16(ValueCoder):
     """Half precision: 2x smaller, ~3 significant digits, enough for deltas and BatchNorm statistics."""
 
     name: ClassVar[str] = "fp16"
-    bits: ClassVar[int] = 16
 
     @classmethod
     def from_arg(cls, arg: str | None) -> Fp16:
@@ -142,7 +139,6 @@ class BlockQuantizer(ValueCoder):
 class Q8(BlockQuantizer):
     name: ClassVar[str] = "q8"
     levels: ClassVar[int] = 127
-    bits: ClassVar[int] = 8
 
     def pack(self, codes: np.ndarray) -> bytes:
         return codes.tobytes()
@@ -161,7 +157,6 @@ class Q4(BlockQuantizer):
 
     name: ClassVar[str] = "q4"
     levels: ClassVar[int] = 7
-    bits: ClassVar[int] = 4
 
     def pack(self, codes: np.ndarray) -> bytes:
         nib = np.zeros(codes.size + (codes.size & 1), dtype=np.uint8)
@@ -188,7 +183,6 @@ class Ternary(ValueCoder):
     """
 
     name: ClassVar[str] = "ternary"
-    bits: ClassVar[int] = 1
 
     @classmethod
     def from_arg(cls, arg: str | None) -> Ternary:

@@ -11,7 +11,7 @@ def compress(
     checkpoint_a: Path = typer.Argument(..., help="The earlier checkpoint (e.g. the round's global model)"),
     checkpoint_b: Path = typer.Argument(..., help="The later checkpoint (e.g. a site's locally trained model)"),
     codec: str = typer.Option("topk:0.01,ef|q8|zstd", help="Codec spec, e.g. fp16, q8, topk:0.01,ef|q8|zstd:3"),
-    keep_dense_bn: bool = typer.Option(True, "--keep-dense-bn/--sparsify-bn", help="Send BatchNorm running stats dense (int8 beside q8/q4/ternary, else fp16/fp32), never sparsified"),
+    keep_dense_bn: bool = typer.Option(True, "--keep-dense-bn/--sparsify-bn", help="Send BatchNorm running stats as dense fp16"),
     seed: int = typer.Option(0, help="Seed for random-k and stochastic rounding"),
     report: Path = typer.Option(None, help="Also write the numbers as JSON to this file"),
 ) -> None:
