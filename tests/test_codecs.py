@@ -122,6 +122,14 @@ def test_keep_dense_travels_dense_fp16() -> None:
     assert isinstance(out["fc.weight"], SparseTensor)
 
 
+def test_keep_dense_keeps_small_statistics_beside_large_ones() -> None:
+    """A running_var holds values of very different sizes: one block scale (int8) would round the
+    small ones to zero or below, and a negative variance turns BatchNorm's output into NaN."""
+    var = np.array([5.0, 1e-3, 2e-4, 3e-5], dtype=np.float32)
+    out = _roundtrip("topk:0.01,ef|ternary|zstd", {"bn.running_var": var}, keep_dense=["bn.running_var"])
+    np.testing.assert_allclose(out["bn.running_var"], var, rtol=1e-3)
+
+
 def test_keep_dense_stays_exact_under_lossless_values() -> None:
     delta = _delta()
     out = _roundtrip("topk:0.01|fp32", delta, keep_dense=["bn.running_mean"])
