@@ -58,3 +58,12 @@ def test_dirichlet_split_is_seeded_disjoint_and_skewed():
     assert max(shares) - min(shares) > 0.2  # label skew across sites
     with pytest.raises(ValueError, match="fewer sites"):
         dirichlet_split(labels[:20], 4, min_size=10)
+
+
+def test_metrics_name_a_broken_model_instead_of_failing_inside_sklearn():
+    from fedge.tasks.metrics import classification_metrics
+
+    logits = np.array([[0.1, 0.9], [np.nan, 0.0], [0.8, 0.2]])
+    with pytest.raises(ValueError, match="NaN or Inf for 1 of 3 images.*last checkpoint"):
+        classification_metrics(logits, np.array([1, 0, 0]))
+    assert classification_metrics(np.nan_to_num(logits), np.array([1, 0, 0]))["auc"] == 1.0

@@ -15,6 +15,13 @@ def softmax(logits: np.ndarray) -> np.ndarray:
 def classification_metrics(logits: np.ndarray, labels: np.ndarray) -> dict[str, float]:
     logits = np.asarray(logits, dtype=np.float64)
     labels = np.asarray(labels).reshape(-1)
+    bad = int((~np.isfinite(logits)).any(axis=1).sum()) if logits.ndim == 2 else 0
+    if bad:
+        raise ValueError(
+            f"the model outputs NaN or Inf for {bad} of {len(logits)} images: training diverged or an update broke "
+            "the model (e.g. a negative BatchNorm variance). Lower --lr or use a less lossy codec, and restart from "
+            "the last checkpoint (the server keeps the round before this one)"
+        )
     probs = softmax(logits)
     accuracy = float((probs.argmax(axis=1) == labels).mean()) if len(labels) else float("nan")
     present = np.unique(labels)
