@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 FEDGE_DATA_DIR ?= $(firstword $(abspath $(wildcard ../shared/data)) $(HOME)/.cache/fedge)
 export FEDGE_DATA_DIR
 
-.PHONY: install demo test bench clean
+.PHONY: install system-deps demo test clean
 
 $(BIN)/.installed: pyproject.toml constraints-cpu.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -19,7 +19,11 @@ install: $(BIN)/.installed
 demo: $(BIN)/.installed
 	$(BIN)/fedge demo --dataset pneumoniamnist --data-dir "$(FEDGE_DATA_DIR)" --clients 4 --rounds 10 --report runs/demo/report.json
 
-test: $(BIN)/.installed
+# Mosquitto, mosquitto_pub and dcmtk for the integration tests (apt-get, only when missing).
+system-deps:
+	./scripts/system-deps.sh
+
+test: $(BIN)/.installed system-deps
 	$(BIN)/python -m pytest -q -p no:cacheprovider
 
 clean:
