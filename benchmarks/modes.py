@@ -47,9 +47,11 @@ import time
 from pathlib import Path
 from typing import Any
 
+import typer
+
+from fedge.cli.options import parse_mode_options
+
 REPO = Path(__file__).resolve().parents[1]
-# Before benchmarks/ (the script's own folder, which holds a compression.py) so `compression` is the package.
-sys.path.insert(0, str(REPO))
 
 MODES = ("full", "lora", "pruned", "qat")
 # LoRA adapters start at zero (B = 0) and need a larger step than dense fine-tuning (standard practice).
@@ -57,14 +59,19 @@ DEFAULT_LR = {"full": 5e-4, "lora": 3e-3, "pruned": 5e-4, "qat": 5e-4}
 MIN_BACKBONE_PARAMS = 5_000_000
 
 
-from fedge.cli.options import parse_mode_options  # noqa: E402 - after the sys.path line above
-
-
 def default_data_dir() -> str | None:
     if os.environ.get("FEDGE_DATA_DIR"):
         return os.environ["FEDGE_DATA_DIR"]
     shared = REPO.parent / "shared" / "data"
     return str(shared) if shared.is_dir() else None
+
+
+def parse_lora_options(text: str) -> dict[str, Any]:
+    """--mode-options syntax; a bad pair is argparse's usage error, not a traceback."""
+    try:
+        return parse_mode_options(text)
+    except typer.BadParameter as exc:
+        raise argparse.ArgumentTypeError(exc.message) from None
 
 
 def parse_lr(text: str) -> dict[str, float]:
@@ -307,7 +314,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--lora-r", type=int, default=4)
     parser.add_argument("--lora-targets", type=lambda t: [x.strip() for x in t.split(",") if x.strip()], default=["qkv"], help="Comma-separated layer names that get adapters (peft target_modules); 'all' for every Linear/Conv2d but the head")
     parser.add_argument("--lora-alpha", type=float, default=8.0)
-    parser.add_argument("--lora-options", type=parse_mode_options, default={}, help="More lora options as for --mode-options, e.g. train_norms=true,freeze_a=true")
+    parser.add_argument("--lora-options", type=parse_lora_options, default={}, help="More lora options as for --mode-options, e.g. train_norms=true,freeze_a=true")
     parser.add_argument("--prune-ratio", type=float, default=0.5, help="Share of channels the server prunes in `pruned` mode")
     parser.add_argument("--threads", type=int, default=1, help="Torch threads of the footprint step (agents train with 1)")
     parser.add_argument("--step-repeats", type=int, default=3, help="Timed steps per footprint (after one warm-up step)")

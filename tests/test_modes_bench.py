@@ -45,6 +45,8 @@ def test_mode_options_reach_get_mode(bench):
     more = bench.build_parser().parse_args(["--report", "x.json", "--lora-targets", "all", "--lora-options", "train_norms=true,freeze_a=true"])
     lora = get_mode("lora", **bench.mode_options("lora", more))
     assert (lora.targets, lora.train_norms, lora.freeze_a) == (None, True, True)
+    with pytest.raises(SystemExit):  # argparse's usage error, not a typer exception's traceback
+        bench.build_parser().parse_args(["--report", "x.json", "--lora-options", "train_norms"])
 
 
 def _run(auc: float, uplinks: list[int]) -> dict:

@@ -19,8 +19,8 @@ fp32 under fp32), as the agent sends them; they are counted in every byte figure
 the server's default full fp32 snapshot unless `--downlink-codec` is given (then every run, the fp32
 baseline included, uses that delta downlink); its bytes are reported beside the uplink's.
 
-    python benchmarks/compression.py --report reports/compression.json
-    python benchmarks/compression.py --report /tmp/c.json --seeds 0 --rounds 2 --specs q8
+    python benchmarks/codec_bench.py --report reports/compression.json
+    python benchmarks/codec_bench.py --report /tmp/c.json --seeds 0 --rounds 2 --specs q8
 """
 
 from __future__ import annotations
@@ -31,25 +31,19 @@ import logging
 import os
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 import zlib
 from pathlib import Path
 from typing import Any
 
-# Run as a script, this file's folder is sys.path[0] and this file would shadow the `compression`
-# package it measures; drop the folder (agent processes spawned from here inherit the fixed path).
-_HERE = Path(__file__).resolve().parent
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
+import numpy as np
+from rich.console import Console
+from rich.table import Table
 
-import numpy as np  # noqa: E402
-from rich.console import Console  # noqa: E402
-from rich.table import Table  # noqa: E402
+from compression import ErrorFeedback, SparseTensor, UpdateCodec
 
-from compression import ErrorFeedback, SparseTensor, UpdateCodec  # noqa: E402
-
-REPO = _HERE.parent
+REPO = Path(__file__).resolve().parents[1]
 BASELINE = "fp32"
 DEFAULT_SPECS = [
     "fp16",
