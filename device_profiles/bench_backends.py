@@ -126,22 +126,14 @@ def _no_cuda_reason() -> str | None:
 
 
 def _ort_session(path: Path, provider: str, threads: int) -> RunFn:
-    from exporters.base import INPUT_NAME
+    """The exporters' session (it skips the optimizers the int8 artifact asks to skip), on `provider` only."""
+    from exporters.parity import ort_runner
 
-    ort = _ort()
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    providers = [provider] if provider == "CPUExecutionProvider" else [provider, "CPUExecutionProvider"]
-    session = ort.InferenceSession(str(path), sess_options=options, providers=providers)
-    if session.get_providers()[0] != provider:
-        raise BackendUnavailable(f"onnxruntime fell back to {session.get_providers()[0]}: {provider} could not start on this host")
-
-    def run(x: np.ndarray) -> object:
-        return session.run(None, {INPUT_NAME: x})[0]
-
-    return run
+    fallback = [] if provider == "CPUExecutionProvider" else ["CPUExecutionProvider"]
+    runner = ort_runner(path, threads, providers=[provider, *fallback])
+    if (runner.device == "cuda") != (provider == "CUDAExecutionProvider"):
+        raise BackendUnavailable(f"onnxruntime fell back to {runner.name}: {provider} could not start on this host")
+    return runner.run
 
 
 def _torch_run(model: nn.Module, device: str) -> RunFn:
@@ -162,26 +154,28 @@ class TorchEager(InferenceBackend):
         return _torch_run(ctx.model, "cpu")
 
 
+class _OrtCpu(InferenceBackend):
+    """onnxruntime on the CPU, on the `artifact` (format, precision) that the bench exported."""
+
+    artifact: tuple[str, str]
+
+    def unavailable(self, ctx: BenchContext) -> str | None:
+        return None if _ort() else "onnxruntime is not installed (pip install 'fedge[cpu]')"
+
+    def load(self, ctx: BenchContext) -> RunFn:
+        return _ort_session(ctx.artifact(*self.artifact).path, "CPUExecutionProvider", ctx.threads)
+
+
 @register_backend
-class OrtFp32(InferenceBackend):
+class OrtFp32(_OrtCpu):
     name = "onnxruntime-fp32"
-
-    def unavailable(self, ctx: BenchContext) -> str | None:
-        return None if _ort() else "onnxruntime is not installed (pip install 'fedge[cpu]')"
-
-    def load(self, ctx: BenchContext) -> RunFn:
-        return _ort_session(ctx.artifact("onnx", "fp32").path, "CPUExecutionProvider", ctx.threads)
+    artifact = ("onnx", "fp32")
 
 
 @register_backend
-class OrtInt8(InferenceBackend):
+class OrtInt8(_OrtCpu):
     name = "onnxruntime-int8"
-
-    def unavailable(self, ctx: BenchContext) -> str | None:
-        return None if _ort() else "onnxruntime is not installed (pip install 'fedge[cpu]')"
-
-    def load(self, ctx: BenchContext) -> RunFn:
-        return _ort_session(ctx.artifact("onnx-int8", "int8").path, "CPUExecutionProvider", ctx.threads)
+    artifact = ("onnx-int8", "int8")
 
 
 @register_backend

@@ -4,6 +4,7 @@ max |logit difference|, the task metric on both, batch-1 latency of both, at equ
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -30,16 +31,17 @@ def disabled_optimizers(path: Path) -> list[str]:
     return [name for name in props.get(ORT_DISABLED_OPTIMIZERS_KEY, "").split(",") if name]
 
 
-def ort_runner(path: Path, threads: int) -> Runner:
-    """A fresh onnxruntime session on `path` (CUDA provider when present, else CPU), honouring the
-    optimizers the artifact's metadata says to skip."""
+def ort_runner(path: Path, threads: int, providers: Sequence[str] | None = None) -> Runner:
+    """A fresh onnxruntime session on `path` (`providers` in order; default CUDA when present, else
+    CPU), honouring the optimizers the artifact's metadata says to skip."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in ort.get_available_providers()]
+    if providers is None:
+        providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in ort.get_available_providers()]
     try:
         session = ort.InferenceSession(str(path), sess_options=options, providers=providers, disabled_optimizers=disabled_optimizers(path))
     except Exception as exc:  # onnxruntime raises its own pybind exception types
