@@ -126,10 +126,7 @@ def site_model(mode_name: str, options: dict[str, Any], checkpoint: Path, task: 
         dataset=splits.name,
     )
     mode = get_mode(mode_name, **options)
-    stats = None
-    if mode_name == "pruned":
-        result = mode.prune(model, config)  # type: ignore[attr-defined]
-        model, config, stats = result.model, result.config, result.stats
+    model, config, stats = mode.global_model(model, config)
     return mode, mode.prepare(model, config), stats
 
 

@@ -74,24 +74,19 @@ def available_modes() -> tuple[list[str], str | None]:
     return sorted(MODES, key=lambda m: (m != "full", m)), None
 
 
-def site_model(mode_name: str, source: ModelSource) -> tuple[Any, nn.Module, nn.Module, ModelConfig]:
-    """(mode, the model a site trains in that mode, the plain global model the server sends, its config).
+def site_model(mode_name: str, source: ModelSource) -> tuple[Any, nn.Module, dict[str, np.ndarray], ModelConfig]:
+    """(mode, the model a site trains in that mode, the plain global model's float state, its config).
 
-    `pruned` first runs the server's pruning step, so the site trains (and receives) the smaller
-    architecture every agent would rebuild from the pruned config.
+    `pruned` first runs the server's pruning step (unless the checkpoint is pruned already), so the
+    site trains (and receives) the smaller architecture every agent would rebuild from the config.
     """
+    from fedge import weights as W
     from fedge.modes import get_mode
 
     mode = get_mode(mode_name)
-    model = source.build()
-    config = source.config
-    if mode_name == "pruned":
-        result = mode.prune(model, config)
-        model, config = result.model, result.config
-    global_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    plain = build_model(config)
-    plain.load_state_dict(global_state)
-    return mode, mode.prepare(model, config), plain.eval(), config
+    model, config, _ = mode.global_model(source.build(), source.config)
+    global_state = W.float_state(model)  # a copy: prepare() wraps the model in place
+    return mode, mode.prepare(model, config), global_state, config
 
 
 def measure_train_step(job: TrainJob) -> dict[str, Any]:
@@ -102,7 +97,7 @@ def measure_train_step(job: TrainJob) -> dict[str, Any]:
     from fedge.modes import measure_step
 
     torch.set_num_threads(job.threads)
-    mode, model, _plain, _config = site_model(job.mode, job.source)
+    mode, model, _global, _config = site_model(job.mode, job.source)
     trainer = LocalTrainer(model, lr=BENCH_LR, device=job.device)
     x, y = trainer.batch(job.images, job.labels)
     baseline_mb = psutil.Process().memory_info().rss / 2**20
@@ -171,9 +166,7 @@ def local_delta(mode_name: str, source: ModelSource, images: np.ndarray, labels:
     """Train one local epoch over `images` in `mode_name`: the trainable-state delta (float32 numpy,
     the tensors the mode sends), and the plain global model's float state and config (what a full
     downlink carries)."""
-    from fedge import weights as W
-
-    mode, model, plain, config = site_model(mode_name, source)
+    mode, model, global_state, config = site_model(mode_name, source)
     before = {k: v.detach().cpu().numpy().astype(np.float32, copy=True) for k, v in mode.trainable_state(model).items()}
     trainer = LocalTrainer(model, lr=BENCH_LR, device=device)
     steps = 0
@@ -185,7 +178,7 @@ def local_delta(mode_name: str, source: ModelSource, images: np.ndarray, labels:
     after = {k: v.detach().cpu().numpy().astype(np.float32) for k, v in mode.trainable_state(model).items()}
     return {
         "delta": {k: np.asarray(after[k] - before[k], dtype=np.float32) for k in before},  # 0-d stays an array
-        "global": W.float_state(plain),
+        "global": global_state,
         "config": json.loads(config.to_json()),
         "steps": steps,
         "samples": len(labels),

@@ -66,6 +66,10 @@ class TrainingMode:
 
     name: ClassVar[str]
 
+    def global_model(self, model: nn.Module, config: ModelConfig) -> tuple[nn.Module, ModelConfig, pruning.PruneStats | None]:
+        """The server's plain global model in this mode, before `prepare`; (model, config, what pruning did)."""
+        return model, config, None
+
     def prepare(self, model: nn.Module, config: ModelConfig) -> nn.Module:
         return model
 
@@ -175,6 +179,13 @@ class PrunedMode(TrainingMode):
                 "and build every agent's model from the config it returns"
             )
         return model
+
+    def global_model(self, model: nn.Module, config: ModelConfig) -> tuple[nn.Module, ModelConfig, pruning.PruneStats | None]:
+        """Pruned once: a config that already carries `options["pruned"]` is the pruned model."""
+        if "pruned" in config.options:
+            return model, config, None
+        result = self.prune(model, config)
+        return result.model, result.config, result.stats
 
     def prune(self, model: nn.Module, config: ModelConfig) -> PruneResult:
         """Prune `model` (built from `config`, pruned or not) in place by `ratio` of its channels."""

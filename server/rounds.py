@@ -17,7 +17,7 @@ from compression import CodecError, ErrorFeedback, UpdateCodec
 from fedge import weights as W
 from fedge.files import atomic_write_bytes
 from fedge.models import ModelConfig, build_model
-from fedge.modes import PrunedMode, get_mode, init_from_checkpoint
+from fedge.modes import get_mode, init_from_checkpoint
 from fedge.protocol import (
     Chunk,
     EnvelopeHeader,
@@ -93,10 +93,9 @@ class RoundServer:
             )
         else:
             model = build_model(config)
-        if isinstance(self.mode, PrunedMode) and "pruned" not in config.options:
-            result = self.mode.prune(model, config)
-            log.warning("pruned the global model: %s", result.stats)
-            model, config = result.model, result.config
+        model, config, pruned = self.mode.global_model(model, config)
+        if pruned is not None:
+            log.warning("pruned the global model: %s", pruned)
         return config, self.mode.prepare(model, config)
 
     def _initial_state(self) -> RoundState:

@@ -70,3 +70,16 @@ def test_a_shape_record_from_another_model_is_refused() -> None:
 
     with pytest.raises(ValueError, match="does not fit"):
         build_model(bad)
+
+
+def test_global_model_prunes_a_fresh_model_once_and_leaves_a_pruned_one_alone() -> None:
+    config = CONFIGS[2]
+    mode = get_mode("pruned", ratio=0.5)
+    model, pruned_config, stats = mode.global_model(build_model(config), config)
+    assert stats is not None and stats.params_after < stats.params_before and "pruned" in pruned_config.options
+
+    # a checkpoint of a pruned federation (what `fedge bench` or a resumed server starts from)
+    again, same_config, no_stats = mode.global_model(build_model(pruned_config), pruned_config)
+    assert no_stats is None and same_config == pruned_config
+    assert _shapes(again) == _shapes(model)
+    assert get_mode("full").global_model(model, pruned_config)[1:] == (pruned_config, None)
