@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import statistics
 import subprocess
 import tempfile
@@ -42,6 +41,7 @@ from rich.console import Console
 from rich.table import Table
 
 from compression import ErrorFeedback, SparseTensor, UpdateCodec
+from fedge.data.medmnist import default_data_dir
 
 REPO = Path(__file__).resolve().parents[1]
 BASELINE = "fp32"
@@ -59,13 +59,6 @@ DEFAULT_SPECS = [
 ]
 ACCEPT_RATIO = 100.0
 ACCEPT_AUC = 0.01
-
-
-def default_data_dir() -> str | None:
-    if os.environ.get("FEDGE_DATA_DIR"):
-        return os.environ["FEDGE_DATA_DIR"]
-    shared = REPO.parent / "shared" / "data"
-    return str(shared) if shared.is_dir() else None
 
 
 def git_revision() -> str:

@@ -24,6 +24,7 @@ from rich.table import Table
 from edge_client.ingest.pipeline import Ingestor, discover
 from edge_client.ingest.reader import ReadConfig
 from edge_client.ingest.store import DatasetStore
+from fedge.data.medmnist import default_data_dir
 
 SERIES = ("ct", "ge_head_human_28slice")
 
@@ -40,7 +41,7 @@ def run_once(files: list[Path], size: int, root: Path) -> tuple[float, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data-dir", type=Path, default=Path(os.environ.get("FEDGE_DATA_DIR", Path(__file__).resolve().parents[2] / "shared" / "data")))
+    parser.add_argument("--data-dir", type=Path, default=default_data_dir(), help="data root holding ct/ (default FEDGE_DATA_DIR, else ../shared/data)")
     parser.add_argument("--sizes", type=int, nargs="+", default=[28, 64])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--report", type=Path, default=Path("reports/ingest.json"))

@@ -50,6 +50,7 @@ from typing import Any
 import typer
 
 from fedge.cli.options import parse_mode_options
+from fedge.data.medmnist import default_data_dir
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -57,13 +58,6 @@ MODES = ("full", "lora", "pruned", "qat")
 # LoRA adapters start at zero (B = 0) and need a larger step than dense fine-tuning (standard practice).
 DEFAULT_LR = {"full": 5e-4, "lora": 3e-3, "pruned": 5e-4, "qat": 5e-4}
 MIN_BACKBONE_PARAMS = 5_000_000
-
-
-def default_data_dir() -> str | None:
-    if os.environ.get("FEDGE_DATA_DIR"):
-        return os.environ["FEDGE_DATA_DIR"]
-    shared = REPO.parent / "shared" / "data"
-    return str(shared) if shared.is_dir() else None
 
 
 def parse_lora_options(text: str) -> dict[str, Any]:

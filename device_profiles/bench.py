@@ -27,6 +27,7 @@ import torch
 from device_profiles.bench_backends import BACKENDS, BackendUnavailable, BenchContext
 from device_profiles.bench_train import ModelSource, TrainJob, TrainJobError, available_modes, local_delta, run_train_job
 from device_profiles.schema import Profile
+from fedge.data.medmnist import SHARED_DATA
 from fedge.models import ModelConfig
 
 DEFAULT_MODEL = ModelConfig(arch="cnn", in_channels=1, num_classes=2, image_size=28)
@@ -35,7 +36,6 @@ DOWNLINK_CODEC = "fp32|zstd:1"  # what the server sends when no downlink codec i
 CALIB_SAMPLES = 512
 TEST_SAMPLES = 512
 LOCAL_EPOCH_SAMPLES = 256
-SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"  # ../shared/data beside a source checkout
 
 StepCallback = Callable[[str, int, int], None]
 

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-_REPO = Path(__file__).resolve().parents[1]
+from fedge.data.medmnist import SHARED_DATA
+
 
 
 def find_data_root(marker: str) -> Path | None:
@@ -20,7 +21,7 @@ def find_data_root(marker: str) -> Path | None:
 
     Absolute, so that symlinks the tests make to data files resolve wherever they are made.
     """
-    for candidate in (os.environ.get("FEDGE_DATA_DIR"), _REPO.parent / "shared" / "data"):
+    for candidate in (os.environ.get("FEDGE_DATA_DIR"), SHARED_DATA):
         if candidate and (Path(candidate) / marker).exists():
             return Path(candidate).absolute()
     return None

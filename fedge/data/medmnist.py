@@ -64,6 +64,17 @@ class ImageSplits:
         return cls(images=images, labels=labels, name=name)
 
 
+# ../shared/data beside a source checkout: the development layout; an installed fedge uses FEDGE_DATA_DIR.
+SHARED_DATA = Path(__file__).resolve().parents[3] / "shared" / "data"
+
+
+def default_data_dir() -> str | None:
+    """FEDGE_DATA_DIR, else ../shared/data beside a source checkout, else None (the loader downloads)."""
+    if os.environ.get("FEDGE_DATA_DIR"):
+        return os.environ["FEDGE_DATA_DIR"]
+    return str(SHARED_DATA) if SHARED_DATA.is_dir() else None
+
+
 def resolve_data_dir(data_dir: str | os.PathLike | None) -> Path | None:
     value = data_dir or os.environ.get("FEDGE_DATA_DIR")
     return Path(value).expanduser() if value else None
