@@ -100,6 +100,7 @@ def real_update(args: argparse.Namespace, checkpoint: Path, seed: int) -> tuple[
     from fedge import weights as W
     from fedge.checkpoint import load_checkpoint
     from fedge.data import dirichlet_split, load_medmnist
+    from edge_client.agent import train_seed
     from fedge.tasks import ClassificationTask
 
     ckpt = load_checkpoint(checkpoint)
@@ -107,9 +108,9 @@ def real_update(args: argparse.Namespace, checkpoint: Path, seed: int) -> tuple[
     before = W.float_state(model)
     task = ClassificationTask(load_medmnist(args.dataset, args.data_dir))
     indices = dirichlet_split(task.splits.labels["train"], args.clients, args.alpha, seed)[0]
-    train_seed = zlib.crc32(f"{seed}/site-1/{int(ckpt.meta.get('round', 0)) + 1}".encode())
-    torch.manual_seed(train_seed)
-    task.train_local(model, indices, epochs=args.epochs, lr=args.lr, batch_size=32, seed=train_seed)
+    seed_1 = train_seed(seed, "site-1", int(ckpt.meta.get("round", 0)) + 1)
+    torch.manual_seed(seed_1)
+    task.train_local(model, indices, epochs=args.epochs, lr=args.lr, batch_size=32, seed=seed_1)
     delta = W.subtract(W.float_state(model), before)
     return delta, W.norm_stat_names(delta)
 

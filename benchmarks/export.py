@@ -38,12 +38,9 @@ from fedge.tasks import ClassificationTask
 
 MAX_AUC_DROP = 0.01
 MIN_SPEEDUP = 3.0
-# Benchmark model name -> (zoo architecture, options).
+# Benchmark model name -> (zoo architecture, options); any other name is a zoo architecture at its defaults.
 BENCH_MODELS: dict[str, tuple[str, dict[str, Any]]] = {
-    "resnet": ("resnet", {}),
     "resnet-wide": ("resnet", {"widths": [32, 64, 128], "blocks": [2, 2, 2]}),
-    "vit": ("vit", {}),
-    "cnn": ("cnn", {}),
 }
 _CHUNK = 1024  # training images per timed step, so the time budget is kept to a few seconds
 
@@ -87,7 +84,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     models: list[tuple[str, Path, dict[str, Any]]] = []
     if args.checkpoint:
         ckpt = load_checkpoint(args.checkpoint)
-        params = sum(v.numel() for v in ckpt.state.values() if v.is_floating_point())
+        params = sum(p.numel() for p in ckpt.build().parameters())  # as train_quick counts (no BatchNorm statistics)
         models.append((ckpt.config.arch, Path(args.checkpoint), {"checkpoint": str(args.checkpoint), "params": params}))
     else:
         for arch in args.archs.split(","):

@@ -130,7 +130,7 @@ def footprint(mode_name: str, args: argparse.Namespace, checkpoint: Path, queue:
 
     from fedge.data import dirichlet_split, load_medmnist
     from fedge.modes import measure_step
-    from fedge.tasks import ClassificationTask, preprocess
+    from fedge.tasks import ClassificationTask, LocalTrainer
 
     torch.set_num_threads(args.threads)
     # compression.lora imports peft (and transformers, ~100 MB of code) only when LoRA is used: load it
@@ -141,19 +141,11 @@ def footprint(mode_name: str, args: argparse.Namespace, checkpoint: Path, queue:
     task = ClassificationTask(load_medmnist(args.dataset, args.data_dir))
     mode, model, stats = site_model(mode_name, mode_options(mode_name, args), checkpoint, task, args.seed)
     shard = dirichlet_split(task.splits.labels["train"], args.clients, args.alpha, args.seed)[0]
-    x = preprocess(task.splits.images["train"][shard[: args.batch_size]])
-    y = torch.from_numpy(task.splits.labels["train"][shard[: args.batch_size]])
-    # The same step as ClassificationTask.train_local: Adam over the trainable parameters only.
-    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=args.lr[mode_name])
-    model.train()
-
-    def step() -> None:
-        optimizer.zero_grad(set_to_none=True)
-        torch.nn.functional.cross_entropy(model(x), y).backward()
-        optimizer.step()
+    trainer = LocalTrainer(model, lr=args.lr[mode_name])  # the agent's step: Adam over the trainable parameters
+    x, y = trainer.batch(task.splits.images["train"][shard[: args.batch_size]], task.splits.labels["train"][shard[: args.batch_size]])
 
     before = psutil.Process().memory_info().rss
-    cost = measure_step(step, repeats=args.step_repeats)
+    cost = measure_step(lambda: trainer.step(x, y), repeats=args.step_repeats)
     total = sum(p.numel() for p in model.parameters())
     queue.put(
         {

@@ -36,6 +36,11 @@ from fedge.transport import Message, MqttSession
 log = logging.getLogger("fedge.agent")
 
 
+def train_seed(seed: int, site: str, rnd: int) -> int:
+    """The seed of a site's local training (and codec rounding) in round `rnd`: distinct per site and round."""
+    return zlib.crc32(f"{seed}/{site}/{rnd}".encode())
+
+
 @dataclass
 class _Global:
     """The model an agent holds: the global after round `round`."""
@@ -159,7 +164,7 @@ class Agent:
 
     def _train(self, ann: RoundAnnouncement) -> bytes:
         W.load_float_state(self.model, self.held.weights)
-        seed = zlib.crc32(f"{self.config.seed}/{self.config.site}/{ann.round}".encode())
+        seed = train_seed(self.config.seed, self.config.site, ann.round)
         torch.manual_seed(seed)
         train = ann.train
         result = self.task.train_local(
@@ -171,9 +176,8 @@ class Agent:
             seed=seed,
             device=default_device() if self.config.device == "auto" else self.config.device,
         )
-        trainable = self.mode.trainable_state(self.model)  # e.g. only LoRA adapters + head travel
-        local = W.float_state(self.model)
-        delta = {k: local[k] - self.held.weights[k] for k in local if k in trainable}
+        # Only what travels (e.g. LoRA adapters + head): no copy of the frozen rest of the model.
+        delta = {k: v.cpu().numpy() - self.held.weights[k] for k, v in self.mode.trainable_state(self.model).items()}
         codec = UpdateCodec.from_spec(ann.uplink_codec)
         payload = codec.encode(delta, residual=self.state.residual, keep_dense=W.norm_stat_names(delta), seed=seed)
         if codec.uses_error_feedback:

@@ -27,6 +27,9 @@ from exporters.base import (
 )
 from fedge.models import ModelConfig
 
+# torch.onnx warns once per torchvision op it cannot register; fedge has no torchvision.
+logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
+
 OPSET = 18
 
 
@@ -49,8 +52,6 @@ def export_onnx(model: nn.Module, config: ModelConfig, path: Path, precision: Pr
     net = _HalfPrecision(model).eval() if precision == "fp16" else model.eval()
     example = torch.zeros(2, config.in_channels, config.image_size, config.image_size)
     batch = torch.export.Dim("batch", min=1)
-    # torch.onnx warns once per torchvision op it cannot register; fedge has no torchvision.
-    logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
     try:
         # The exporter prints progress lines on stdout; a library call must not.
         with contextlib.redirect_stdout(io.StringIO()):

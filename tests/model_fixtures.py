@@ -6,9 +6,7 @@ import importlib.util
 from pathlib import Path
 from types import ModuleType
 
-import numpy as np
 import pytest
-import torch
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
@@ -24,6 +22,9 @@ def load_benchmark(name: str) -> ModuleType:
 @pytest.fixture(scope="session")
 def trained_cnn(medmnist_root):
     """A small CNN trained briefly on PneumoniaMNIST (AUC well above chance): (model, config, splits)."""
+    import numpy as np
+    import torch
+
     from fedge.data import load_medmnist
     from fedge.models import build_model
     from fedge.tasks import ClassificationTask

@@ -36,7 +36,7 @@ class LocalTrainer:
 
     def __init__(self, model: nn.Module, *, lr: float = 1e-3, weight_decay: float = 0.0, device: str = "cpu"):
         self.device = device
-        self.model = model.to(device)
+        self.model = model.to(device).train()  # for the trainer's lifetime, not once per step
         params = [p for p in model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
         self.loss_fn = nn.CrossEntropyLoss()
@@ -47,7 +47,6 @@ class LocalTrainer:
 
     def step(self, x: torch.Tensor, y: torch.Tensor) -> tuple[float, int]:
         """One optimizer step; returns (loss, correct predictions)."""
-        self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.autocast):
             logits = self.model(x)
