@@ -32,13 +32,14 @@ def add_adapters(
     model: nn.Module,
     r: int,
     alpha: float,
-    targets: Sequence[str],
+    targets: Sequence[str] | None,
     dropout: float = 0.0,
     trainable: Sequence[str] = ("head",),
     train_norms: bool = False,
     freeze_a: bool = False,
 ) -> "PeftModel":
-    """Freeze `model`, add rank-`r` adapters to `targets`, keep `trainable` layers fully trainable.
+    """Freeze `model`, add rank-`r` adapters to `targets` (None: every Linear/Conv2d outside `trainable`),
+    keep `trainable` layers fully trainable.
 
     `train_norms` also trains the affine parameters of every normalisation layer (a few thousand
     values that let a frozen backbone re-centre features for a new domain). `freeze_a` keeps the
@@ -51,6 +52,7 @@ def add_adapters(
     if missing:
         raise ValueError(f"layers {missing} to train fully are not in the model; name its classifier (e.g. 'head')")
     candidates = default_targets(model, exclude=trainable)
+    targets = candidates if targets is None else list(targets)
     unmatched = [t for t in targets if not any(n == t or n.endswith("." + t) for n in candidates)]
     if unmatched:
         shown = ", ".join(candidates[:12]) + (", ..." if len(candidates) > 12 else "")
@@ -59,7 +61,7 @@ def add_adapters(
         r=r,
         lora_alpha=alpha,
         lora_dropout=dropout,
-        target_modules=list(targets),
+        target_modules=targets,
         modules_to_save=list(trainable),
         bias="none",
     )

@@ -129,9 +129,8 @@ class LoraMode(TrainingMode):
             object.__setattr__(self, "targets", tuple(self.targets))
 
     def prepare(self, model: nn.Module, config: ModelConfig) -> nn.Module:
-        targets = list(self.targets) if self.targets is not None else lora.default_targets(model, exclude=(self.head,))
         return lora.add_adapters(
-            model, self.r, self.alpha, targets, self.dropout, trainable=(self.head,),
+            model, self.r, self.alpha, self.targets, self.dropout, trainable=(self.head,),
             train_norms=self.train_norms, freeze_a=self.freeze_a,
         )  # fmt: skip
 

@@ -6,6 +6,8 @@ from pathlib import Path
 
 import typer
 
+from fedge.cli.options import fail, resolve_profile
+
 app = typer.Typer(help="The site agent: trains on local images, sends only compressed deltas.", invoke_without_command=True)
 
 
@@ -71,11 +73,6 @@ def run(config: Path = typer.Option(..., help="Agent YAML written by `fedge agen
 # Exit codes: 0 written; 2 usage error (bad option, invalid config, file exists); 3 profile not found or invalid.
 
 
-def _agent_fail(message: str, code: int = 2) -> typer.Exit:
-    typer.echo(f"error: {message}", err=True)
-    return typer.Exit(code)
-
-
 @app.command("init")
 def init(
     broker: str = typer.Option(..., help="MQTT broker URL, e.g. mqtts://broker.hospital.local:8883"),
@@ -92,32 +89,21 @@ def init(
     """Write an agent config whose defaults (codec, chunk size, link rates) come from a device profile."""
     from pydantic import ValidationError
 
-    from device_profiles import ProfileError, load_profile
     from edge_client.config import AgentConfig
     from fedge.files import atomic_write_bytes
     from fedge.transport import BrokerURL
 
     out = out.absolute()
     if out.exists() and not force:
-        raise _agent_fail(f"{out} exists; pass --force to overwrite it")
-    detected = None
-    if profile == "detect":
-        from device_profiles.detect import detect
-
-        detected = detect()
-        profile = detected.profile
-        typer.echo(f"detected {detected.found}: profile {profile} ({detected.reason})", err=True)
-    try:
-        prof = load_profile(profile)
-    except ProfileError as exc:
-        raise _agent_fail(str(exc), ProfileError.exit_code) from None
+        raise fail(f"{out} exists; pass --force to overwrite it")
+    prof, detected = resolve_profile(profile)
     try:
         url = BrokerURL.parse(broker)
     except ValueError as exc:
-        raise _agent_fail(str(exc)) from None
+        raise fail(str(exc)) from None
     link = prof.link
     if emulate_link and link.uplink_mbps is None and link.downlink_mbps is None:
-        raise _agent_fail(f"profile {prof.name} has no uplink_mbps or downlink_mbps figure: --emulate-link has nothing to emulate")
+        raise fail(f"profile {prof.name} has no uplink_mbps or downlink_mbps figure: --emulate-link has nothing to emulate")
     data_dir = data_dir.expanduser().absolute()
     try:
         config = AgentConfig(
@@ -128,7 +114,7 @@ def init(
         )  # fmt: skip
     except ValidationError as exc:
         problems = "; ".join(f"--{'-'.join(map(str, e['loc'])).replace('_', '-')}: {e['msg']}" for e in exc.errors())
-        raise _agent_fail(f"invalid agent config: {problems}") from None
+        raise fail(f"invalid agent config: {problems}") from None
     origin = f"detected on this host: {detected.found}" if detected else "chosen with --profile"
     header = [
         f"# fedge agent config, written by `fedge agent init` from device profile {prof.name} ({origin}).",
@@ -163,17 +149,17 @@ def install_service(
 
     config = config.expanduser().absolute()
     if out.exists() and not force:
-        raise _agent_fail(f"{out} exists; pass --force to overwrite it")
+        raise fail(f"{out} exists; pass --force to overwrite it")
     try:
         cfg = AgentConfig.from_yaml(config)
     except ValueError as exc:
-        raise _agent_fail(f"{exc} (write one with `fedge agent init`)") from None
+        raise fail(f"{exc} (write one with `fedge agent init`)") from None
     state = cfg.state_dir if cfg.state_dir.is_absolute() else config.parent / cfg.state_dir
     try:
         executable = (fedge or fedge_executable()).expanduser()
         unit = render_unit(config, user=user, site=cfg.site, federation=cfg.federation, fedge=executable, state_dir=state)
     except ServiceError as exc:
-        raise _agent_fail(str(exc), exc.exit_code) from None
+        raise fail(str(exc), exc.exit_code) from None
     atomic_write_bytes(out, unit.encode())
     typer.echo(f"wrote {out}")
     for path in (cfg.data_dir, cfg.state_dir):

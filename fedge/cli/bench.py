@@ -13,14 +13,10 @@ from typing import TYPE_CHECKING, Any, Optional
 
 import typer
 
+from fedge.cli.options import fail, resolve_profile
+
 if TYPE_CHECKING:
     from rich.console import Console
-
-
-def _fail(console: Console, message: str, code: int) -> typer.Exit:
-    console.print("[red]error:[/red] ", end="")
-    console.print(message, markup=False, highlight=False, soft_wrap=True)
-    return typer.Exit(code)
 
 
 def bench(
@@ -45,22 +41,12 @@ def bench(
 
     errors = Console(stderr=True)
     if report.suffix in (".md", ".png"):
-        raise _fail(errors, f"--report {report} would be overwritten by its own Markdown/PNG; name the JSON file, e.g. bench.json", 2)
+        raise fail(f"--report {report} would be overwritten by its own Markdown/PNG; name the JSON file, e.g. bench.json", 2)
 
-    from device_profiles import ProfileError, load_profile
     from device_profiles.bench import BenchSettings, run_bench
     from device_profiles.bench_report import write_report
 
-    if profile == "detect":
-        from device_profiles.detect import detect
-
-        found = detect()
-        errors.print(f"detected {found.found}: profile {found.profile}", markup=False, highlight=False, soft_wrap=True)
-        profile = found.profile
-    try:
-        prof = load_profile(profile)
-    except ProfileError as exc:
-        raise _fail(errors, str(exc), ProfileError.exit_code) from None
+    prof, _ = resolve_profile(profile)
     try:
         settings = BenchSettings(
             profile=prof, checkpoint=checkpoint, batch=batch, iters=iters, warmup=warmup, threads=threads,
@@ -68,7 +54,7 @@ def bench(
             repeats=repeats, data_dir=data_dir, synthetic=synthetic, seed=seed,
         )  # fmt: skip
     except ValueError as exc:
-        raise _fail(errors, f"{exc}; see fedge bench --help", 2) from None
+        raise fail(f"{exc}; see fedge bench --help", 2) from None
     # torch.onnx warns about optional torchvision ops on every export; none of them is used here.
     logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
 
@@ -82,7 +68,7 @@ def bench(
         try:
             result = run_bench(settings, on_step)
         except (ValueError, FileNotFoundError) as exc:
-            raise _fail(errors, str(exc), 2) from None
+            raise fail(str(exc), 2) from None
     paths = write_report(result, report)
     _print_summary(Console(), result)
     errors.print(f"report: {paths['json']}  table: {paths['markdown']}  chart: {paths['png']}", markup=False, highlight=False, soft_wrap=True)

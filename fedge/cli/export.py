@@ -15,6 +15,8 @@ from typing import TYPE_CHECKING, Any, Optional
 
 import typer
 
+from fedge.cli.options import fail
+
 if TYPE_CHECKING:
     import numpy as np
     from rich.console import Console
@@ -31,11 +33,6 @@ class PrecisionChoice(str, Enum):
     fp32 = "fp32"
     fp16 = "fp16"
     int8 = "int8"
-
-
-def _fail(console: Console, message: str, code: int) -> typer.Exit:
-    console.print(f"[red]error:[/red] {message}", highlight=False, soft_wrap=True)
-    return typer.Exit(code)
 
 
 def _calibration(path: Path) -> np.ndarray | Path:
@@ -96,7 +93,7 @@ def export(
     try:
         sizes = tuple(int(b) for b in batch_sizes.split(","))
     except ValueError:
-        raise _fail(console, f"--batch-sizes {batch_sizes!r} must be integers separated by commas, e.g. 1,8,32", 2) from None
+        raise fail(f"--batch-sizes {batch_sizes!r} must be integers separated by commas, e.g. 1,8,32", 2) from None
 
     from exporters import REPORT_NAME, ExportError, ExportSpec, export_model, get_exporter, load_calibration
     from fedge.checkpoint import load_checkpoint
@@ -110,12 +107,12 @@ def export(
         try:
             profile_name, from_profile = _profile_precision(profile, format)
         except ProfileError as exc:
-            raise _fail(console, str(exc), ProfileError.exit_code) from None
+            raise fail(str(exc), ProfileError.exit_code) from None
         chosen = chosen or from_profile
     exporter = get_exporter(format.value)
     chosen = chosen or exporter.default_precision
     if chosen not in exporter.precisions:
-        raise _fail(console, f"--format {format.value} exports {', '.join(exporter.precisions)}, not {chosen}; change --precision", 2)
+        raise fail(f"--format {format.value} exports {', '.join(exporter.precisions)}, not {chosen}; change --precision", 2)
     try:
         ckpt = load_checkpoint(checkpoint)
         model = ckpt.build()
@@ -136,12 +133,12 @@ def export(
                 on_step=lambda msg: status.update(f"fedge export {format.value}: {msg}"),
             )
     except ExportError as exc:
-        raise _fail(console, str(exc), exc.exit_code) from None
+        raise fail(str(exc), exc.exit_code) from None
     except (ValueError, FileNotFoundError) as exc:
-        raise _fail(console, str(exc), 2) from None
+        raise fail(str(exc), 2) from None
     _print_report(console, result.report, out / REPORT_NAME)
     if not result.passed:
-        raise _fail(console, f"parity check failed ({result.report['checks']}); the artifact is written but must not be deployed", 1)
+        raise fail(f"parity check failed ({result.report['checks']}); the artifact is written but must not be deployed", 1)
 
 
 def _print_report(console: Console, report: dict[str, Any], path: Path) -> None:

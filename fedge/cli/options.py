@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import typer
+
+if TYPE_CHECKING:
+    from device_profiles.detect import Detection
+    from device_profiles.schema import Profile
 
 MODE_OPTIONS_HELP = (
     "Mode options as KEY=VALUE pairs. lora: r, alpha, dropout, targets (layer names, e.g. "
@@ -48,3 +52,31 @@ def profile_link_rates(profile: str) -> dict[str, float | None]:
 
     link = load_profile(profile).link
     return {"uplink_mbps": link.uplink_mbps, "downlink_mbps": link.downlink_mbps}
+
+
+def fail(message: str, code: int = 2) -> typer.Exit:
+    """Print `error: message` on stderr (the message as is: paths and brackets are not markup); raise the result."""
+    from rich.console import Console
+
+    console = Console(stderr=True)
+    console.print("[red]error:[/red] ", end="")
+    console.print(message, markup=False, highlight=False, soft_wrap=True)
+    return typer.Exit(code)
+
+
+def resolve_profile(name: str) -> tuple[Profile, Detection | None]:
+    """A shipped profile name, a YAML path, or `detect` (what it found goes to stderr); a profile
+    that cannot be loaded fails with the loader's exit code."""
+    from device_profiles import ProfileError, load_profile
+
+    detected = None
+    if name == "detect":
+        from device_profiles.detect import detect
+
+        detected = detect()
+        name = detected.profile
+        typer.echo(f"detected {detected.found}: profile {name} ({detected.reason})", err=True)
+    try:
+        return load_profile(name), detected
+    except ProfileError as exc:
+        raise fail(str(exc), ProfileError.exit_code) from None
