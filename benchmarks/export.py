@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import time
 from pathlib import Path
 from typing import Any
@@ -29,6 +28,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from device_profiles.detect import cpu_name
 from exporters import export_artifact
 from fedge.checkpoint import load_checkpoint, save_checkpoint
 from fedge.files import atomic_write_bytes
@@ -43,16 +43,6 @@ BENCH_MODELS: dict[str, tuple[str, dict[str, Any]]] = {
     "resnet-wide": ("resnet", {"widths": [32, 64, 128], "blocks": [2, 2, 2]}),
 }
 _CHUNK = 1024  # training images per timed step, so the time budget is kept to a few seconds
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def train_quick(task: ClassificationTask, name: str, seconds: float, console: Console) -> tuple[torch.nn.Module, Any, dict[str, Any]]:
@@ -115,7 +105,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "dataset": args.dataset,
         "test_samples": int(len(test[1])),
         "threads": {"torch": args.threads, "onnxruntime_intra_op": args.threads},
-        "cpu": _cpu_name(),
+        "cpu": cpu_name(),
         "logical_cpus": os.cpu_count(),
         "versions": {"torch": torch.__version__, "onnxruntime": ort.__version__},
         "latency": "batch 1, p50/p95 over the exporter's iterations, torch eager (inference_mode) vs onnxruntime, same process, same input",

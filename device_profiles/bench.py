@@ -148,16 +148,9 @@ def host_info(threads: int, train_device: str) -> dict[str, Any]:
     import psutil
 
     from device_profiles.bench_backends import _ort
-    from device_profiles.detect import detect
+    from device_profiles.detect import cpu_name, detect
 
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    cpu = cpu_name()
     ort = _ort()
     trt_version = None
     from exporters.tensorrt import is_available as trt_available

@@ -6,6 +6,7 @@ File locations hang off an injectable `root` so tests feed real files from a tem
 
 from __future__ import annotations
 
+import platform
 import re
 import shutil
 import subprocess
@@ -36,6 +37,17 @@ class Detection:
     found: str
     source: str
     reason: str
+
+
+def cpu_name() -> str:
+    """The CPU model from /proc/cpuinfo (Linux), else what `platform` knows."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def detect(root: Path = Path("/"), *, use_torch: bool = True, nvidia_smi: str | None = "nvidia-smi") -> Detection:

@@ -261,7 +261,7 @@ class RoundServer:
                     return
                 # Re-announce: agents whose update was lost (broker restart, server crash) resend it.
                 log.warning("round %d deadline with %d updates (< %d); re-announcing", current.number, have, self.config.min_clients)
-                self._publish_round(current.number, current.selected)
+                self._publish_round(current.number, current.selected)  # all of it: a restarted broker may have lost the retained chunks
                 current.deadline = time.time() + self.config.round_timeout
             self._pump(0.2, current)
 
