@@ -333,12 +333,13 @@ def run_bench(settings: BenchSettings, on_step: StepCallback | None = None) -> d
         from fedge.checkpoint import load_checkpoint
 
         ckpt = load_checkpoint(settings.checkpoint)
-        source = ModelSource(ckpt.config, checkpoint=str(Path(settings.checkpoint).resolve()))
+        source = ModelSource(ckpt.config, checkpoint=str(Path(settings.checkpoint).resolve()))  # for the training subprocesses
         dataset = str(ckpt.meta.get("dataset") or DEFAULT_DATASET)
+        model = ckpt.build()  # the file is read once here; source.build() would read it again
     else:
         source, dataset = ModelSource(DEFAULT_MODEL, seed=settings.seed), DEFAULT_DATASET
+        model = source.build()
     config = source.config
-    model = source.build()
     data = load_data(config, dataset, settings)
     train_device = "cuda" if torch.cuda.is_available() else "cpu"
     batch_sizes = (1, settings.large_batch)
