@@ -16,7 +16,6 @@ import numpy as np
 import torch
 from torch import nn
 
-from fedge import weights as W
 from fedge.checkpoint import load_checkpoint, save_checkpoint
 from fedge.files import atomic_write_bytes
 from fedge.models import ModelConfig
@@ -33,13 +32,12 @@ class CheckpointStore:
     """Round checkpoints hold the training-time model (e.g. with LoRA adapters) for resume;
     `final.safetensors` holds the plain exported model that `fedge export` and `fedge bench` take."""
 
-    def __init__(self, folder: Path, config: ModelConfig, template: nn.Module, mode: str = "full", dataset: str | None = None):
+    def __init__(self, folder: Path, config: ModelConfig, template: nn.Module, mode: str, dataset: str | None):
         self.folder = Path(folder)
         self.config = config
-        self.mode = mode
         self.meta = {"mode": mode, **({"dataset": dataset} if dataset else {})}
         self.folder.mkdir(parents=True, exist_ok=True)
-        self._order = list(W.float_state(template))
+        self._order = [k for k, v in template.state_dict().items() if v.is_floating_point()]  # names only, no copy
         self._buffers = {k: v for k, v in template.state_dict().items() if not v.is_floating_point()}
 
     @property
@@ -68,10 +66,10 @@ class CheckpointStore:
             return None
         record = json.loads(self.state_file.read_text())
         ckpt = load_checkpoint(self.folder / record["model"])
-        if ckpt.config != self.config or ckpt.meta.get("mode", "full") != self.mode:
+        if ckpt.config != self.config or ckpt.meta.get("mode", "full") != self.meta["mode"]:
             raise ValueError(
                 f"checkpoint in {self.folder} was written for model {ckpt.config} in mode {ckpt.meta.get('mode')!r}, "
-                f"not {self.config} in mode {self.mode!r}; use another --checkpoint-dir or the same model settings"
+                f"not {self.config} in mode {self.meta['mode']!r}; use another --checkpoint-dir or the same model settings"
             )
         missing = [k for k in self._order if k not in ckpt.state]
         if missing:
