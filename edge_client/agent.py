@@ -139,9 +139,19 @@ class Agent:
             self.session.unsubscribe(self.topics.snapshot, self.topics.all_snapshot_chunks)
 
     # ---- training --------------------------------------------------------------------------------
-    def _train_and_send(self, ann: RoundAnnouncement) -> None:
+    def _refusal(self, ann: RoundAnnouncement) -> str | None:
+        """Why this site does not train round `ann` (the operator pinned another codec or mode), else None."""
         if self.config.codec and UpdateCodec.from_spec(self.config.codec).spec != ann.uplink_codec:
-            log.error("%s: round %d asks for codec %r but this site is configured for %r; skipping", self.config.site, ann.round, ann.uplink_codec, self.config.codec)
+            return f"it asks for codec {ann.uplink_codec!r} but this site is configured for {self.config.codec!r}"
+        mode = ann.train.get("mode", "full")
+        if self.config.mode and mode != self.config.mode:
+            return f"it asks for training mode {mode!r} but this site is configured for {self.config.mode!r}"
+        return None
+
+    def _train_and_send(self, ann: RoundAnnouncement) -> None:
+        refusal = self._refusal(ann)
+        if refusal:
+            log.error("%s: skipping round %d: %s", self.config.site, ann.round, refusal)
             self.answered = ann
             return
         cached = self.state.last_update(self.config.federation, ann.round, ann.model_sha256)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -23,6 +24,7 @@ class AgentConfig(BaseModel):
     alpha: float = Field(default=0.5, gt=0)
     state_dir: Path = Path("agent-state")
     codec: str | None = None  # if set, refuse rounds that announce another uplink codec
+    mode: Literal["full", "lora", "pruned", "qat"] | None = None  # if set, refuse rounds in another training mode
     seed: int = 0
     threads: int = Field(default=1, ge=1)
     device: str = Field(default="auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")  # auto: CUDA when present
