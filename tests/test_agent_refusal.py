@@ -11,7 +11,7 @@ from fedge.cli.main import app
 from fedge.protocol import RoundAnnouncement, TransferInfo
 
 
-def _announcement(mode: str, codec: str = "q4,ef|zstd:3") -> RoundAnnouncement:
+def _announcement(mode: str, codec: str = "q4,ef|zstd") -> RoundAnnouncement:  # servers announce the canonical spec
     transfer = TransferInfo(transfer="0" * 32, chunks=1, bytes=1, sha256="0" * 64)
     return RoundAnnouncement(
         round=1, deadline=0.0, model_sha256="0" * 64, downlink=transfer, downlink_kind="full",
