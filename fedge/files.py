@@ -28,11 +28,13 @@ def fsync_dir(path: str | os.PathLike) -> None:
         os.close(fd)
 
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+def atomic_write_bytes(path: str | os.PathLike, data: bytes, exclusive: bool = False) -> None:
     """Write-then-rename so a crash never leaves a half-written file under the final name.
 
     The data is synced before the rename and the folder after it, so once this returns the new
     content survives a power cut. The file is made with mode 0600 (tempfile's), whatever was there.
+    exclusive=True raises FileExistsError instead of replacing a file already there (two processes
+    creating the same store: one wins, the other is told), by hard-linking the temp file into place.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -42,10 +44,12 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
             fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
+        if exclusive:
+            os.link(tmp, path)
+        else:
+            os.replace(tmp, path)
+    finally:
         Path(tmp).unlink(missing_ok=True)
-        raise
     fsync_dir(path.parent)
 
 

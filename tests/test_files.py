@@ -22,30 +22,35 @@ linux_only = pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="read
 
 
 class FsyncLog:
-    """Wraps os.fsync and os.replace; `events` lists ('fsync', path) and ('replace', target) in order."""
+    """Wraps os.fsync, os.replace and os.link; `events` lists ('fsync', path) and ('place', target)
+    (a file renamed or linked into place) in the order they happened."""
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
         self.events: list[tuple[str, str]] = []
-        real_fsync, real_replace = os.fsync, os.replace
+        real_fsync, real_replace, real_link = os.fsync, os.replace, os.link
 
         def fsync(fd: int) -> None:
             self.events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
             real_fsync(fd)
 
-        def replace(src: str | os.PathLike[str], dst: str | os.PathLike[str], **kw: object) -> None:
-            real_replace(src, dst, **kw)  # type: ignore[arg-type]
-            self.events.append(("replace", os.path.realpath(dst)))
+        def placer(real):  # type: ignore[no-untyped-def]
+            def place(src: str | os.PathLike[str], dst: str | os.PathLike[str], **kw: object) -> None:
+                real(src, dst, **kw)
+                self.events.append(("place", os.path.realpath(dst)))
+
+            return place
 
         monkeypatch.setattr(os, "fsync", fsync)
-        monkeypatch.setattr(os, "replace", replace)
+        monkeypatch.setattr(os, "replace", placer(real_replace))
+        monkeypatch.setattr(os, "link", placer(real_link))
 
     def synced(self, path: Path) -> bool:
         return ("fsync", os.path.realpath(path)) in self.events
 
     def synced_after_replace(self, folder: Path, target: Path) -> bool:
-        """True when `folder` was fsynced after the rename onto `target`."""
-        renamed = self.events.index(("replace", os.path.realpath(target)))
-        return ("fsync", os.path.realpath(folder)) in self.events[renamed + 1 :]
+        """True when `folder` was fsynced after `target` was renamed (or linked) into place."""
+        placed = self.events.index(("place", os.path.realpath(target)))
+        return ("fsync", os.path.realpath(folder)) in self.events[placed + 1 :]
 
 
 def _debris(folder: Path) -> list[str]:
@@ -75,7 +80,7 @@ def test_atomic_write_syncs_data_then_renames_then_syncs_the_folder(tmp_path: Pa
     target = tmp_path / "state.json"
     atomic_write_bytes(target, b"x")
     kinds = [kind for kind, _ in log.events]
-    assert kinds == ["fsync", "replace", "fsync"], log.events
+    assert kinds == ["fsync", "place", "fsync"], log.events
     assert log.events[0][1].startswith(str(tmp_path / ".state.json."))  # the temp file's data
     assert log.synced_after_replace(tmp_path, target)
 
@@ -115,3 +120,11 @@ def test_strace_sees_the_folder_fsync_after_the_rename(tmp_path: Path) -> None:
     lines = [line for line in trace.read_text().splitlines() if str(tmp_path) in line]
     renamed = next(i for i, line in enumerate(lines) if "rename" in line and str(target) in line)
     assert any("fsync(" in line and f"<{tmp_path}>" in line for line in lines[renamed + 1 :]), lines
+
+
+def test_exclusive_write_refuses_an_existing_file(tmp_path: Path) -> None:
+    target = tmp_path / "salt"
+    atomic_write_bytes(target, b"first", exclusive=True)
+    with pytest.raises(FileExistsError):
+        atomic_write_bytes(target, b"second", exclusive=True)
+    assert target.read_bytes() == b"first" and _debris(tmp_path) == []

@@ -9,6 +9,7 @@ import numpy as np
 import pydicom
 import pytest
 from data_fixtures import data_path
+from test_files import FsyncLog, linux_only
 
 from edge_client.ingest.reader import Instance, ReadConfig, load_dataset, read_dataset
 from edge_client.ingest.store import SPLITS, DatasetStore, is_store, split_for
@@ -138,3 +139,17 @@ def test_split_is_deterministic_and_roughly_80_10_10() -> None:
     assert splits == [split_for(h) for h in hashes]
     share = {s: splits.count(s) / len(splits) for s in SPLITS}
     assert 0.77 < share["train"] < 0.83 and 0.07 < share["val"] < 0.13 and 0.07 < share["test"] < 0.13
+
+
+@linux_only
+def test_create_syncs_salt_index_and_meta_and_their_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without these fsyncs a power cut after `create` can leave a store.json whose salt is empty or
+    missing: every hash made since would be unreproducible and the store unusable."""
+    log = FsyncLog(monkeypatch)
+    root = tmp_path / "s"
+    DatasetStore.create(root, 28)
+    for name in ("salt", "index.csv", "store.json"):
+        assert log.synced_after_replace(root, root / name), (name, log.events)
+    assert log.synced(tmp_path)  # the store folder's own entry in its parent
+    assert sorted(p.name for p in root.iterdir()) == ["images.u8", "index.csv", "salt", "store.json"]  # no temp files
+    assert (root / "salt").stat().st_mode & 0o077 == 0 and len(bytes.fromhex((root / "salt").read_text())) == 32

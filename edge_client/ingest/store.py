@@ -30,6 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from edge_client.ingest.reader import Instance
+from fedge.files import atomic_write_bytes, fsync_dir
 
 SCHEMA_VERSION = 1
 KIND = "fedge-dicom-store"
@@ -96,16 +97,14 @@ class DatasetStore:
             hint = "open it with DatasetStore.open" if is_store(root) else "choose an empty or new folder"
             raise FileExistsError(f"{root} is not empty: {hint}")
         root.mkdir(parents=True, exist_ok=True)
-        salt_path = root / "salt"
-        fd = os.open(salt_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w") as fh:
-            fh.write(secrets.token_hex(32))
-        (root / "images.u8").touch()
-        (root / "index.csv").write_text(_INDEX_HEADER)
+        fsync_dir(root.parent)
+        # Each file synced and renamed into place (atomic_write_bytes makes them 0600): a power cut
+        # never leaves a store.json beside an empty salt, which would make every hash unreproducible.
+        atomic_write_bytes(root / "salt", secrets.token_hex(32).encode(), exclusive=True)  # a second creator fails
+        atomic_write_bytes(root / "images.u8", b"")
+        atomic_write_bytes(root / "index.csv", _INDEX_HEADER.encode())
         meta = {"schema_version": SCHEMA_VERSION, "kind": KIND, "image_size": image_size, "channels": channels}
-        tmp = root / "store.json.tmp"
-        tmp.write_text(json.dumps(meta, indent=2) + "\n")
-        os.replace(tmp, root / "store.json")  # store.json last: a half-made folder is never a store
+        atomic_write_bytes(root / "store.json", (json.dumps(meta, indent=2) + "\n").encode())  # last: a half-made folder is never a store
         return cls.open(root)
 
     @classmethod
