@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import time
@@ -19,6 +20,7 @@ from fedge.models import ModelConfig, build_model
 from fedge.modes import TrainingMode, get_mode
 from fedge.protocol import (
     Chunk,
+    ControlMessage,
     EnvelopeHeader,
     ProtocolError,
     Reassembler,
@@ -28,10 +30,14 @@ from fedge.protocol import (
     Topics,
     decode_envelope,
     encode_envelope,
+    open_record,
+    sign_record,
 )
-from fedge.protocol.signing import Signer, Verifier
+from fedge.protocol.messages import ServerRecord
+from fedge.protocol.signing import SignatureError, Signer, Verifier
+from fedge.refusals import Refusals
 from fedge.tasks import ClassificationTask, default_device
-from fedge.transport import Message, MqttSession
+from fedge.transport import Message, MqttSession, TlsFiles
 
 log = logging.getLogger("fedge.agent")
 
@@ -62,7 +68,10 @@ class Agent:
         self.server_verifier = (
             Verifier.from_pems({"server": config.server_key.read_bytes()}) if config.server_key else None
         )
-        self.reassembler = Reassembler()
+        self.reassembler = Reassembler(max_open=8)
+        self.refusals = Refusals(log)
+        self.run_id: str | None = None  # the server's run this agent takes part in
+        self.run_issued = 0.0  # newest issued_at seen from that run: an older run's records are replays
         self.held: _Global | None = None
         self.model: torch.nn.Module | None = None
         self.mode: TrainingMode | None = None
@@ -77,17 +86,22 @@ class Agent:
         self.session: MqttSession | None = None
 
     # ---- decoding the downlink -------------------------------------------------------------------
-    def _decode_global(self, data: bytes) -> tuple[EnvelopeHeader, dict[str, np.ndarray]]:
+    def _decode_global(self, data: bytes, sha256: str) -> tuple[EnvelopeHeader, dict[str, np.ndarray]]:
+        """`sha256` comes from the signed record that announced these bytes: checked before parsing."""
+        if hashlib.sha256(data).hexdigest() != sha256:
+            raise ProtocolError("downlink bytes do not match the SHA-256 of the signed announcement")
         env = decode_envelope(data, self.server_verifier)
         if env.header.kind != "global" or env.header.model is None:
             raise ProtocolError("downlink envelope is not a global model")
+        if env.header.federation != self.config.federation or env.header.run != self.run_id:
+            raise ProtocolError(f"global of federation {env.header.federation!r} run {env.header.run!r}, not this run {self.run_id!r}")
         manifest = W.specs_from_entries(env.header.manifest)
         decoded = UpdateCodec.from_spec(env.header.codec).decode(env.payload, manifest)
         return env.header, W.densify(decoded)
 
     def _install(self, header: EnvelopeHeader, weights: dict[str, np.ndarray], rnd: int, ann: RoundAnnouncement) -> None:
         config = ModelConfig.from_json(json.dumps(header.model))
-        mode = get_mode(ann.train.get("mode", "full"), **ann.train.get("mode_options", {}))
+        mode = get_mode(ann.train.mode, **ann.train.mode_options)
         if self.model is None or self.held is None or (self.held.config, self.mode) != (config, mode):
             self.model = mode.prepare(build_model(config), config)
             self.mode = mode
@@ -103,22 +117,22 @@ class Agent:
         data = self.round_envelopes.get(ann.round)
         if data is not None:
             try:
-                header, payload = self._decode_global(data)
+                header, payload = self._decode_global(data, ann.downlink.sha256)
                 if ann.downlink_kind == "full":
                     self._install(header, payload, ann.round - 1, ann)
                 elif self.held is not None and self.held.round == ann.base_round:
                     self._install(header, W.add(self.held.weights, payload), ann.round - 1, ann)
             except (ProtocolError, CodecError, ValueError) as exc:
-                log.warning("%s: unusable global for round %d: %s", self.config.site, ann.round, exc)
+                self.refusals("bad-global", f"unusable global for round {ann.round}: {exc}")
             self.round_envelopes.pop(ann.round, None)
             if self.held is not None and self.held.sha256 == ann.model_sha256:
                 return True
         if self.snapshot is not None and self.snapshot_envelope is not None and self.snapshot.model_sha256 == ann.model_sha256:
             try:
-                header, payload = self._decode_global(self.snapshot_envelope)
+                header, payload = self._decode_global(self.snapshot_envelope, self.snapshot.transfer.sha256)
                 self._install(header, payload, self.snapshot.round, ann)
             except (ProtocolError, CodecError, ValueError) as exc:
-                log.warning("%s: unusable snapshot: %s", self.config.site, exc)
+                self.refusals("bad-global", f"unusable snapshot: {exc}")
             self.snapshot_envelope = None
             if self.held is not None and self.held.sha256 == ann.model_sha256:
                 self._stop_snapshot()
@@ -143,9 +157,13 @@ class Agent:
         """Why this site does not train round `ann` (the operator pinned another codec or mode), else None."""
         if self.config.codec and UpdateCodec.from_spec(self.config.codec).spec != ann.uplink_codec:
             return f"it asks for codec {ann.uplink_codec!r} but this site is configured for {self.config.codec!r}"
-        mode = ann.train.get("mode", "full")
+        mode = ann.train.mode
         if self.config.mode and mode != self.config.mode:
             return f"it asks for training mode {mode!r} but this site is configured for {self.config.mode!r}"
+        try:
+            get_mode(mode, **ann.train.mode_options)
+        except (TypeError, ValueError) as exc:
+            return f"its {mode} mode options are invalid: {exc}"
         return None
 
     def _train_and_send(self, ann: RoundAnnouncement) -> None:
@@ -154,7 +172,7 @@ class Agent:
             log.error("%s: skipping round %d: %s", self.config.site, ann.round, refusal)
             self.answered = ann
             return
-        cached = self.state.last_update(self.config.federation, ann.round, ann.model_sha256)
+        cached = self.state.last_update(self.config.federation, ann.run, ann.round, ann.model_sha256)
         if cached is None:
             cached = self._train(ann)
         started = time.perf_counter()
@@ -162,11 +180,8 @@ class Agent:
             lambda i: self.topics.update_chunk(ann.round, self.config.site, i), cached, chunk_size=self.config.chunk_size
         )
         # Measured upload time (until the broker acknowledged every chunk), for link planning.
-        status = StatusMessage(
-            client=self.config.site, state="online", round=ann.round,
-            metrics={"upload_seconds": time.perf_counter() - started, "upload_bytes": float(len(cached))},
-        )
-        self.session.publish(self.topics.status(self.config.site), status.to_bytes(), retain=True)
+        status = self._status("online", round=ann.round, metrics={"upload_seconds": time.perf_counter() - started, "upload_bytes": float(len(cached))})
+        self.session.publish(self.topics.status(self.config.site), status, retain=True)
         self.answered = ann
         if ann.round not in self.rounds_done:
             self.rounds_done.append(ann.round)
@@ -180,9 +195,9 @@ class Agent:
         result = self.task.train_local(
             self.model,
             self.indices,
-            epochs=int(train.get("epochs", 1)),
-            lr=float(train.get("lr", 1e-3)),
-            batch_size=int(train.get("batch_size", 32)),
+            epochs=train.epochs,
+            lr=train.lr,
+            batch_size=train.batch_size,
             seed=seed,
             device=default_device() if self.config.device == "auto" else self.config.device,
         )
@@ -190,8 +205,6 @@ class Agent:
         delta = {k: v.cpu().numpy() - self.held.weights[k] for k, v in self.mode.trainable_state(self.model).items()}
         codec = UpdateCodec.from_spec(ann.uplink_codec)
         payload = codec.encode(delta, residual=self.state.residual, keep_dense=W.norm_stat_names(delta), seed=seed)
-        if codec.uses_error_feedback:
-            self.state.save_residual()
         header = EnvelopeHeader(
             kind="update",
             federation=self.config.federation,
@@ -201,43 +214,100 @@ class Agent:
             manifest_sha256=W.manifest_sha256(UpdateCodec.manifest(delta)),
             num_samples=result.num_samples,
             metrics={"train_loss": result.loss, "train_accuracy": result.accuracy, "train_seconds": result.seconds},
+            run=ann.run,
+            model_sha256=ann.model_sha256,
         )
         envelope = encode_envelope(header, payload, self.signer)
-        self.state.remember_update(self.config.federation, ann.round, ann.model_sha256, envelope)
+        # The update is cached before the residual that includes it is committed: a crash between
+        # the two resends this update (with the older residual), never trains the round twice.
+        self.state.remember_update(self.config.federation, ann.run, ann.round, ann.model_sha256, envelope)
+        if codec.uses_error_feedback:
+            self.state.save_residual()
         return envelope
 
     # ---- message handling ------------------------------------------------------------------------
+    def _status(self, state: str, **fields: object) -> bytes:
+        return sign_record(StatusMessage(federation=self.config.federation, sender=self.config.site, state=state, **fields), self.signer)
+
+    def _record(self, raw: bytes, cls: type, what: str):
+        """A server record, or None (refused: logged and counted)."""
+        try:
+            return open_record(raw, cls, self.server_verifier, federation=self.config.federation, sender="server")
+        except SignatureError as exc:
+            self.refusals("bad-signature", f"{what}: {exc}")
+        except ProtocolError as exc:
+            self.refusals("bad-record", f"{what}: {exc}")
+        return None
+
+    def _in_run(self, record: ServerRecord, what: str) -> bool:
+        """Records of the run this agent is in pass; a newer run replaces it (the server started a
+        new one); an older run's records are replays and are refused."""
+        if record.run == self.run_id:
+            self.run_issued = max(self.run_issued, record.issued_at)
+            return True
+        if self.run_id is None or record.issued_at > self.run_issued:
+            if self.run_id is not None:
+                log.warning("%s: the server started run %s (was %s)", self.config.site, record.run, self.run_id)
+            self.run_id, self.run_issued = record.run, record.issued_at
+            self.pending = self.answered = self.snapshot = None
+            self.snapshot_envelope = None
+            return True
+        self.refusals("wrong-run", f"{what} of run {record.run}, older than this agent's run {self.run_id}")
+        return False
+
     def _handle(self, msg: Message) -> None:
+        """Never raises: whatever a message does wrong is refused, logged and counted."""
+        try:
+            self._dispatch(msg)
+        except Exception as exc:  # a bug or an input nobody foresaw must not stop the agent
+            log.exception("%s: message on %s", self.config.site, msg.topic)
+            self.refusals("handler-error", f"{msg.topic}: {type(exc).__name__}: {exc}")
+
+    def _dispatch(self, msg: Message) -> None:
         try:
             info = self.topics.parse(msg.topic)
         except ValueError as exc:
-            log.debug("ignored: %s", exc)
+            self.refusals("bad-topic", str(exc))
             return
         if not msg.payload:
             return  # a cleared retained message
         try:
             if info.kind == "announce":
-                ann = RoundAnnouncement.from_bytes(msg.payload)
-                if self.pending is None or ann.round >= self.pending.round:
+                ann = self._record(msg.payload, RoundAnnouncement, f"announcement on {msg.topic}")
+                if ann is None or not self._in_run(ann, "announcement"):
+                    return
+                if ann.round != info.round:
+                    self.refusals("bad-record", f"announcement of round {ann.round} on the topic of round {info.round}")
+                elif self.pending is None or ann.round >= self.pending.round:
                     if not ann.selected or self.config.site in ann.selected:
                         self.pending = ann
             elif info.kind == "global":
-                data = self.reassembler.add(f"g{info.round}", Chunk.decode(msg.payload))
+                chunk = Chunk.decode(msg.payload)
+                ann = self.pending
+                if ann is not None and ann.round == info.round and chunk.transfer.hex() != ann.downlink.transfer:
+                    self.refusals("bad-chunk", f"global chunk of round {info.round} from a transfer the announcement does not name")
+                    return
+                data = self.reassembler.add(f"g{info.round}", chunk)
                 if data is not None:
                     self.round_envelopes = {r: d for r, d in self.round_envelopes.items() if r >= info.round - 2}
                     self.round_envelopes[info.round] = data
             elif info.kind == "snapshot":
-                self.snapshot = SnapshotAnnouncement.from_bytes(msg.payload)
+                snapshot = self._record(msg.payload, SnapshotAnnouncement, "snapshot announcement")
+                if snapshot is not None and self._in_run(snapshot, "snapshot announcement"):
+                    self.snapshot = snapshot
             elif info.kind == "snapshot_chunk":
                 data = self.reassembler.add("snapshot", Chunk.decode(msg.payload))
                 if data is not None:
                     self.snapshot_envelope = data
             elif info.kind == "control":
-                command = json.loads(msg.payload)
-                if command.get("command") == "finished":
+                control = self._record(msg.payload, ControlMessage, "control message")
+                if control is not None and self.run_id is not None and control.run != self.run_id:
+                    self.refusals("wrong-run", f"control message of run {control.run}, not this agent's run {self.run_id}")
+                elif control is not None and control.command == "finished":
+                    self.run_id = control.run
                     self.finished = True
-        except (ProtocolError, ValueError) as exc:
-            log.warning("%s: ignored malformed %s message: %s", self.config.site, info.kind, exc)
+        except ProtocolError as exc:
+            self.refusals("bad-chunk", f"{info.kind} message on {msg.topic}: {exc}")
 
     def _progress(self) -> None:
         ann = self.pending
@@ -254,13 +324,17 @@ class Agent:
             from fedge.linkemu import LinkEmulator
 
             link = LinkEmulator(self.config.uplink_mbps, self.config.downlink_mbps)
-        offline = (self.topics.status(self.config.site), StatusMessage(client=self.config.site, state="offline").to_bytes())
-        self.session = MqttSession(
-            self.config.broker, f"fedge-{self.config.federation}-{self.config.site}", will=offline, link=link
-        )
+        offline = (self.topics.status(self.config.site), self._status("offline"))
+        tls, client_id = None, f"fedge-{self.config.federation}-{self.config.site}"
+        if self.config.cert is not None:
+            from fedge.identity import certificate_identity
+
+            tls = TlsFiles(str(self.config.ca) if self.config.ca else None, str(self.config.cert), str(self.config.key) if self.config.key else None)
+            client_id = certificate_identity(self.config.cert)
+        self.session = MqttSession(self.config.broker, client_id, will=offline, link=link, tls=tls, refuse=self.refusals)
         self.session.subscribe(self.topics.all_announcements, self.topics.all_global_chunks, self.topics.control)
         self.session.connect()
-        self.session.publish(self.topics.status(self.config.site), StatusMessage(client=self.config.site, state="online").to_bytes(), retain=True)
+        self.session.publish(self.topics.status(self.config.site), self._status("online"), retain=True)
         try:
             while not self.finished and not (stop is not None and stop.is_set()):
                 msg = self.session.get(timeout=0.2)

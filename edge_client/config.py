@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from fedge.protocol.chunks import DEFAULT_CHUNK_SIZE
+from fedge.protocol.messages import ModeName
 
 
 class AgentConfig(BaseModel):
@@ -24,12 +24,16 @@ class AgentConfig(BaseModel):
     alpha: float = Field(default=0.5, gt=0)
     state_dir: Path = Path("agent-state")
     codec: str | None = None  # if set, refuse rounds that announce another uplink codec
-    mode: Literal["full", "lora", "pruned", "qat"] | None = None  # if set, refuse rounds in another training mode
+    mode: ModeName | None = None  # if set, refuse rounds in another training mode
     seed: int = 0
     threads: int = Field(default=1, ge=1)
     device: str = Field(default="auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")  # auto: CUDA when present
     signing_key: Path | None = None
     server_key: Path | None = None
+    # Broker TLS (mutual, with the files of a `fedge provision site` kit); the client id is then the certificate identity.
+    ca: Path | None = None
+    cert: Path | None = None
+    key: Path | None = None
     chunk_size: int = Field(default=DEFAULT_CHUNK_SIZE, ge=1024)
     uplink_mbps: float | None = Field(default=None, gt=0)  # link emulation (profile's link) when set
     downlink_mbps: float | None = Field(default=None, gt=0)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -28,16 +29,25 @@ class AgentState:
     def save_residual(self) -> None:
         atomic_write_bytes(self._residual_file, self.residual.to_bytes())
 
-    def remember_update(self, federation: str, rnd: int, model_sha256: str, envelope: bytes) -> None:
+    def remember_update(self, federation: str, run: str, rnd: int, model_sha256: str, envelope: bytes) -> None:
         """Keep the last update so a restarted server that re-announces the round gets it again
-        instead of the agent training twice (which would also double-count its residual)."""
+        instead of the agent training twice (which would also double-count its residual).
+        The envelope's digest in agent.json (written last) is the commit."""
         atomic_write_bytes(self.folder / "last_update.bin", envelope)
-        atomic_write_bytes(self._meta_file, json.dumps({"federation": federation, "round": rnd, "model_sha256": model_sha256}).encode())
+        meta = {"schema_version": 1, "federation": federation, "run": run, "round": rnd, "model_sha256": model_sha256,
+                "update_sha256": hashlib.sha256(envelope).hexdigest()}
+        atomic_write_bytes(self._meta_file, json.dumps(meta).encode())
 
-    def last_update(self, federation: str, rnd: int, model_sha256: str) -> bytes | None:
+    def last_update(self, federation: str, run: str, rnd: int, model_sha256: str) -> bytes | None:
         if not self._meta_file.exists():
             return None
-        meta = json.loads(self._meta_file.read_text())
-        if (meta.get("federation"), meta.get("round"), meta.get("model_sha256")) != (federation, rnd, model_sha256):
+        try:
+            meta = json.loads(self._meta_file.read_text())
+            data = (self.folder / "last_update.bin").read_bytes()
+        except (OSError, ValueError):
+            return None  # an unreadable cache is retrained, never sent
+        if meta.get("schema_version") != 1 or hashlib.sha256(data).hexdigest() != meta.get("update_sha256"):
             return None
-        return (self.folder / "last_update.bin").read_bytes()
+        if (meta.get("federation"), meta.get("run"), meta.get("round"), meta.get("model_sha256")) != (federation, run, rnd, model_sha256):
+            return None
+        return data

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from fedge.models import ModelConfig
+from fedge.protocol import TrainSettings
 from fedge.protocol.chunks import DEFAULT_CHUNK_SIZE
 
 
@@ -23,14 +23,28 @@ class ServerConfig:
     uplink_codec: str = "fp32"
     downlink_codec: str | None = None  # None: full model each round; else a delta codec spec
     strategy: str = "fedavg"
-    mode: str = "full"  # full | lora | pruned | qat (fedge.modes)
-    mode_options: dict[str, Any] = field(default_factory=dict)
-    train: dict[str, Any] = field(default_factory=lambda: {"epochs": 1, "lr": 1e-3, "batch_size": 32})
+    train: TrainSettings = field(default_factory=TrainSettings)  # announced to the sites each round (mode included)
     seed: int = 0
     chunk_size: int = DEFAULT_CHUNK_SIZE
     client_id: str = "server"
-    trusted_keys: Path | None = None  # folder of <client>.pub; when set, unsigned updates are rejected
+    trusted_keys: Path | None = None  # folder of <client>.pub; when set, unsigned updates and status are refused
     signing_key: Path | None = None
+    # Broker TLS (mutual, with `fedge provision` files); the client id is then the certificate identity.
+    ca: Path | None = None
+    cert: Path | None = None
+    key: Path | None = None
     wait_for_clients: float = 600.0
     dataset: str | None = None  # recorded in checkpoints so `fedge export`/`bench` find the test data
     init_checkpoint: Path | None = None  # pretrained start; else a seeded fresh model
+    # Update sanity: a site's sample count (its FedAvg weight) and the L2 norm of its decoded delta.
+    max_samples: int = 1_000_000
+    max_update_norm: float = 1e4
+    max_queue_bytes: int = 256 << 20  # inbound messages waiting to be handled; beyond, dropped and counted
+
+    def __post_init__(self) -> None:
+        if self.rounds < 1 or self.min_clients < 1:
+            raise ValueError("rounds and min_clients must be at least 1")
+        if not (self.max_samples >= 1 and self.max_update_norm > 0):
+            raise ValueError("max_samples must be >= 1 and max_update_norm > 0")
+        if self.round_timeout <= 0 or self.chunk_size < 1024:
+            raise ValueError("round_timeout must be positive and chunk_size at least 1024 bytes")

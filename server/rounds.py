@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from compression import CodecError, ErrorFeedback, UpdateCodec
@@ -20,6 +21,7 @@ from fedge.models import ModelConfig, build_model
 from fedge.modes import get_mode, init_from_checkpoint
 from fedge.protocol import (
     Chunk,
+    ControlMessage,
     EnvelopeHeader,
     ProtocolError,
     Reassembler,
@@ -29,13 +31,16 @@ from fedge.protocol import (
     Topics,
     decode_envelope,
     encode_envelope,
+    open_record,
+    sign_record,
 )
-from fedge.protocol.signing import Signer, Verifier
-from fedge.transport import Message, MqttSession
+from fedge.protocol.signing import SignatureError, Signer, Verifier
+from fedge.refusals import Refusals
+from fedge.transport import Message, MqttSession, TlsFiles
 from server.config import ServerConfig
 from server.store import CheckpointStore, RoundState
 from server.strategies import ClientUpdate, get_strategy
-from server.validation import RejectedUpdate, validate_header
+from server.validation import Expected, RejectedUpdate, check_update, validate_header
 
 log = logging.getLogger("fedge.server")
 
@@ -49,8 +54,11 @@ class _Round:
     deadline: float
     started: float
     downlink_bytes: int
+    model_sha256: str
     updates: dict[str, ClientUpdate] = field(default_factory=dict)
     rejected: list[str] = field(default_factory=list)
+    nonces: set[str] = field(default_factory=set)
+    excluded: set[str] = field(default_factory=set)  # updates whose aggregate was not finite
 
 
 class RoundServer:
@@ -59,7 +67,7 @@ class RoundServer:
         self.topics = Topics(config.federation)
         self.evaluator = evaluator
         self.on_round = on_round
-        self.mode = get_mode(config.mode, **config.mode_options)
+        self.mode = get_mode(config.train.mode, **config.train.mode_options)
         self.model_config, template = self._initial_model()
         self.template = template
         self.store = CheckpointStore(config.checkpoint_dir, self.model_config, template, self.mode.name, config.dataset)
@@ -68,18 +76,24 @@ class RoundServer:
         self.downlink = UpdateCodec.from_spec(config.downlink_codec) if config.downlink_codec else None
         self.downlink_residual = ErrorFeedback()
         self._pending_delta: bytes | None = None  # next round's downlink delta envelope (lost on restart: full then)
-        self.reassembler = Reassembler()
+        self.refusals = Refusals(log)
         self.verifier = Verifier.from_dir(config.trusted_keys) if config.trusted_keys else None
         self.signer = Signer.load(config.signing_key) if config.signing_key else None
         self.online: set[str] = set()
-        self.rejections: list[tuple[int, str, str]] = []  # (round, client, reason), for operators and tests
+        self.rejections: list[tuple[int, str, str]] = []  # (round, client, reason) of updates, for operators and tests
+        # Which (round, sites) may send update chunks now: read by paho's thread to drop the rest unread.
+        self._open: tuple[int, frozenset[str]] | None = None
         self.uploads: dict[tuple[int, str], dict[str, float]] = {}  # sites' measured upload time and bytes
         self.session: MqttSession | None = None
         self.state = self._initial_state()
+        self.run_id = self.store.run_id()
         self.manifest = UpdateCodec.manifest(self.state.weights)
         # What travels up (and as downlink deltas): the mode's trainable tensors only, e.g. LoRA adapters + head.
         trainable = self.mode.trainable_state(template)
         self.uplink_manifest = [t for t in self.manifest if t.name in trainable]
+        # One open transfer per site, never larger than an update of this manifest can be.
+        self.max_update_bytes = UpdateCodec.max_payload_bytes(self.uplink_manifest) + (1 << 20) + 1024
+        self.reassembler = Reassembler(max_bytes=self.max_update_bytes, one_per_key=True)
 
     # ---- state -------------------------------------------------------------------------------
     def _initial_model(self) -> tuple[ModelConfig, torch.nn.Module]:
@@ -106,6 +120,8 @@ class RoundServer:
             if residual_file:
                 path = self.store.folder / residual_file
                 self.downlink_residual.load_bytes(path.read_bytes(), str(path))
+            if not all(np.isfinite(v).all() for v in state.weights.values()):
+                raise ValueError(f"checkpoint {record['model']} in {self.store.folder} holds NaN/Inf weights; move it and state.json aside")
             log.warning("resuming federation %s after round %d (checkpoint in %s)", self.config.federation, state.round, self.store.folder)
             return state
         return RoundState(0, W.float_state(self.template))
@@ -116,12 +132,17 @@ class RoundServer:
         return self.template
 
     def _checkpoint(self) -> None:
+        """Weights and downlink residual are written under this round's names first; state.json,
+        which names both, is the commit. A crash before it leaves the previous round whole."""
         extra = {}
         if self.downlink is not None:
-            name = "downlink_residual.safetensors"
+            name = f"downlink_residual_{self.state.round:04d}.safetensors"
             atomic_write_bytes(self.store.folder / name, self.downlink_residual.to_bytes())
             extra["downlink_residual"] = name
         self.store.save(self.state, self.config.federation, extra)
+        for old in self.store.folder.glob("downlink_residual*.safetensors"):
+            if old.name != extra.get("downlink_residual"):
+                old.unlink(missing_ok=True)
 
     # ---- wire ----------------------------------------------------------------------------------
     def _global_envelope(self, rnd: int, payload: bytes, codec: str, base_round: int | None, manifest: list | None = None) -> bytes:
@@ -134,6 +155,7 @@ class RoundServer:
             manifest=W.manifest_entries(manifest or self.manifest),
             base_round=base_round,
             model=json.loads(self.model_config.to_json()),
+            run=self.run_id,
         )
         return encode_envelope(header, payload, self.signer)
 
@@ -144,7 +166,7 @@ class RoundServer:
         snapshot_env = self._global_envelope(rnd, full_codec.encode(previous), full_codec.spec, None)
         snapshot = self.session.publish_chunked(self.topics.snapshot_chunk, snapshot_env, chunk_size=self.config.chunk_size, retain=True)
         sha = W.state_sha256(previous)
-        self.session.publish(self.topics.snapshot, SnapshotAnnouncement(round=rnd - 1, model_sha256=sha, transfer=snapshot).to_bytes(), retain=True)
+        self._publish_record(self.topics.snapshot, SnapshotAnnouncement(round=rnd - 1, model_sha256=sha, transfer=snapshot, **self._signed_by()))
         if self._pending_delta is not None and rnd > 1:
             env, kind, base = self._pending_delta, "delta", rnd - 1
         else:
@@ -159,10 +181,17 @@ class RoundServer:
             downlink_kind=kind,
             base_round=base,
             uplink_codec=self.uplink.spec,
-            train={**self.config.train, "mode": self.mode.name, "mode_options": self.config.mode_options},
+            train=self.config.train,
+            **self._signed_by(),
         )
-        self.session.publish(self.topics.announce(rnd), announcement.to_bytes(), retain=True)
+        self._publish_record(self.topics.announce(rnd), announcement)
         return len(env)
+
+    def _signed_by(self) -> dict[str, str]:
+        return {"federation": self.config.federation, "sender": self.config.client_id, "run": self.run_id}
+
+    def _publish_record(self, topic: str, record: Any) -> None:
+        self.session.publish(topic, sign_record(record, self.signer), retain=True)
 
     def _clear_round(self, rnd: int, chunks: int) -> None:
         """Drop a finished round's retained messages so late subscribers do not fetch stale data."""
@@ -172,63 +201,106 @@ class RoundServer:
         self.reassembler.discard(f"{rnd}/")
 
     # ---- message handling ----------------------------------------------------------------------
+    def _accept(self, topic: str) -> str | None:
+        """Runs in paho's thread for every message: update chunks from anyone the open round does
+        not wait for are dropped here, before they are queued, reassembled or parsed."""
+        prefix = f"{self.topics.root}/round/"
+        if not topic.startswith(prefix):
+            return None
+        parts = topic[len(prefix) :].split("/")
+        if len(parts) != 4 or parts[1] != "update":
+            return None
+        open_round = self._open
+        if open_round is None or parts[0] != str(open_round[0]):
+            return f"round {parts[0]} is not open"
+        if parts[2] not in open_round[1]:
+            return f"no update expected from {parts[2]!r} (not selected, or already counted)"
+        return None
+
+    def _set_open(self, current: _Round | None) -> None:
+        if current is None:
+            self._open = None
+        else:
+            self._open = (current.number, frozenset(current.selected) - set(current.updates) - current.excluded)
+
     def _handle(self, msg: Message, current: _Round | None) -> None:
+        """Never raises: whatever a message does wrong is refused, logged and counted."""
+        try:
+            self._dispatch(msg, current)
+        except Exception as exc:  # a bug or an input nobody foresaw must not stop the federation
+            log.exception("message on %s", msg.topic)
+            self.refusals("handler-error", f"{msg.topic}: {type(exc).__name__}: {exc}")
+
+    def _dispatch(self, msg: Message, current: _Round | None) -> None:
         try:
             info = self.topics.parse(msg.topic)
         except ValueError as exc:
-            log.warning("ignored message: %s", exc)
+            self.refusals("bad-topic", str(exc))
             return
         if info.kind == "status":
-            try:
-                status = StatusMessage.from_bytes(msg.payload)
-            except ValueError:
-                log.warning("ignored malformed status on %s", msg.topic)
-                return
-            (self.online.add if status.state != "offline" else self.online.discard)(info.client)
-            if status.round is not None and "upload_seconds" in status.metrics:
-                self.uploads[(status.round, info.client)] = status.metrics
-            return
-        if info.kind != "update":
-            return
-        self._handle_update(info.round, info.client, msg.payload, current)
+            if msg.payload:
+                self._handle_status(info.client, msg.payload)
+        elif info.kind == "update":
+            self._handle_update(info.round, info.client, msg.payload, current)
 
-    def _reject(self, rnd: int, client: str, reason: str, current: _Round | None) -> None:
-        log.warning("rejected update from %s for round %s: %s", client, rnd, reason)
+    def _handle_status(self, client: str, raw: bytes) -> None:
+        try:
+            status = open_record(raw, StatusMessage, self.verifier, federation=self.config.federation, sender=client)
+        except ProtocolError as exc:
+            self.refusals("bad-signature" if isinstance(exc, SignatureError) else "bad-status", f"status of {client}: {exc}")
+            return
+        (self.online.add if status.state != "offline" else self.online.discard)(client)
+        if status.round is not None and "upload_seconds" in status.metrics:
+            self.uploads[(status.round, client)] = status.metrics
+
+    def _reject(self, rnd: int, client: str, kind: str, reason: str, current: _Round | None) -> None:
+        self.refusals(kind, f"update from {client} for round {rnd}: {reason}")
         self.rejections.append((rnd, client, reason))
+        del self.rejections[:-1000]
         if current is not None:
             current.rejected.append(f"{client}: {reason}")
 
+    def _expected(self, current: _Round) -> Expected:
+        return Expected(
+            federation=self.config.federation, run=self.run_id, round=current.number, model_sha256=current.model_sha256,
+            selected=current.selected, codec=self.uplink.spec, manifest=self.uplink_manifest, max_samples=self.config.max_samples,
+        )
+
     def _handle_update(self, rnd: int, client: str, raw: bytes, current: _Round | None) -> None:
+        # The same checks as _accept (the round may have closed since the message was queued).
         if current is None or rnd != current.number:
-            self._reject(rnd, client, f"round {rnd} is not open", current)
+            self._reject(rnd, client, "stale", f"round {rnd} is not open", current)
+            return
+        if client not in current.selected or client in current.updates or client in current.excluded:
+            self._reject(rnd, client, "not-expected", "not selected for this round, or its update was already counted", current)
             return
         try:
-            data = self.reassembler.add(f"{rnd}/{client}", Chunk.decode(raw))
+            data = self.reassembler.add(f"{rnd}/{client}", Chunk.decode(raw), max_bytes=self.max_update_bytes)
         except ProtocolError as exc:
-            self._reject(rnd, client, f"bad chunk: {exc}", current)
+            self._reject(rnd, client, "bad-chunk", f"bad chunk: {exc}", current)
             return
         if data is None:
             return
-        if client in current.updates:
-            log.info("duplicate update from %s for round %d ignored", client, rnd)
-            return
         try:
             env = decode_envelope(data, self.verifier)
-            validate_header(
-                env.header,
-                topic_client=client,
-                federation=self.config.federation,
-                current_round=rnd,
-                selected=current.selected,
-                codec=self.uplink.spec,
-                manifest=self.uplink_manifest,
-            )
+            validate_header(env.header, topic_client=client, expected=self._expected(current))
+            if env.header.nonce in current.nonces:
+                raise RejectedUpdate("replay", f"nonce {env.header.nonce} was already seen this round")
+            current.nonces.add(env.header.nonce)
             delta = self.uplink.decode(env.payload, self.uplink_manifest)
-        except (ProtocolError, RejectedUpdate, CodecError) as exc:
-            self._reject(rnd, client, str(exc), current)
+            norm = check_update(delta, self.config.max_update_norm)
+        except SignatureError as exc:
+            self._reject(rnd, client, "bad-signature", str(exc), current)
             return
-        current.updates[client] = ClientUpdate(client, env.header.num_samples, delta, len(data))
-        log.info("round %d: update from %s (%d bytes, %d samples)", rnd, client, len(data), env.header.num_samples)
+        except RejectedUpdate as exc:
+            self._reject(rnd, client, exc.kind, exc.reason, current)
+            return
+        except (ProtocolError, CodecError) as exc:
+            self._reject(rnd, client, "bad-envelope", str(exc), current)
+            return
+        current.updates[client] = ClientUpdate(client, env.header.num_samples, delta, len(data), norm)
+        self._set_open(current)
+        log.info("round %d: update from %s (%d bytes, %d samples, norm %.4g)", rnd, client, len(data), env.header.num_samples, norm)
 
     def _pump(self, seconds: float, current: _Round | None) -> None:
         msg = self.session.get(timeout=seconds)
@@ -252,8 +324,9 @@ class RoundServer:
 
     def _collect(self, current: _Round) -> None:
         while True:
+            self._set_open(current)
             have = len(current.updates)
-            if set(current.selected) <= set(current.updates):
+            if have and set(current.selected) - current.excluded <= set(current.updates):
                 return
             if time.time() > current.deadline:
                 if have >= self.config.min_clients:
@@ -265,8 +338,25 @@ class RoundServer:
                 current.deadline = time.time() + self.config.round_timeout
             self._pump(0.2, current)
 
-    def _advance(self, current: _Round) -> dict[str, Any]:
-        mean_delta = self.strategy.aggregate(list(current.updates.values()), self.uplink_manifest)
+    def _aggregate(self, current: _Round) -> dict[str, np.ndarray] | None:
+        """The round's mean delta, if applying it leaves every weight finite. Otherwise the update
+        with the largest norm is excluded (logged, counted) and the rest aggregated again; None when
+        nothing is left, and the round goes on collecting."""
+        while current.updates:
+            mean = self.strategy.aggregate(list(current.updates.values()), self.uplink_manifest)
+            if all(np.isfinite(self.state.weights[k] + v).all() for k, v in mean.items()):
+                return mean
+            worst = max(current.updates.values(), key=lambda u: u.norm)
+            self._reject(current.number, worst.client, "non-finite-aggregate",
+                         f"the aggregate with this update (norm {worst.norm:.4g}) is not finite; round re-run without it", current)
+            del current.updates[worst.client]
+            current.excluded.add(worst.client)
+        return None
+
+    def _advance(self, current: _Round) -> dict[str, Any] | None:
+        mean_delta = self._aggregate(current)
+        if mean_delta is None:
+            return None
         if self.downlink is not None:
             # What agents reconstruct is what the server keeps: global = previous + decoded(downlink).
             payload = self.downlink.encode(mean_delta, residual=self.downlink_residual, keep_dense=W.norm_stat_names(mean_delta))
@@ -290,21 +380,40 @@ class RoundServer:
         self._checkpoint()
         return record
 
+    def _session(self) -> MqttSession:
+        """With a client certificate, the broker knows the server by its certificate identity (and
+        Mosquitto's use_username_as_clientid stops anyone else taking its client id)."""
+        tls = None
+        client_id = f"fedge-{self.config.federation}-{self.config.client_id}"
+        if self.config.cert is not None:
+            from fedge.identity import certificate_identity
+
+            tls = TlsFiles(str(self.config.ca) if self.config.ca else None, str(self.config.cert), str(self.config.key) if self.config.key else None)
+            client_id = certificate_identity(self.config.cert)
+        return MqttSession(
+            self.config.broker, client_id, tls=tls, accept=self._accept, refuse=self.refusals,
+            max_queue_bytes=self.config.max_queue_bytes,
+        )
+
     def run(self) -> RoundState:
-        self.session = MqttSession(self.config.broker, f"fedge-{self.config.federation}-{self.config.client_id}")
+        self.session = self._session()
         self.session.subscribe(self.topics.all_updates, self.topics.all_status)
         self.session.connect()
         self.session.publish(self.topics.control, b"", retain=True)  # forget a previous run's "finished"
+        log.info("federation %s, run %s", self.config.federation, self.run_id)
         try:
             while self.state.round < self.config.rounds:
                 rnd = self.state.round + 1
                 selected = self._wait_for_clients()
                 started = time.monotonic()
                 env_bytes = self._publish_round(rnd, selected)
-                current = _Round(rnd, selected, time.time() + self.config.round_timeout, started, env_bytes)
+                current = _Round(rnd, selected, time.time() + self.config.round_timeout, started, env_bytes, W.state_sha256(self.state.weights))
                 log.info("round %d announced to %s", rnd, ", ".join(selected))
-                self._collect(current)
-                record = self._advance(current)
+                record = None
+                while record is None:
+                    self._collect(current)
+                    record = self._advance(current)
+                self._set_open(None)
                 self._clear_round(rnd, -(-env_bytes // self.config.chunk_size))
                 if self.on_round:
                     self.on_round(record)
@@ -336,5 +445,5 @@ class RoundServer:
         env = self._global_envelope(self.state.round, full_codec.encode(self.state.weights), full_codec.spec, None)
         transfer = self.session.publish_chunked(self.topics.snapshot_chunk, env, chunk_size=self.config.chunk_size, retain=True)
         sha = W.state_sha256(self.state.weights)
-        self.session.publish(self.topics.snapshot, SnapshotAnnouncement(round=self.state.round, model_sha256=sha, transfer=transfer).to_bytes(), retain=True)
-        self.session.publish(self.topics.control, json.dumps({"command": "finished", "round": self.state.round}).encode(), retain=True)
+        self._publish_record(self.topics.snapshot, SnapshotAnnouncement(round=self.state.round, model_sha256=sha, transfer=transfer, **self._signed_by()))
+        self._publish_record(self.topics.control, ControlMessage(command="finished", round=self.state.round, **self._signed_by()))

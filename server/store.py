@@ -8,6 +8,8 @@ weights are on disk, so a kill -9 at any moment leaves the previous round intact
 from __future__ import annotations
 
 import json
+import secrets
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,6 +41,23 @@ class CheckpointStore:
         self.folder.mkdir(parents=True, exist_ok=True)
         self._order = [k for k, v in template.state_dict().items() if v.is_floating_point()]  # names only, no copy
         self._buffers = {k: v for k, v in template.state_dict().items() if not v.is_floating_point()}
+
+    @property
+    def run_file(self) -> Path:
+        return self.folder / "run.json"
+
+    def run_id(self) -> str:
+        """This federation run's id: random at the first start, the same after every restart (so
+        agents keep their cached updates), new when the folder is new (so nothing of an earlier
+        run can be replayed into this one)."""
+        if self.run_file.exists():
+            record = json.loads(self.run_file.read_text())
+            if record.get("schema_version") != 1:
+                raise ValueError(f"{self.run_file} has schema_version {record.get('schema_version')!r}; this fedge reads 1")
+            return str(record["run"])
+        run = secrets.token_hex(16)
+        atomic_write_bytes(self.run_file, json.dumps({"schema_version": 1, "run": run, "started": time.time()}).encode())
+        return run
 
     @property
     def state_file(self) -> Path:

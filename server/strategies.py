@@ -26,6 +26,7 @@ class ClientUpdate:
     num_samples: int
     delta: dict[str, np.ndarray | SparseTensor]
     nbytes: int
+    norm: float = 0.0  # L2 norm of the decoded delta (validation computed it)
 
 
 class Strategy:

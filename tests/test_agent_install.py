@@ -21,7 +21,7 @@ from device_profiles.loader import SHIPPED_DIR
 from edge_client.config import AgentConfig
 from edge_client.service import ServiceError, check_user, fedge_executable, quote, render_unit
 from fedge.cli.agent import app
-from fedge.protocol import StatusMessage, Topics
+from fedge.protocol import StatusMessage, Topics, open_record
 from fedge.transport import MqttSession
 
 runner = CliRunner()
@@ -210,7 +210,7 @@ def test_the_written_config_runs_an_agent_that_reaches_the_broker(
         while state != "online" and time.monotonic() < deadline and proc.poll() is None:
             msg = watcher.get(timeout=1)
             if msg is not None and msg.payload:
-                state = StatusMessage.from_bytes(msg.payload).state
+                state = open_record(msg.payload, StatusMessage, None, federation="installtest", sender="site-a").state
 
         assert state == "online", proc.stderr.read().decode() if proc.poll() is not None else "no online status within 90 s"
     finally:

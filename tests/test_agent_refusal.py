@@ -15,7 +15,7 @@ def _announcement(mode: str, codec: str = "q4,ef|zstd") -> RoundAnnouncement:  #
     transfer = TransferInfo(transfer="0" * 32, chunks=1, bytes=1, sha256="0" * 64)
     return RoundAnnouncement(
         round=1, deadline=0.0, model_sha256="0" * 64, downlink=transfer, downlink_kind="full",
-        uplink_codec=codec, train={"mode": mode},
+        uplink_codec=codec, train={"mode": mode}, federation="demo", sender="server", run="0" * 32,
     )
 
 

@@ -131,7 +131,7 @@ def test_malformed_updates_are_rejected_and_the_round_completes(medmnist_root, t
     if subprocess.run(["which", "mosquitto_pub"], capture_output=True).returncode != 0:
         pytest.skip("mosquitto_pub not installed (apt-get install -y mosquitto-clients)")
     from fedge.data import load_medmnist
-    from fedge.protocol import EnvelopeHeader, StatusMessage, Topics, encode_envelope, split_chunks
+    from fedge.protocol import EnvelopeHeader, StatusMessage, Topics, encode_envelope, sign_record, split_chunks
     from fedge.transport import MqttSession
     from fedge.tasks import ClassificationTask
     from server.config import ServerConfig
@@ -170,7 +170,7 @@ def test_malformed_updates_are_rejected_and_the_round_completes(medmnist_root, t
     for site in ("site-1", "site-2"):
         subprocess.run(
             ["mosquitto_pub", "-h", host, "-p", str(port), "-q", "1", "-r", "-t", topics.status(site), "-s"],
-            input=StatusMessage(client=site, state="online").to_bytes(), check=True, timeout=10,
+            input=sign_record(StatusMessage(federation=federation, sender=site, state="online"), None), check=True, timeout=10,
         )
     watcher = MqttSession(broker, "test-watcher", clean_session=True)
     watcher.subscribe(topics.announce(1))
@@ -189,12 +189,13 @@ def test_malformed_updates_are_rejected_and_the_round_completes(medmnist_root, t
         for agent in agents:
             if agent.poll() is None:
                 agent.kill()
-    reasons = " | ".join(reason for _, _, reason in server.rejections)
+    reasons = " | ".join(detail for _, detail in server.refusals.recent)
     assert "bad chunk" in reasons
     assert "header length" in reasons
     assert "wrong federation" in reasons
-    assert "round 0 is not open" in reasons
-    assert len(server.rejections) >= 5
+    assert "round 0 is not open" in reasons  # dropped by topic, before it was queued
+    assert server.refusals.counts["bad-topic"] == 1
+    assert server.refusals.total >= 6
     assert server.state.round == 1 and server.state.history[0]["clients"] == ["site-1", "site-2"]
 
 

@@ -61,6 +61,7 @@ from fedge.protocol import (
     TensorEntry,
     Topics,
     decode_envelope,
+    open_record,
 )
 from fedge.protocol.envelope import MAGIC as ENVELOPE_MAGIC
 
@@ -655,11 +656,13 @@ def test_no_dicom_value_and_no_pixel_leaves_the_site(federation_run: Run) -> Non
         assert raw["kind"] == "update" and raw["sender"] == key.split()[-1] and raw["federation"] == FEDERATION
         assert raw["codec"] == "fp32|zstd" and raw["num_samples"] > 0
     assert not problems, problems
-    # Agents' status messages: only StatusMessage fields.
+    # Agents' status messages: only StatusMessage fields, inside the signed-record wrapper.
     for topic, payload in run.messages:
         if "/status/" in topic and payload:
-            assert set(json.loads(payload)) <= set(StatusMessage.model_fields), payload
-            StatusMessage.from_bytes(payload)
+            wrapper = json.loads(payload)
+            assert set(wrapper) == {"sender", "body", "sig"}, payload
+            assert set(json.loads(wrapper["body"])) <= set(StatusMessage.model_fields), payload
+            open_record(payload, StatusMessage, None, federation=FEDERATION, sender=topic.rsplit("/", 1)[-1])
 
     leaks, pixel_leaks = findings(decoded, run.needles, run.pixel_index)
     assert not leaks, "DICOM values on the wire:\n" + "\n".join(leaks[:20])

@@ -102,6 +102,13 @@ class UpdateCodec:
             parts.append(self.entropy.token())
         return "|".join(parts)
 
+    @staticmethod
+    def max_payload_bytes(manifest: list[TensorSpec]) -> int:
+        """No payload of any spec for this manifest is larger (zstd's worst-case growth included):
+        the bound a receiver enforces before it reassembles a single byte."""
+        bound = _plaintext_bound(manifest)
+        return bound + bound // 128 + 1024
+
     @property
     def uses_error_feedback(self) -> bool:
         return self.error_feedback

@@ -30,7 +30,10 @@ def agent(
     device: str = typer.Option("auto", help="Training device: auto (CUDA when present), cpu, cuda, cuda:N"),
     emulate_link: str = typer.Option(None, help="Pace MQTT traffic to this device profile's uplink/downlink (name or YAML)"),
     signing_key: Path = typer.Option(None, help="Ed25519 private key to sign updates"),
-    server_key: Path = typer.Option(None, help="Server's Ed25519 public key: unsigned globals are then refused"),
+    server_key: Path = typer.Option(None, help="Server's Ed25519 public key: unsigned announcements, globals and control are then refused"),
+    ca: Path = typer.Option(None, help="Federation CA certificate (from the site's `fedge provision site` kit)"),
+    cert: Path = typer.Option(None, help="This site's client certificate; its identity becomes the MQTT client id"),
+    key: Path = typer.Option(None, help="Private key of --cert"),
     verbose: bool = typer.Option(True, "--verbose/--quiet"),
 ) -> None:
     """Join a federation and train each round until the server finishes it."""
@@ -50,7 +53,7 @@ def agent(
         config = AgentConfig(
             broker=broker, site=site, federation=federation, data_dir=data_dir, dataset=dataset, shard=shard,
             num_shards=num_shards, alpha=alpha, state_dir=state_dir, codec=codec, mode=mode, seed=seed, threads=threads,
-            signing_key=signing_key, server_key=server_key, device=device, **link,
+            signing_key=signing_key, server_key=server_key, device=device, ca=ca, cert=cert, key=key, **link,
         )
     except ValueError as exc:  # pydantic's ValidationError names the field and the allowed values
         raise fail(f"invalid agent settings: {exc}") from None

@@ -40,6 +40,7 @@ class FederationSettings:
     mode_options: dict[str, Any] = field(default_factory=dict)
     init: Path | None = None  # pretrained checkpoint (head re-initialised if the class count differs)
     emulate_link: str | None = None  # device profile name/path: pace each agent's MQTT traffic to its link
+    signed: bool = True  # fresh Ed25519 keys for the server and every site, in <workdir>/keys
 
 
 def _plot(report: dict[str, Any], path: Path) -> None:
@@ -76,6 +77,7 @@ def run_federation(
     from fedge import weights as W
     from fedge.broker import EmbeddedBroker
     from fedge.data import load_medmnist
+    from fedge.protocol import TrainSettings
     from fedge.tasks import ClassificationTask
     from server.config import ServerConfig
     from server.rounds import RoundServer
@@ -83,6 +85,8 @@ def run_federation(
     from fedge.cli.options import profile_link_rates
 
     link = profile_link_rates(settings.emulate_link) if settings.emulate_link else {}
+    # Every setting is checked before anything is deleted: a typo must not cost the last run's folder.
+    train = TrainSettings(epochs=settings.epochs, lr=settings.lr, batch_size=settings.batch_size, mode=settings.mode, mode_options=settings.mode_options)
     splits = load_medmnist(settings.dataset, settings.data_dir)  # fail fast, before any process starts
     task = ClassificationTask(splits)
     model_config = task.model_config(settings.arch, **settings.model_options)
@@ -90,12 +94,12 @@ def run_federation(
     if workdir.exists():
         shutil.rmtree(workdir)  # a demo starts fresh; `fedge server` is the command that resumes
     workdir.mkdir(parents=True)
-
+    sites = [f"site-{i + 1}" for i in range(settings.clients)]
+    keys = _demo_keys(workdir / "keys", sites) if settings.signed else {}
 
     started = time.monotonic()
     with ExitStack() as stack:
         broker = settings.broker or stack.enter_context(EmbeddedBroker()).url
-        sites = [f"site-{i + 1}" for i in range(settings.clients)]
         server = RoundServer(
             ServerConfig(
                 federation=settings.federation,
@@ -108,12 +112,12 @@ def run_federation(
                 round_timeout=settings.round_timeout,
                 uplink_codec=settings.codec,
                 downlink_codec=settings.downlink_codec,
-                train={"epochs": settings.epochs, "lr": settings.lr, "batch_size": settings.batch_size},
+                train=train,
                 seed=settings.seed,
                 wait_for_clients=120.0,
-                mode=settings.mode,
-                mode_options=settings.mode_options,
                 init_checkpoint=settings.init,
+                trusted_keys=keys.get("trusted"),
+                signing_key=keys.get("server"),
                 dataset=settings.dataset,
             ),
             evaluator=task.evaluate,
@@ -133,6 +137,8 @@ def run_federation(
                 alpha=settings.alpha,
                 seed=settings.seed,
                 state_dir=workdir / "agents" / site,
+                signing_key=keys.get(site),
+                server_key=keys.get("server.pub"),
                 **link,
             )
             proc = ctx.Process(target=run_agent, args=(config,), name=site, daemon=True)
@@ -182,6 +188,20 @@ def _uplink_transfer(uploads: dict, link: dict) -> dict[str, Any]:
         result["projected_seconds"] = nbytes * 8 / (link["uplink_mbps"] * 1e6)
         result["measured_over_projected"] = seconds / result["projected_seconds"]
     return result
+
+
+def _demo_keys(folder: Path, sites: list[str]) -> dict[str, Path]:
+    """Signing keys for a demo: the server's, one per site, and the server's trusted-keys folder."""
+    from fedge.protocol.signing import Signer
+
+    trusted = folder / "trusted"
+    trusted.mkdir(parents=True)
+    paths = {"trusted": trusted, "server": folder / "server.key", "server.pub": folder / "server.pub"}
+    Signer.generate().save(paths["server"], paths["server.pub"])
+    for site in sites:
+        paths[site] = folder / f"{site}.key"
+        Signer.generate().save(paths[site], trusted / f"{site}.pub")
+    return paths
 
 
 def _reap(procs: list) -> None:

@@ -29,7 +29,12 @@ def server(
     checkpoint_dir: Path = typer.Option(Path("runs/server"), help="Per-round checkpoints; a restart resumes from here"),
     evaluate: bool = typer.Option(False, help="Score each global on the dataset's test split (needs --data-dir)"),
     trusted_keys: Path = typer.Option(None, help="Folder of <site>.pub Ed25519 keys; unsigned updates are then rejected"),
-    signing_key: Path = typer.Option(None, help="Server Ed25519 private key to sign the global model"),
+    signing_key: Path = typer.Option(None, help="Server Ed25519 private key: signs globals, announcements, snapshots and control"),
+    ca: Path = typer.Option(None, help="Federation CA certificate (`fedge provision init`): the broker's TLS certificate must chain to it"),
+    cert: Path = typer.Option(None, help="The server's client certificate; its identity becomes the MQTT client id"),
+    key: Path = typer.Option(None, help="Private key of --cert"),
+    max_samples: int = typer.Option(1_000_000, min=1, help="Refuse updates claiming more training samples (their FedAvg weight)"),
+    max_update_norm: float = typer.Option(1e4, help="Refuse updates whose decoded delta has a larger L2 norm (NaN/Inf always refused)"),
     verbose: bool = typer.Option(True, "--verbose/--quiet"),
 ) -> None:
     """Aggregate rounds of site updates over MQTT (FedAvg), checkpoint each round, resume after a crash."""
@@ -39,14 +44,21 @@ def server(
     from rich.console import Console
 
     from fedge.broker import EmbeddedBroker
-    from fedge.cli.options import parse_mode_options
+    from fedge.cli.options import fail, parse_mode_options
     from fedge.checkpoint import load_checkpoint
+    from fedge.protocol import TrainSettings
     from fedge.data import load_medmnist
     from fedge.tasks import ClassificationTask
     from server.config import ServerConfig
     from server.rounds import RoundServer
 
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        train = TrainSettings(epochs=epochs, lr=lr, batch_size=batch_size, mode=mode, mode_options=parse_mode_options(mode_options))
+    except ValueError as exc:
+        raise fail(f"invalid training settings: {exc}") from None
+    if cert is not None and (key is None or ca is None):
+        raise fail("--cert needs --key and --ca (the files `fedge provision init` wrote for the server)")
     console = Console()
     task = None
     if init is not None and data_dir is None:
@@ -66,9 +78,9 @@ def server(
             federation=federation, broker=broker, model=model_config, checkpoint_dir=checkpoint_dir, rounds=rounds,
             min_clients=min_clients, expected_clients=tuple(c for c in (clients or "").split(",") if c),
             round_timeout=round_timeout, uplink_codec=codec, downlink_codec=downlink_codec,
-            train={"epochs": epochs, "lr": lr, "batch_size": batch_size}, seed=seed, init_checkpoint=init,
-            dataset=dataset if task is not None else None,
-            trusted_keys=trusted_keys, signing_key=signing_key, mode=mode, mode_options=parse_mode_options(mode_options),
+            train=train, seed=seed, init_checkpoint=init, dataset=dataset if task is not None else None,
+            trusted_keys=trusted_keys, signing_key=signing_key, ca=ca, cert=cert, key=key,
+            max_samples=max_samples, max_update_norm=max_update_norm,
         )
         state = RoundServer(config, evaluator=evaluator, on_round=lambda r: console.print(r)).run()
     console.print(f"federation {federation} finished after round {state.round}; model: {checkpoint_dir / 'final.safetensors'}")

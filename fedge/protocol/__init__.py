@@ -10,12 +10,24 @@ from fedge.protocol.envelope import (
     decode_envelope,
     encode_envelope,
 )
-from fedge.protocol.messages import RoundAnnouncement, SnapshotAnnouncement, StatusMessage, TransferInfo
+from fedge.protocol.messages import (
+    MODE_NAMES,
+    ControlMessage,
+    RoundAnnouncement,
+    SnapshotAnnouncement,
+    StatusMessage,
+    TrainSettings,
+    TransferInfo,
+    open_record,
+    sign_record,
+)
 from fedge.protocol.topics import Topics, TopicInfo
 
 __all__ = [
     "ALLOWED_METRICS",
     "Chunk",
+    "ControlMessage",
+    "MODE_NAMES",
     "Envelope",
     "EnvelopeHeader",
     "ProtocolError",
@@ -24,10 +36,13 @@ __all__ = [
     "SnapshotAnnouncement",
     "StatusMessage",
     "TensorEntry",
+    "TrainSettings",
     "Topics",
     "TopicInfo",
     "TransferInfo",
     "decode_envelope",
     "encode_envelope",
+    "open_record",
+    "sign_record",
     "split_chunks",
 ]

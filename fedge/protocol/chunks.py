@@ -60,22 +60,30 @@ class _Partial:
 
 
 class Reassembler:
-    """Collects chunks per (key, transfer id); `add` returns the whole message once complete."""
+    """Collects chunks per (key, transfer id); `add` returns the whole message once complete.
 
-    def __init__(self, max_bytes: int = 512 << 20, max_chunks: int = 65_536, max_open: int = 64):
+    With `one_per_key`, a key (a sender) holds one open transfer: a new transfer id replaces the
+    old one, so a sender can never hold more than one transfer's worth of memory."""
+
+    def __init__(self, max_bytes: int = 512 << 20, max_chunks: int = 65_536, max_open: int = 64, one_per_key: bool = False):
         self.max_bytes = max_bytes
         self.max_chunks = max_chunks
         self.max_open = max_open
+        self.one_per_key = one_per_key
         self._open: OrderedDict[tuple[str, bytes], _Partial] = OrderedDict()
 
-    def add(self, key: str, chunk: Chunk) -> bytes | None:
-        if chunk.total > self.max_bytes:
-            raise ProtocolError(f"transfer declares {chunk.total} bytes, over the {self.max_bytes}-byte limit")
+    def add(self, key: str, chunk: Chunk, max_bytes: int | None = None) -> bytes | None:
+        """`max_bytes` tightens the limit for this sender (e.g. what its announced manifest implies)."""
+        limit = min(self.max_bytes, max_bytes if max_bytes is not None else self.max_bytes)
+        if chunk.total > limit:
+            raise ProtocolError(f"transfer declares {chunk.total} bytes, over the {limit}-byte limit")
         if chunk.count > self.max_chunks or chunk.count > max(1, chunk.total):
             raise ProtocolError(f"transfer declares {chunk.count} chunks for {chunk.total} bytes")
         slot = (key, chunk.transfer)
         partial = self._open.get(slot)
         if partial is None:
+            if self.one_per_key:
+                self.discard_key(key)
             partial = _Partial(chunk.count, chunk.total)
             self._open[slot] = partial
             while len(self._open) > self.max_open:
@@ -101,6 +109,14 @@ class Reassembler:
         """Forget unfinished transfers under a key prefix (e.g. a round that closed)."""
         for slot in [s for s in self._open if s[0].startswith(key_prefix)]:
             del self._open[slot]
+
+    def discard_key(self, key: str) -> None:
+        for slot in [s for s in self._open if s[0] == key]:
+            del self._open[slot]
+
+    @property
+    def open_bytes(self) -> int:
+        return sum(p.size for p in self._open.values())
 
     @property
     def open_transfers(self) -> int:

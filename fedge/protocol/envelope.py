@@ -9,7 +9,6 @@ patient can ride along in metadata.
 from __future__ import annotations
 
 import hashlib
-import json
 import secrets
 import struct
 from dataclasses import dataclass
@@ -17,8 +16,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from fedge.protocol.errors import ProtocolError
-from fedge.protocol.signing import SIGNATURE_BYTES, Signer, Verifier
+from fedge.protocol.errors import ProtocolError, first_error
+from fedge.protocol.signing import SIGNATURE_BYTES, SignatureError, Signer, Verifier
 
 MAGIC = b"FDG1"
 _PREFIX = struct.Struct(">4sI")
@@ -28,6 +27,8 @@ ALLOWED_METRICS = frozenset(
     {"train_loss", "train_accuracy", "train_seconds", "encode_seconds", "val_auc", "val_accuracy", "peak_mem_mb", "epochs"}
 )
 NAME_PATTERN = r"^[A-Za-z0-9_.-]{1,64}$"
+RUN_PATTERN = r"^[0-9a-f]{32}$"
+SHA256_PATTERN = r"^[0-9a-f]{64}$"
 
 
 class TensorEntry(BaseModel):
@@ -62,6 +63,10 @@ class EnvelopeHeader(BaseModel):
     metrics: dict[str, float] = Field(default_factory=dict)
     base_round: int | None = Field(default=None, ge=0)
     model: dict[str, Any] | None = None  # the model config, on global envelopes only
+    # The server's run and, on updates, the announced global the update was trained from: a
+    # signed update recorded in one run or round means nothing in another.
+    run: str | None = Field(default=None, pattern=RUN_PATTERN)
+    model_sha256: str | None = Field(default=None, pattern=SHA256_PATTERN)
     nonce: str = Field(default_factory=lambda: secrets.token_hex(16), pattern=r"^[0-9a-f]{32}$")
     payload_sha256: str = Field(default="", pattern=r"^([0-9a-f]{64})?$")
     payload_len: int = Field(default=0, ge=0)
@@ -102,9 +107,10 @@ def decode_envelope(data: bytes, verifier: Verifier | None = None) -> Envelope:
         raise ProtocolError(f"header length {head_len} exceeds the envelope ({len(data)} bytes) or the {MAX_HEADER_BYTES}-byte limit")
     head_end = _PREFIX.size + head_len
     try:
-        header = EnvelopeHeader.model_validate(json.loads(data[_PREFIX.size : head_end]))
-    except (ValueError, ValidationError) as exc:
-        raise ProtocolError(f"invalid header: {_short(exc)}") from None
+        # pydantic's own JSON parser: nesting is bounded (json.loads recursed until RecursionError).
+        header = EnvelopeHeader.model_validate_json(data[_PREFIX.size : head_end])
+    except ValidationError as exc:
+        raise ProtocolError(f"invalid header: {first_error(exc)}") from None
     sig_len = SIGNATURE_BYTES if header.signed else 0
     if head_end + header.payload_len + sig_len != len(data):
         raise ProtocolError(f"payload length {header.payload_len} does not match the {len(data) - head_end - sig_len} bytes present")
@@ -114,11 +120,6 @@ def decode_envelope(data: bytes, verifier: Verifier | None = None) -> Envelope:
         raise ProtocolError("payload SHA-256 does not match the header")
     if verifier is not None:
         if not header.signed:
-            raise ProtocolError(f"unsigned envelope from {header.sender!r}, but signatures are required")
+            raise SignatureError(f"unsigned envelope from {header.sender!r}, but signatures are required")
         verifier.verify(header.sender, data[:body_end], data[body_end:])
     return Envelope(header=header, payload=payload)
-
-
-def _short(exc: Exception) -> str:
-    text = str(exc).replace("\n", "; ")
-    return text if len(text) <= 300 else text[:297] + "..."

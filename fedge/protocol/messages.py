@@ -1,58 +1,147 @@
-"""Small JSON control messages: round announcements, snapshot pointers and site status."""
+"""Small signed records: round announcements, snapshot pointers, control and site status.
+
+Wire form (JSON, so operators can read it with `mosquitto_sub`):
+`{"sender": NAME, "body": "<the record as a JSON string>", "sig": "<Ed25519 signature, hex>"|null}`.
+The signature covers the body's exact bytes, so nothing is canonicalised; the receiver checks
+size, then the signature, and only then parses the body (pydantic's JSON parser, which bounds
+nesting). Every record names its federation and sender and says when it was issued; everything
+the server sends also names the run, so a record recorded in one run means nothing in another.
+"""
 
 from __future__ import annotations
 
-from typing import Any, Literal
+import time
+from typing import Literal, TypeVar, get_args
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from fedge.protocol.envelope import NAME_PATTERN
+from fedge.protocol.envelope import NAME_PATTERN, RUN_PATTERN, SHA256_PATTERN
+from fedge.protocol.errors import ProtocolError, first_error
+from fedge.protocol.signing import SignatureError, Signer, Verifier
+
+MAX_RECORD_BYTES = 64 * 1024
+ModeName = Literal["full", "lora", "pruned", "qat"]
+MODE_NAMES: tuple[str, ...] = get_args(ModeName)
+STATUS_METRICS = frozenset({"upload_seconds", "upload_bytes"})
+
+OptionValue = bool | int | float | str | tuple[str, ...]
 
 
 class _Message(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
-
-    def to_bytes(self) -> bytes:
-        return self.model_dump_json().encode()
-
-    @classmethod
-    def from_bytes(cls, raw: bytes):
-        return cls.model_validate_json(raw)
 
 
 class TransferInfo(_Message):
     """Where a chunked envelope lives and how to check it once reassembled."""
 
     transfer: str = Field(pattern=r"^[0-9a-f]{32}$")
-    chunks: int = Field(ge=1)
-    bytes: int = Field(ge=0)
-    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    chunks: int = Field(ge=1, le=1 << 20)
+    bytes: int = Field(ge=0, le=1 << 40)
+    sha256: str = Field(pattern=SHA256_PATTERN)
 
 
-class RoundAnnouncement(_Message):
+class TrainSettings(_Message):
+    """What a site's local training does in a round: validated here, so an agent never trains on
+    a value nobody checked (a signed announcement is still bounded: a compromised server key
+    cannot ask for a million epochs)."""
+
+    epochs: int = Field(default=1, ge=1, le=1000)
+    lr: float = Field(default=1e-3, gt=0, le=10.0)
+    batch_size: int = Field(default=32, ge=1, le=65536)
+    mode: ModeName = "full"
+    mode_options: dict[str, OptionValue] = Field(default_factory=dict, max_length=32)
+
+
+class Record(_Message):
+    federation: str = Field(pattern=NAME_PATTERN)
+    sender: str = Field(pattern=NAME_PATTERN)
+    issued_at: float = Field(default_factory=time.time, ge=0)
+
+
+class ServerRecord(Record):
+    """Sent by the server: bound to one run (random, kept across the server's restarts)."""
+
+    run: str = Field(pattern=RUN_PATTERN)
+
+
+class RoundAnnouncement(ServerRecord):
     """Retained on `round/<r>/global`: everything an agent needs to take part in round r."""
 
-    round: int = Field(ge=1)
+    kind: Literal["announce"] = "announce"
+    round: int = Field(ge=1, le=10**9)
     deadline: float
-    selected: tuple[str, ...] = ()
-    model_sha256: str = Field(pattern=r"^[0-9a-f]{64}$")  # of the global weights, to detect drift
+    selected: tuple[str, ...] = Field(default=(), max_length=100_000)
+    model_sha256: str = Field(pattern=SHA256_PATTERN)  # of the global weights the round starts from
     downlink: TransferInfo
     downlink_kind: Literal["full", "delta"]
-    base_round: int | None = None
-    uplink_codec: str
-    train: dict[str, Any] = Field(default_factory=dict)  # epochs, lr, batch_size, mode options
+    base_round: int | None = Field(default=None, ge=0)
+    uplink_codec: str = Field(min_length=1, max_length=256)
+    train: TrainSettings = TrainSettings()
 
 
-class SnapshotAnnouncement(_Message):
+class SnapshotAnnouncement(ServerRecord):
     """Retained on `snapshot`: the latest full global model, for agents that are new or missed rounds."""
 
-    round: int = Field(ge=0)
-    model_sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    kind: Literal["snapshot"] = "snapshot"
+    round: int = Field(ge=0, le=10**9)
+    model_sha256: str = Field(pattern=SHA256_PATTERN)
     transfer: TransferInfo
 
 
-class StatusMessage(_Message):
-    client: str = Field(pattern=NAME_PATTERN)
+class ControlMessage(ServerRecord):
+    """Retained on `control`: the federation's run ended after `round`."""
+
+    kind: Literal["control"] = "control"
+    command: Literal["finished"]
+    round: int = Field(ge=0, le=10**9)
+
+
+class StatusMessage(Record):
+    """Retained on `status/<site>`: online/offline (the offline one is the MQTT last will)."""
+
+    kind: Literal["status"] = "status"
     state: Literal["online", "offline", "training", "done"]
-    round: int | None = None
-    metrics: dict[str, float] = Field(default_factory=dict)
+    round: int | None = Field(default=None, ge=0, le=10**9)
+    metrics: dict[str, float] = Field(default_factory=dict, max_length=len(STATUS_METRICS))
+
+
+class _Wire(_Message):
+    sender: str = Field(pattern=NAME_PATTERN)
+    body: str = Field(max_length=MAX_RECORD_BYTES)
+    sig: str | None = Field(default=None, pattern=r"^[0-9a-f]{128}$")
+
+
+R = TypeVar("R", bound=Record)
+
+
+def sign_record(record: Record, signer: Signer | None) -> bytes:
+    body = record.model_dump_json()
+    sig = signer.sign(body.encode()).hex() if signer is not None else None
+    return _Wire(sender=record.sender, body=body, sig=sig).model_dump_json().encode()
+
+
+def open_record(raw: bytes, cls: type[R], verifier: Verifier | None, *, federation: str, sender: str | None = None) -> R:
+    """The record in `raw`, or ProtocolError with the reason. With a verifier, unsigned or
+    wrongly signed records are refused before their body is parsed."""
+    if len(raw) > 2 * MAX_RECORD_BYTES:
+        raise ProtocolError(f"{cls.__name__} of {len(raw)} bytes is over the {2 * MAX_RECORD_BYTES}-byte limit")
+    try:
+        wire = _Wire.model_validate_json(raw)
+    except ValidationError as exc:
+        raise ProtocolError(f"not a signed record: {first_error(exc)}") from None
+    if sender is not None and wire.sender != sender:
+        raise ProtocolError(f"{cls.__name__} from {wire.sender!r}, expected {sender!r}")
+    if verifier is not None:
+        if wire.sig is None:
+            raise SignatureError(f"unsigned {cls.__name__} from {wire.sender!r}, but signatures are required")
+        verifier.verify(wire.sender, wire.body.encode(), bytes.fromhex(wire.sig))
+    try:
+        record = cls.model_validate_json(wire.body)
+    except ValidationError as exc:
+        raise ProtocolError(f"invalid {cls.__name__}: {first_error(exc)}") from None
+    if record.sender != wire.sender:
+        raise ProtocolError(f"{cls.__name__} body names sender {record.sender!r}, its wrapper {wire.sender!r}")
+    if record.federation != federation:
+        raise ProtocolError(f"{cls.__name__} for federation {record.federation!r}, not {federation!r}")
+    return record
+

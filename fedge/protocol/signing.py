@@ -14,6 +14,10 @@ from fedge.protocol.errors import ProtocolError
 SIGNATURE_BYTES = 64
 
 
+class SignatureError(ProtocolError):
+    """Unsigned where a signature is required, an unknown signer, or a signature that does not verify."""
+
+
 class Signer:
     def __init__(self, key: Ed25519PrivateKey):
         self._key = key
@@ -67,8 +71,8 @@ class Verifier:
     def verify(self, sender: str, data: bytes, signature: bytes) -> None:
         key = self._keys.get(sender)
         if key is None:
-            raise ProtocolError(f"no public key for sender {sender!r}")
+            raise SignatureError(f"no public key for sender {sender!r}")
         try:
             key.verify(signature, data)
         except InvalidSignature:
-            raise ProtocolError(f"bad signature from {sender!r}") from None
+            raise SignatureError(f"bad signature from {sender!r}") from None
