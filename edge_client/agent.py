@@ -274,10 +274,10 @@ class Agent:
         try:
             if info.kind == "announce":
                 ann = self._record(msg.payload, RoundAnnouncement, f"announcement on {msg.topic}")
-                if ann is None or not self._in_run(ann, "announcement"):
-                    return
-                if ann.round != info.round:
+                if ann is not None and ann.round != info.round:
                     self.refusals("bad-record", f"announcement of round {ann.round} on the topic of round {info.round}")
+                elif ann is None or not self._in_run(ann, "announcement"):
+                    return
                 elif self.pending is None or ann.round >= self.pending.round:
                     if not ann.selected or self.config.site in ann.selected:
                         self.pending = ann

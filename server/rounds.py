@@ -343,8 +343,10 @@ class RoundServer:
         with the largest norm is excluded (logged, counted) and the rest aggregated again; None when
         nothing is left, and the round goes on collecting."""
         while current.updates:
-            mean = self.strategy.aggregate(list(current.updates.values()), self.uplink_manifest)
-            if all(np.isfinite(self.state.weights[k] + v).all() for k, v in mean.items()):
+            with np.errstate(over="ignore", invalid="ignore"):  # overflow is what is being checked for
+                mean = self.strategy.aggregate(list(current.updates.values()), self.uplink_manifest)
+                finite = all(np.isfinite(self.state.weights[k] + v).all() for k, v in mean.items())
+            if finite:
                 return mean
             worst = max(current.updates.values(), key=lambda u: u.norm)
             self._reject(current.number, worst.client, "non-finite-aggregate",
