@@ -345,4 +345,6 @@ class Agent:
                 self._progress()
         finally:
             self.session.close(final=offline)
+            if self.refusals.total:
+                log.warning("%s: refused inputs, by kind: %s", self.config.site, json.dumps(dict(self.refusals.counts), sort_keys=True))
         return self.rounds_done

@@ -424,6 +424,8 @@ class RoundServer:
             self._publish_final()
         finally:
             self.session.close()
+            if self.refusals.total:
+                log.warning("refused inputs this run, by kind: %s", json.dumps(dict(self.refusals.counts), sort_keys=True))
         return self.state
 
     def _await_upload_reports(self, grace: float) -> None:
