@@ -254,8 +254,8 @@ def test_broker_killed_mid_federation_recovers(medmnist_root, tmp_path):
 
 
 def test_signed_federation_rejects_a_forged_site(medmnist_root, tmp_path):
-    """With --trusted-keys the server counts only updates signed by a known site key; agents verify
-    the server's signature on the global model. A site signing with an unknown key is rejected."""
+    """With --trusted-keys the server counts only sites whose status and updates are signed by a known
+    site key; agents verify the server's signatures. A site signing with an unknown key is refused."""
     from fedge.broker import EmbeddedBroker
     from fedge.data import load_medmnist
     from fedge.tasks import ClassificationTask
@@ -273,7 +273,7 @@ def test_signed_federation_rejects_a_forged_site(medmnist_root, tmp_path):
     with EmbeddedBroker() as broker:
         server = RoundServer(ServerConfig(
             federation="signed", broker=broker.url, model=model, checkpoint_dir=tmp_path / "ckpt", rounds=1, min_clients=1,
-            expected_clients=("site-1", "site-2"), round_timeout=10, trusted_keys=trusted, signing_key=keys / "server.key",
+            round_timeout=10, trusted_keys=trusted, signing_key=keys / "server.key", wait_for_clients=120,
         ))
         thread = threading.Thread(target=server.run, daemon=True)
         thread.start()
@@ -293,8 +293,9 @@ def test_signed_federation_rejects_a_forged_site(medmnist_root, tmp_path):
                 agent.wait(timeout=60) if agent.poll() is None else None
                 if agent.poll() is None:
                     agent.kill()
+    # The rogue's signed status does not verify, so it is never online, never selected, and its update is never read.
     assert server.state.history[0]["clients"] == ["site-1"]
-    assert any(client == "site-2" and "bad signature" in reason for _, client, reason in server.rejections)
+    assert any(kind == "bad-signature" and "status of site-2: bad signature" in detail for kind, detail in server.refusals.recent)
 
 
 def test_sparse_updates_with_error_feedback_and_delta_downlink(medmnist_root, tmp_path):
