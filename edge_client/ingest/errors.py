@@ -17,6 +17,7 @@ class Reason(str, Enum):
     UNSUPPORTED_SYNTAX = "unsupported_syntax"  # no installed plugin decodes this transfer syntax
     UNSUPPORTED_PHOTOMETRIC = "unsupported_photometric"  # e.g. PALETTE COLOR
     UNDECODABLE_PIXELS = "undecodable_pixels"  # a plugin exists but the pixel data does not decode
+    TOO_LARGE = "too_large"  # file size or image dimensions over a cap (reader.Limits): refused before reading or decoding
 
 
 class QuarantineError(Exception):

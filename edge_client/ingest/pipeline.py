@@ -21,11 +21,11 @@ from pydicom.uid import UID
 
 from edge_client.ingest.errors import QuarantineError, Reason
 from edge_client.ingest.labels import Labels
-from edge_client.ingest.quarantine import Quarantine
+from edge_client.ingest.quarantine import DEFAULT_QUOTA_BYTES, Quarantine
 from edge_client.ingest.reader import Instance, ReadConfig, load_dataset, read_dataset
 from edge_client.ingest.store import DatasetStore
 
-SUMMARY_SCHEMA_VERSION = 1
+SUMMARY_SCHEMA_VERSION = 2  # 2: quarantine_full
 
 
 class Outcome(str, Enum):
@@ -35,9 +35,24 @@ class Outcome(str, Enum):
 
 
 @dataclass(frozen=True)
+class Result:
+    """What became of one input, for a caller that answers a sender (the SCP's C-STORE status).
+
+    kept is False for a quarantined input of which no copy was kept (the quarantine was full, or a
+    transfer was cut off at the size cap): the sender must keep its own.
+    """
+
+    outcome: Outcome
+    error: QuarantineError | None = None
+    kept: bool = True
+
+
+@dataclass(frozen=True)
 class IngestSummary:
     """The `--report` JSON. ingested/duplicates/quarantined count inputs (files or received
-    datasets); images counts what was added to the store (a multi-frame instance adds several)."""
+    datasets); images counts what was added to the store (a multi-frame instance adds several).
+    quarantined counts every bad input (by code in reasons); quarantine_full counts those of them
+    that were refused but not kept, because the quarantine had reached its quota."""
 
     ingested: int
     quarantined: int
@@ -45,6 +60,7 @@ class IngestSummary:
     seconds: float
     images: int
     duplicates: int
+    quarantine_full: int = 0
     schema_version: int = field(default=SUMMARY_SCHEMA_VERSION)
 
     def to_json(self) -> str:
@@ -53,15 +69,17 @@ class IngestSummary:
     @classmethod
     def from_json(cls, text: str) -> "IngestSummary":
         data = json.loads(text)
-        if data.get("schema_version") != SUMMARY_SCHEMA_VERSION:
-            raise ValueError(f"ingest summary schema_version {data.get('schema_version')!r}; this fedge reads {SUMMARY_SCHEMA_VERSION}")
-        return cls(**data)
+        if data.get("schema_version") not in (1, SUMMARY_SCHEMA_VERSION):
+            raise ValueError(f"ingest summary schema_version {data.get('schema_version')!r}; this fedge reads 1 to {SUMMARY_SCHEMA_VERSION}")
+        return cls(**{**data, "schema_version": SUMMARY_SCHEMA_VERSION})
 
 
 class Ingestor:
     """Feeds inputs into one store; thread-safe, so the SCP's association threads can share it."""
 
-    def __init__(self, store: DatasetStore, config: ReadConfig, labels: Labels | None = None) -> None:
+    def __init__(
+        self, store: DatasetStore, config: ReadConfig, labels: Labels | None = None, quarantine_bytes: int = DEFAULT_QUOTA_BYTES
+    ) -> None:
         if (config.image_size, config.channels) != (store.image_size, store.channels):
             raise ValueError(
                 f"ReadConfig makes {config.image_size}px x {config.channels} images but {store.root} holds "
@@ -70,22 +88,28 @@ class Ingestor:
         self.store = store
         self.config = config
         self.labels = labels or Labels()
-        self.quarantine = Quarantine(store.root / "quarantine")
+        self.quarantine = Quarantine(store.root / "quarantine", quarantine_bytes)
         self._lock = threading.Lock()
         self._outcomes: Counter[Outcome] = Counter()
         self._reasons: Counter[str] = Counter()
         self._images = 0
+        self._quarantine_full = 0
         self._started = time.perf_counter()
 
-    def ingest_file(self, path: Path, move_bad: bool) -> None:
+    def ingest_file(self, path: Path, move_bad: bool) -> Result:
         """One file, committed before returning. move_bad=False copies a bad file to quarantine."""
-        self._commit(self._prepare_file(path, move_bad))
+        return self._commit_one(*self._prepare_file(path, move_bad))
 
-    def ingest_bytes(self, data: bytes, name: str) -> None:
+    def ingest_bytes(self, data: bytes, name: str) -> Result:
         """A dataset received over the network (a Part 10 encoding), committed before returning,
         so the SCP acknowledges only what is on disk."""
         quarantine = lambda err: self.quarantine.put_bytes(data, name, err)  # noqa: E731
-        self._commit(self._prepare(lambda: load_dataset(io.BytesIO(data)), None, quarantine))
+        load = lambda: load_dataset(io.BytesIO(data), self.config.limits)  # noqa: E731
+        return self._commit_one(*self._prepare(load, None, quarantine))
+
+    def refuse(self, error: QuarantineError) -> Result:
+        """Count a bad input of which there is nothing to keep (a transfer cut off at the size cap)."""
+        return self._count_bad(error, kept=False, quarantine_full=False)
 
     def ingest_paths(self, paths: Iterable[Path], progress: bool = True, batch: int = 32) -> IngestSummary:
         """One-shot ingest of many files with a progress bar; sources are only read, so a crash
@@ -98,7 +122,7 @@ class Ingestor:
         with Progress(*columns, disable=not progress, transient=True) as bar:
             task = bar.add_task("ingest", total=len(files))
             for path in files:
-                pending += self._prepare_file(path, move_bad=False)
+                pending += self._prepare_file(path, move_bad=False)[0]
                 if len(pending) >= batch:
                     self._commit(pending)
                     pending = []
@@ -116,28 +140,35 @@ class Ingestor:
                 seconds=round(time.perf_counter() - self._started, 3),
                 images=self._images,
                 duplicates=self._outcomes[Outcome.DUPLICATE],
+                quarantine_full=self._quarantine_full,
             )
 
-    def _prepare_file(self, path: Path, move_bad: bool) -> list[tuple[Instance, int]]:
-        return self._prepare(lambda: load_dataset(path), path, lambda err: self.quarantine.put_file(path, err, move=move_bad))
+    def _prepare_file(self, path: Path, move_bad: bool) -> tuple[list[tuple[Instance, int]], Result]:
+        quarantine = lambda err: self.quarantine.put_file(path, err, move=move_bad)  # noqa: E731
+        return self._prepare(lambda: load_dataset(path, self.config.limits), path, quarantine)
 
     def _prepare(
-        self, load: Callable[[], Dataset], source: Path | None, quarantine: Callable[[QuarantineError], object]
-    ) -> list[tuple[Instance, int]]:
-        """[(decoded instance, label)], or [] for an input already stored or quarantined (counted here)."""
+        self, load: Callable[[], Dataset], source: Path | None, quarantine: Callable[[QuarantineError], Path | None]
+    ) -> tuple[list[tuple[Instance, int]], Result]:
+        """([(decoded instance, label)], INGESTED) to commit, or ([], what happened) for an input
+        already stored or quarantined (counted here)."""
         try:
             item = self._decode(load, source)
         except QuarantineError as err:
-            quarantine(err)
-            with self._lock:
-                self._outcomes[Outcome.QUARANTINED] += 1
-                self._reasons[err.reason.value] += 1
-            return []
+            kept = quarantine(err) is not None
+            return [], self._count_bad(err, kept, quarantine_full=not kept)
         if item is None:
             with self._lock:
                 self._outcomes[Outcome.DUPLICATE] += 1
-            return []
-        return [item]
+            return [], Result(Outcome.DUPLICATE)
+        return [item], Result(Outcome.INGESTED)
+
+    def _count_bad(self, err: QuarantineError, kept: bool, quarantine_full: bool) -> Result:
+        with self._lock:
+            self._outcomes[Outcome.QUARANTINED] += 1
+            self._reasons[err.reason.value] += 1
+            self._quarantine_full += quarantine_full
+        return Result(Outcome.QUARANTINED, err, kept)
 
     def _decode(self, load: Callable[[], Dataset], source: Path | None) -> tuple[Instance, int] | None:
         """None for a known instance; QuarantineError for a bad input; OSError is the operator's."""
@@ -153,14 +184,19 @@ class Ingestor:
         except Exception as exc:  # a header value the reader cannot use; one bad input never stops ingest
             raise QuarantineError(Reason.BAD_HEADER, f"{type(exc).__name__}: {exc}") from exc
 
-    def _commit(self, pending: list[tuple[Instance, int]]) -> None:
+    def _commit(self, pending: list[tuple[Instance, int]]) -> list[int]:
         if not pending:
-            return
+            return []
         added = self.store.add_many(pending)
         with self._lock:
             for n in added:
                 self._outcomes[Outcome.INGESTED if n else Outcome.DUPLICATE] += 1
                 self._images += n
+        return added
+
+    def _commit_one(self, pending: list[tuple[Instance, int]], result: Result) -> Result:
+        """Commit one input; an instance another writer stored meanwhile turns out a duplicate."""
+        return Result(Outcome.DUPLICATE) if self._commit(pending) == [0] else result
 
 
 def discover(folder: Path, exclude: Path | None = None) -> list[Path]:

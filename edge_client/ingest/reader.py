@@ -19,6 +19,7 @@ from pydicom.pixels import apply_modality_lut, get_decoder, pixel_array
 from pydicom.uid import UID
 
 from edge_client.ingest.errors import QuarantineError, Reason
+from edge_client.ingest.limits import FLOAT32_BYTES, Limits, check_image, check_length
 
 # CT windows in HU, (centre, width): the usual radiology presets.
 WINDOW_PRESETS: dict[str, tuple[float, float]] = {
@@ -35,6 +36,7 @@ IMAGE_MODALITIES = frozenset(
 _COLOUR = {"RGB", "YBR_FULL", "YBR_FULL_422", "YBR_ICT", "YBR_RCT", "YBR_PARTIAL_420"}
 _GREY = {"MONOCHROME1", "MONOCHROME2"}
 _LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)  # ITU-R BT.601, as MedMNIST's PIL "L"
+_RESIZE_BATCH_BYTES = 256 << 20  # padded float32 frames resized at once
 _PERCENTILES = (0.5, 99.5)  # fallback window where the image carries none and the modality has no scale
 
 
@@ -45,12 +47,14 @@ class ReadConfig:
     window: "auto" takes the VOI window from the tags, else the modality's default (CT soft tissue,
     others a robust min-max); a preset name forces that window on every CT image (HU are absolute,
     so a preset means the same on every scanner) and leaves other modalities on "auto".
+    limits: size caps checked before a file is read or its pixels decoded.
     """
 
     image_size: int = 28
     channels: Literal[1, 3] = 1
     modalities: frozenset[str] = field(default=IMAGE_MODALITIES)
     window: WindowChoice = "auto"
+    limits: Limits = field(default_factory=Limits)
 
     def __post_init__(self) -> None:
         if not 8 <= self.image_size <= 1024:
@@ -74,12 +78,14 @@ class Instance:
     cols: int
 
 
-def load_dataset(source: str | os.PathLike[str] | BinaryIO) -> Dataset:
+def load_dataset(source: str | os.PathLike[str] | BinaryIO, limits: Limits = Limits()) -> Dataset:
     """dcmread (a path, or a stream such as bytes the SCP received) with failures mapped to reasons.
 
-    Pixel data is read but not decoded yet. OSError other than EOF is the caller's (path, rights,
-    disk) and propagates: it says nothing about the file.
+    A source longer than limits.max_file_bytes is refused before anything is read. Pixel data is
+    read but not decoded yet. OSError other than EOF is the caller's (path, rights, disk) and
+    propagates: it says nothing about the file.
     """
+    check_length(source, limits)
     try:
         return pydicom.dcmread(source)
     except InvalidDicomError as exc:
@@ -110,6 +116,7 @@ def read_dataset(ds: Dataset, config: ReadConfig) -> Instance:
     photometric = str(ds.get("PhotometricInterpretation", "")).upper()
     if photometric not in _GREY | _COLOUR:
         raise QuarantineError(Reason.UNSUPPORTED_PHOTOMETRIC, f"photometric interpretation {photometric or 'missing'}")
+    check_image(ds, config.channels, config.limits)  # before any decode: the header decides what it costs
     _check_decoder(ds)
     raw = _decode(ds)
     frames = int(ds.get("NumberOfFrames", 1) or 1)
@@ -194,19 +201,28 @@ def _to_channels(unit: np.ndarray, colour: bool, channels: int) -> np.ndarray:
 def _resize_uint8(images: np.ndarray, size: int) -> np.ndarray:
     """Pad to square (black borders keep the anatomy's aspect ratio), antialiased resize, uint8.
 
+    Frames go through in batches of at most _RESIZE_BATCH_BYTES of padded float32 (at least one
+    frame), so a long multi-frame series never holds all its padded squares at once.
     Returns (frames, S, S) for one channel, (frames, S, S, 3) for RGB, like MedMNIST.
     """
+    frames, h, w, c = images.shape
+    per_frame = max(h, w) ** 2 * c * FLOAT32_BYTES
+    step = max(1, _RESIZE_BATCH_BYTES // per_frame)
+    out = np.concatenate([_resize_batch(images[i : i + step], size) for i in range(0, frames, step)])
+    return out[..., 0] if c == 1 else out
+
+
+def _resize_batch(images: np.ndarray, size: int) -> np.ndarray:
     import torch
     import torch.nn.functional as F
 
-    _, h, w, c = images.shape
+    n, h, w, c = images.shape
     side = max(h, w)
     top, left = (side - h) // 2, (side - w) // 2
-    square = np.zeros((images.shape[0], side, side, c), dtype=np.float32)
+    square = np.zeros((n, side, side, c), dtype=np.float32)
     square[:, top : top + h, left : left + w] = images
     tensor = torch.from_numpy(square).permute(0, 3, 1, 2)
     if side != size:
         tensor = F.interpolate(tensor, size=(size, size), mode="bilinear", antialias=side > size, align_corners=False)
     out = tensor.permute(0, 2, 3, 1).numpy()  # small now: finish in numpy, off torch's thread pool
-    out = np.rint(np.clip(out, 0.0, 1.0) * 255.0).astype(np.uint8)
-    return out[..., 0] if c == 1 else out
+    return np.rint(np.clip(out, 0.0, 1.0) * 255.0).astype(np.uint8)

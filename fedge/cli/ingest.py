@@ -37,11 +37,17 @@ def ingest(
     port: int = typer.Option(11112, "--port", help="The receiver's TCP port."),
     allow_ae: list[str] = typer.Option([], "--allow-ae", help="Calling AE titles allowed to send (repeat)."),
     host: str = typer.Option("127.0.0.1", "--host", help="Address the receiver binds."),
+    tls_ca: Optional[Path] = typer.Option(None, "--tls-ca", help="DICOM TLS for --scp: the federation CA; senders must show a certificate it signed."),
+    tls_cert: Optional[Path] = typer.Option(None, "--tls-cert", help="DICOM TLS for --scp: this receiver's certificate (PEM)."),
+    tls_key: Optional[Path] = typer.Option(None, "--tls-key", help="DICOM TLS for --scp: this receiver's private key (PEM)."),
+    quarantine_mb: int = typer.Option(1024, "--quarantine-mb", help="Quarantine quota in MiB; bad inputs past it are refused, counted and logged, not kept."),
+    max_file_mb: int = typer.Option(1024, "--max-file-mb", help="Refuse files (or received datasets) larger than this many MiB before reading them."),
 ) -> None:
     """Decode DICOM into the de-identified local store the agent trains from; PHI stays on this device."""
     from rich.console import Console
 
     from edge_client.ingest.labels import Labels
+    from edge_client.ingest.limits import Limits, MiB
     from edge_client.ingest.pipeline import Ingestor, discover
     from edge_client.ingest.reader import IMAGE_MODALITIES, ReadConfig
     from edge_client.ingest.store import DatasetStore
@@ -50,6 +56,10 @@ def ingest(
         raise typer.BadParameter("give a FOLDER to read, or --scp to receive over the network (not both)")
     if (watch or class_folders) and folder is None:
         raise typer.BadParameter("--watch and --class-folders need a FOLDER")
+    if (tls_ca or tls_cert or tls_key) and not scp:
+        raise typer.BadParameter("--tls-ca/--tls-cert/--tls-key secure the --scp receiver: add --scp")
+    if quarantine_mb < 0 or max_file_mb < 1:
+        raise typer.BadParameter("--quarantine-mb takes 0 (keep nothing) or more, --max-file-mb 1 or more")
     warnings.filterwarnings("ignore", module="pydicom")  # non-conformant tags are common; bad files get a reason instead
     console = Console(stderr=True)
     try:
@@ -59,19 +69,20 @@ def ingest(
             channels=dataset_store.channels,  # type: ignore[arg-type]
             modalities=frozenset(m.upper() for m in modality) or IMAGE_MODALITIES,
             window=window,  # type: ignore[arg-type]
+            limits=Limits(max_file_bytes=max_file_mb * MiB),
         )
         label_map = Labels.from_csv(labels) if labels else Labels()
         if class_folders and folder is not None:
             label_map = label_map.merged(Labels.from_folders(folder))
     except (ValueError, FileExistsError, FileNotFoundError) as exc:
         raise typer.BadParameter(str(exc)) from exc
-    ingestor = Ingestor(dataset_store, config, label_map)
+    ingestor = Ingestor(dataset_store, config, label_map, quarantine_bytes=quarantine_mb * MiB)
 
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())  # a service manager stops us: still write the report
     try:
         if scp:
-            _serve(ingestor, ae_title, port, tuple(allow_ae), host, stop, console)
+            _serve(ingestor, ae_title, port, tuple(allow_ae), host, (tls_ca, tls_cert, tls_key), stop, console)
         elif watch and folder is not None:
             from edge_client.ingest.watch import watch as watch_inbox
 
@@ -94,17 +105,29 @@ def ingest(
 
 
 def _serve(
-    ingestor: Ingestor, ae_title: str, port: int, allow_ae: tuple[str, ...], host: str, stop: threading.Event, console: Console
+    ingestor: Ingestor,
+    ae_title: str,
+    port: int,
+    allow_ae: tuple[str, ...],
+    host: str,
+    tls_files: tuple[Optional[Path], Optional[Path], Optional[Path]],
+    stop: threading.Event,
+    console: Console,
 ) -> None:
-    from edge_client.ingest.scp import ScpConfig, StorageSCP
+    from edge_client.ingest.scp import ScpConfig, ScpTls, StorageSCP
 
     try:
-        config = ScpConfig(ae_title=ae_title, port=port, allow_ae=allow_ae, host=host)
+        tls = ScpTls(*tls_files) if any(tls_files) else None  # type: ignore[arg-type]
+        config = ScpConfig(ae_title=ae_title, port=port, allow_ae=allow_ae, host=host, tls=tls)
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from exc
     server = StorageSCP(ingestor, config)
-    server.start()
-    console.print(f"receiving as {ae_title} on {host}:{server.port} from {', '.join(allow_ae)} (Ctrl-C to stop)")
+    try:
+        server.start()
+    except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError: a key that does not match, a PEM that is not one
+        raise typer.BadParameter(f"the receiver cannot start: {exc}") from exc
+    secure = "DICOM TLS, " if tls else ""
+    console.print(f"receiving as {ae_title} on {host}:{server.port} ({secure}from {', '.join(allow_ae)}) (Ctrl-C to stop)")
     try:
         while not stop.wait(1.0):
             pass
@@ -119,9 +142,10 @@ def _print_summary(console: Console, s: IngestSummary, stored: int) -> None:
     table.add_column("ingested", justify="right")
     table.add_column("duplicates", justify="right")
     table.add_column("quarantined", justify="right")
+    table.add_column("not kept (quota)", justify="right")
     table.add_column("reasons")
     table.add_column("images in store", justify="right")
     table.add_column("seconds", justify="right")
     reasons = ", ".join(f"{k}={v}" for k, v in s.reasons.items()) or "-"
-    table.add_row(str(s.ingested), str(s.duplicates), str(s.quarantined), reasons, str(stored), f"{s.seconds:.2f}")
+    table.add_row(str(s.ingested), str(s.duplicates), str(s.quarantined), str(s.quarantine_full), reasons, str(stored), f"{s.seconds:.2f}")
     console.print(table)
