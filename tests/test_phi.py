@@ -54,6 +54,7 @@ from data_fixtures import data_path
 from fedge.protocol import (
     ALLOWED_METRICS,
     Chunk,
+    ControlMessage,
     EnvelopeHeader,
     ProtocolError,
     Reassembler,
@@ -630,8 +631,9 @@ def test_no_dicom_value_and_no_pixel_leaves_the_site(federation_run: Run) -> Non
     assert state["round"] == 2, state
     assert [sorted(r["clients"]) for r in state["history"]] == [list(SITES)] * 2
     assert (run.checkpoint_dir / "final.safetensors").is_file()
-    finished = [json.loads(p) for t, p in run.messages if t == Topics(FEDERATION).control and p]
-    assert finished and finished[-1] == {"command": "finished", "round": 2}
+    control = [p for t, p in run.messages if t == Topics(FEDERATION).control and p]
+    finished = [open_record(p, ControlMessage, None, federation=FEDERATION, sender="server") for p in control]
+    assert finished and (finished[-1].command, finished[-1].round) == ("finished", 2)
 
     # The checker had something to look at: real identifiers and real pixels.
     keywords = set().union(*run.values.values())
