@@ -1,14 +1,20 @@
 """The embedded amqtt broker: a zero-setup MQTT 3.1.1 broker for `fedge demo` and local runs.
 
-Always bound to 127.0.0.1 (amqtt's own default is 0.0.0.0). Production sites use Mosquitto.
+Always bound to 127.0.0.1 (amqtt's own default is 0.0.0.0). Production sites use Mosquitto;
+`MosquittoProcess` runs one with a generated TLS + ACL config for `fedge demo --secure`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import shutil
 import socket
+import subprocess
 import threading
+import time
+from pathlib import Path
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -86,3 +92,49 @@ class EmbeddedBroker:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+class MosquittoProcess:
+    """`mosquitto -c CONFIG` as a child process for `fedge demo --secure`; stopped on exit.
+
+    Production sites run Mosquitto as a service with the config `fedge provision broker` writes;
+    this only starts the same config for one demo."""
+
+    CANDIDATES = ("mosquitto", "/usr/sbin/mosquitto", "/usr/local/sbin/mosquitto")
+
+    def __init__(self, config: str | os.PathLike, port: int, log: str | os.PathLike):
+        self.config, self.port, self.log = Path(config), port, Path(log)
+        self._proc: subprocess.Popen | None = None
+
+    @classmethod
+    def binary(cls) -> str:
+        for candidate in cls.CANDIDATES:
+            found = shutil.which(candidate)
+            if found:
+                return found
+        raise RuntimeError("--secure needs the mosquitto broker: apt-get install -y mosquitto (or leave out --secure)")
+
+    def __enter__(self) -> "MosquittoProcess":
+        with self.log.open("wb") as out:
+            self._proc = subprocess.Popen([self.binary(), "-c", str(self.config)], stdout=out, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 15
+        while True:
+            if self._proc.poll() is not None:
+                raise RuntimeError(f"mosquitto exited with {self._proc.returncode}: {self.log.read_text(errors='replace')[-2000:]}")
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2):
+                    return self
+            except OSError:
+                if time.monotonic() > deadline:
+                    self.__exit__()
+                    raise RuntimeError(f"mosquitto did not listen on 127.0.0.1:{self.port} in 15 s; see {self.log}") from None
+                time.sleep(0.05)
+
+    def __exit__(self, *exc) -> None:
+        if self._proc is not None and self._proc.poll() is None:
+            self._proc.terminate()
+            try:
+                self._proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                self._proc.kill()
+                self._proc.wait(timeout=5)

@@ -26,6 +26,7 @@ def demo(
     mode_options: str = typer.Option(None, help=MODE_OPTIONS_HELP),
     init: Path = typer.Option(None, help="Pretrained checkpoint to federate from (`fedge pretrain`)"),
     emulate_link: str = typer.Option(None, help="Device profile (name or YAML path) whose uplink/downlink paces each agent"),
+    secure: bool = typer.Option(False, "--secure", help="Provision a CA, certificates and ACLs (as `fedge provision` does) into WORKDIR/pki and run the demo over a Mosquitto started with them (needs mosquitto)"),
     workdir: Path = typer.Option(Path("runs/demo"), help="Where checkpoints and agent state go (wiped first)"),
     report: Path = typer.Option(None, help="Write the JSON report here (and a PNG plot beside it)"),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Log server events"),
@@ -48,7 +49,7 @@ def demo(
     settings = FederationSettings(
         dataset=dataset, data_dir=data_dir, clients=clients, rounds=rounds, codec=codec, downlink_codec=downlink_codec,
         arch=arch, broker=broker, seed=seed, alpha=alpha, epochs=epochs, lr=lr, workdir=workdir,
-        mode=mode, mode_options=parse_mode_options(mode_options), init=init, emulate_link=emulate_link,
+        mode=mode, mode_options=parse_mode_options(mode_options), init=init, emulate_link=emulate_link, secure=secure,
     )
     with Progress(TextColumn("[bold]rounds"), BarColumn(), TextColumn("{task.completed}/{task.total}"), TimeElapsedColumn(), console=console) as progress:
         bar = progress.add_task("rounds", total=rounds)
@@ -63,7 +64,7 @@ def demo(
 
         try:
             result = run_federation(settings, on_round=on_round, report_path=report)
-        except (FileNotFoundError, ValueError, ConnectionError, TimeoutError) as exc:  # ProfileError is a ValueError
+        except (FileNotFoundError, ValueError, ConnectionError, TimeoutError, RuntimeError) as exc:  # ProfileError, ProvisionError are ValueErrors
             console.print(f"[red]error:[/red] {exc}")
             raise typer.Exit(2) from None
     console.print(table)

@@ -41,6 +41,7 @@ class FederationSettings:
     init: Path | None = None  # pretrained checkpoint (head re-initialised if the class count differs)
     emulate_link: str | None = None  # device profile name/path: pace each agent's MQTT traffic to its link
     signed: bool = True  # fresh Ed25519 keys for the server and every site, in <workdir>/keys
+    secure: bool = False  # provision a CA, certificates and ACLs into <workdir>/pki and run Mosquitto with them
 
 
 def _plot(report: dict[str, Any], path: Path) -> None:
@@ -95,11 +96,17 @@ def run_federation(
         shutil.rmtree(workdir)  # a demo starts fresh; `fedge server` is the command that resumes
     workdir.mkdir(parents=True)
     sites = [f"site-{i + 1}" for i in range(settings.clients)]
-    keys = _demo_keys(workdir / "keys", sites) if settings.signed else {}
+    if settings.secure and settings.broker:
+        raise ValueError("--secure starts its own Mosquitto with the generated config; leave out --broker")
+    keys = _demo_keys(workdir / "keys", sites) if settings.signed and not settings.secure else {}
+    tls: dict[str, dict[str, Path]] = {}
 
     started = time.monotonic()
     with ExitStack() as stack:
-        broker = settings.broker or stack.enter_context(EmbeddedBroker()).url
+        if settings.secure:
+            broker, keys, tls = _secure_broker(stack, workdir / "pki", settings.federation, sites)
+        else:
+            broker = settings.broker or stack.enter_context(EmbeddedBroker()).url
         server = RoundServer(
             ServerConfig(
                 federation=settings.federation,
@@ -118,6 +125,7 @@ def run_federation(
                 init_checkpoint=settings.init,
                 trusted_keys=keys.get("trusted"),
                 signing_key=keys.get("server"),
+                **tls.get("server", {}),
                 dataset=settings.dataset,
             ),
             evaluator=task.evaluate,
@@ -139,6 +147,7 @@ def run_federation(
                 state_dir=workdir / "agents" / site,
                 signing_key=keys.get(site),
                 server_key=keys.get("server.pub"),
+                **tls.get(site, {}),
                 **link,
             )
             proc = ctx.Process(target=run_agent, args=(config,), name=site, daemon=True)
@@ -202,6 +211,28 @@ def _demo_keys(folder: Path, sites: list[str]) -> dict[str, Path]:
         paths[site] = folder / f"{site}.key"
         Signer.generate().save(paths[site], trusted / f"{site}.pub")
     return paths
+
+
+def _secure_broker(stack: ExitStack, folder: Path, federation: str, sites: list[str]) -> tuple[str, dict[str, Path], dict[str, dict[str, Path]]]:
+    """What `fedge provision init/site/broker` make, and Mosquitto running that config on a free
+    loopback port: the broker URL, the signing keys and every identity's TLS files."""
+    import getpass
+
+    from fedge.broker import MosquittoProcess, free_port
+    from server.provision import init_federation, provision_site, write_broker_config
+
+    MosquittoProcess.binary()  # the clear error before any certificate is made
+    port = free_port()
+    url = f"mqtts://127.0.0.1:{port}"
+    fed = init_federation(federation, folder)
+    kits = {site: provision_site(fed.dir, site, broker=url) for site in sites}
+    files = write_broker_config(fed.dir, folder / "broker", port=port, listen="127.0.0.1", user=getpass.getuser())
+    stack.enter_context(MosquittoProcess(files.config, port, folder / "mosquitto.log"))
+    keys = {"trusted": fed.trusted_keys, "server": fed.server_signing_key, "server.pub": fed.server_public_key}
+    keys |= {site: kit.signing_key for site, kit in kits.items()}
+    tls = {"server": {"ca": fed.server_ca, "cert": fed.server_cert, "key": fed.server_tls_key}}
+    tls |= {site: {"ca": kit.ca, "cert": kit.cert, "key": kit.key} for site, kit in kits.items()}
+    return url, keys, tls
 
 
 def _reap(procs: list) -> None:
