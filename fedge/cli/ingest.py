@@ -99,8 +99,9 @@ def ingest(
         raise typer.Exit(1) from exc
     summary = ingestor.summary()
     if report:
-        report.parent.mkdir(parents=True, exist_ok=True)
-        report.write_text(summary.to_json())
+        from fedge.files import atomic_write_bytes
+
+        atomic_write_bytes(report, summary.to_json().encode())  # never a half-written report after a crash
     _print_summary(console, summary, len(dataset_store))
 
 
