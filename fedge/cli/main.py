@@ -19,6 +19,7 @@ _COMMANDS: list[tuple[str, str, str]] = [
     ("fedge.cli.server", "server", "server"),
     ("fedge.cli.agent", "app", "agent"),
     ("fedge.cli.keys", "keys", "keys"),
+    ("fedge.cli.provision", "app", "provision"),
     ("fedge.cli.ingest", "ingest", "ingest"),
     ("fedge.cli.profiles", "app", "profiles"),
     ("fedge.cli.export", "export", "export"),
