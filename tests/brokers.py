@@ -1,15 +1,24 @@
-"""Real MQTT brokers for integration tests. Use with `from brokers import mosquitto_broker`."""
+"""Real MQTT brokers for integration tests. Use with `from brokers import mosquitto_broker`
+(plain, anonymous) or `secure_mosquitto` (the `fedge provision` config: mutual TLS and ACLs)."""
 
 from __future__ import annotations
 
+import contextlib
+import os
+import pwd
 import shutil
 import socket
 import subprocess
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
+
+if TYPE_CHECKING:
+    from fedge.transport import TlsFiles
 
 _MOSQUITTO_CANDIDATES = ("mosquitto", "/usr/sbin/mosquitto", "/usr/local/sbin/mosquitto")
 
@@ -68,3 +77,74 @@ def mosquitto_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait(timeout=5)
+
+
+@contextlib.contextmanager
+def running_mosquitto(config: Path, port: int, log: Path) -> Iterator[subprocess.Popen[bytes]]:
+    """Run `mosquitto -c config` until the block ends; waits until it listens on 127.0.0.1:port."""
+    binary = mosquitto_binary()
+    if binary is None:
+        pytest.skip("mosquitto binary not found on PATH or in /usr/sbin (apt-get install -y mosquitto)")
+    with log.open("wb") as log_file:
+        proc = subprocess.Popen([binary, "-c", str(config)], stdout=log_file, stderr=subprocess.STDOUT)
+    try:
+        _wait_listening(proc, port, log)
+        yield proc
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=5)
+
+
+def current_user() -> str:
+    """For the generated config's `user`: Mosquitto started as root would otherwise drop to `mosquitto`,
+    which cannot read a pytest temp folder."""
+    return pwd.getpwuid(os.geteuid()).pw_name
+
+
+@dataclass(frozen=True)
+class SecureBroker:
+    """A Mosquitto broker running the config `fedge provision broker` wrote, for federation `federation`."""
+
+    host: str
+    port: int
+    federation: str
+    provision_dir: Path  # what `fedge provision init` made: ca/, broker/, server/, sites/, federation.json
+    broker_dir: Path  # what `fedge provision broker` wrote: mosquitto.conf, acl, certificates
+    kits: dict[str, Path]  # site name -> its kit folder (ca.crt, NAME.crt, NAME.key, NAME-signing.key, server.pub, agent.yaml)
+    log: Path
+
+    @property
+    def url(self) -> str:
+        return f"mqtts://{self.host}:{self.port}"
+
+    def tls(self, identity: str) -> "TlsFiles":
+        """TLS files of `server` or of a provisioned site."""
+        from fedge.transport import TlsFiles
+
+        if identity == "server":
+            server = self.provision_dir / "server"
+            return TlsFiles(ca=server / "ca.crt", cert=server / "server.crt", key=server / "server-tls.key")
+        kit = self.kits[identity]
+        return TlsFiles(ca=kit / "ca.crt", cert=kit / f"{identity}.crt", key=kit / f"{identity}.key")
+
+
+@pytest.fixture(scope="module")
+def secure_mosquitto(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SecureBroker]:
+    """Federation "secure" with sites site-1 and site-2, provisioned into a temp folder, served by
+    mosquitto on a free 127.0.0.1 port with the generated TLS + ACL config. Skips without mosquitto."""
+    from server.provision import init_federation, provision_site, write_broker_config
+
+    if mosquitto_binary() is None:
+        pytest.skip("mosquitto binary not found on PATH or in /usr/sbin (apt-get install -y mosquitto)")
+    root = tmp_path_factory.mktemp("secure-mosquitto")
+    port = _free_port()
+    fed = init_federation("secure", root / "provision")
+    kits = {site: provision_site(fed.dir, site, broker=f"mqtts://127.0.0.1:{port}").dir for site in ("site-1", "site-2")}
+    files = write_broker_config(fed.dir, root / "broker", port=port, listen="127.0.0.1", user=current_user())
+    log = root / "mosquitto.log"
+    with running_mosquitto(files.config, port, log):
+        yield SecureBroker("127.0.0.1", port, fed.name, fed.dir, files.dir, kits, log)
