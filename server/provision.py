@@ -572,7 +572,7 @@ def acl_text(federation: str) -> str:
         f"user {SERVER_IDENTITY}",
         f"topic readwrite {root}/#",
         "",
-        "# every identity, sites included",
+        "# every identity, sites included (Mosquitto warns that the read pattern has no %u or %c: it is meant for all)",
         f"pattern read {root}/#",
         f"pattern write {root}/round/+/update/%u/+",
         f"pattern write {root}/status/%u",
