@@ -42,12 +42,22 @@ class AgentConfig(BaseModel):
     def from_yaml(cls, path: str | Path) -> "AgentConfig":
         try:
             data = yaml.safe_load(Path(path).read_text()) or {}
-            return cls.model_validate(data)
+            config = cls.model_validate(data)
         except (OSError, yaml.YAMLError) as exc:
             raise ValueError(f"cannot read agent config {path}: {exc}") from exc
         except ValidationError as exc:
             problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
             raise ValueError(f"agent config {path} is invalid: {problems}") from None
+        return config.relative_to(Path(path).absolute().parent)
+
+    def relative_to(self, folder: Path) -> "AgentConfig":
+        """Relative paths in a YAML file mean "beside this file", so a site kit can be copied anywhere."""
+        update = {}
+        for name in ("data_dir", "state_dir", "signing_key", "server_key", "ca", "cert", "key"):
+            value = getattr(self, name)
+            if value is not None and not value.is_absolute():
+                update[name] = folder / value
+        return self.model_copy(update=update)
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json", exclude_none=True), sort_keys=False)

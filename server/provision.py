@@ -473,11 +473,13 @@ def provision_site(
         broker=broker or fed.broker_url(),
         site=site,
         federation=fed.name,
-        signing_key=kit.signing_key,
-        server_key=kit.server_key,
-        ca=kit.ca,
-        cert=kit.cert,
-        key=kit.key,
+        # Names beside agent.yaml (AgentConfig.from_yaml resolves them there): the kit can be copied anywhere.
+        signing_key=Path(kit.signing_key.name),
+        server_key=Path(kit.server_key.name),
+        ca=Path(kit.ca.name),
+        cert=Path(kit.cert.name),
+        key=Path(kit.key.name),
+        state_dir=Path("agent-state"),
     )
     _write_public(kit.config, config.to_yaml().encode())
     sites = dict(fed.sites)
@@ -562,7 +564,9 @@ def write_broker_config(
 
 def acl_text(federation: str) -> str:
     """Mosquitto ACL: the server identity may read and write the whole federation; every other identity
-    reads it and writes only its own update chunks and status (pattern lines apply to every user)."""
+    reads what the server publishes (announcements, globals, snapshots, control) and its own status,
+    and writes only its own update chunks and status. Sites never read each other's updates: a
+    delta says something about a site's patients (pattern lines apply to every user)."""
     root = f"fedge/{check_name('federation', federation)}"
     return "\n".join([
         f"# fedge federation {federation!r}: written by `fedge provision broker`.",
@@ -572,9 +576,13 @@ def acl_text(federation: str) -> str:
         f"user {SERVER_IDENTITY}",
         f"topic readwrite {root}/#",
         "",
-        "# every identity, sites included (Mosquitto warns that the read pattern has no %u or %c: it is meant for all)",
-        f"pattern read {root}/#",
+        "# every identity, sites included (Mosquitto warns that read patterns without %u or %c apply to all: they are meant to)",
+        f"pattern read {root}/round/+/global",
+        f"pattern read {root}/round/+/global/+",
+        f"pattern read {root}/snapshot",
+        f"pattern read {root}/snapshot/+",
+        f"pattern read {root}/control",
+        f"pattern readwrite {root}/status/%u",
         f"pattern write {root}/round/+/update/%u/+",
-        f"pattern write {root}/status/%u",
         "",
     ])
