@@ -5,8 +5,10 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import threading
 import time
 import zlib
+from functools import partial
 from dataclasses import dataclass
 
 import numpy as np
@@ -37,7 +39,7 @@ from fedge.protocol.messages import ServerRecord
 from fedge.protocol.signing import SignatureError, Signer, Verifier
 from fedge.refusals import Refusals
 from fedge.tasks import ClassificationTask, default_device
-from fedge.transport import Message, MqttSession, TlsFiles
+from fedge.transport import Message, MqttSession, Session, SessionFactory, TlsFiles
 
 log = logging.getLogger("fedge.agent")
 
@@ -83,7 +85,7 @@ class Agent:
         self.finished = False
         self.answered: RoundAnnouncement | None = None  # a re-announcement (server restart) gets the update again
         self.rounds_done: list[int] = []
-        self.session: MqttSession | None = None
+        self.session: Session | None = None
 
     # ---- decoding the downlink -------------------------------------------------------------------
     def _decode_global(self, data: bytes, sha256: str) -> tuple[EnvelopeHeader, dict[str, np.ndarray]]:
@@ -316,8 +318,9 @@ class Agent:
         if self._try_obtain(ann):
             self._train_and_send(ann)
 
-    def run(self, stop=None) -> list[int]:
-        """Take part in rounds until the server says the federation finished (or `stop` is set)."""
+    def run(self, stop: threading.Event | None = None, transport: SessionFactory | None = None) -> list[int]:
+        """Take part in rounds until the server says the federation finished (or `stop` is set);
+        `transport` (default: MQTT to the configured broker) makes the session."""
         torch.set_num_threads(self.config.threads)
         link = None
         if self.config.uplink_mbps or self.config.downlink_mbps:
@@ -329,9 +332,10 @@ class Agent:
         if self.config.cert is not None:
             from fedge.identity import certificate_identity
 
-            tls = TlsFiles(str(self.config.ca) if self.config.ca else None, str(self.config.cert), str(self.config.key) if self.config.key else None)
+            tls = TlsFiles(self.config.ca, self.config.cert, self.config.key)
             client_id = certificate_identity(self.config.cert)
-        self.session = MqttSession(self.config.broker, client_id, will=offline, link=link, tls=tls, refuse=self.refusals)
+        factory = transport or partial(MqttSession, self.config.broker)
+        self.session = factory(client_id, will=offline, link=link, tls=tls, refuse=self.refusals)
         self.session.subscribe(self.topics.all_announcements, self.topics.all_global_chunks, self.topics.control)
         self.session.connect()
         self.session.publish(self.topics.status(self.config.site), self._status("online"), retain=True)

@@ -1,8 +1,13 @@
 """One MQTT session for the server and the agents (paho-mqtt 2.x, MQTT 3.1.1, QoS 1).
 
+`Session` is what the agent and the server need of a transport; `MqttSession` is the real one and
+`fedge.memory_transport.MemoryBroker` an in-process one, so their round logic is unit-tested
+without a broker process.
+
 Persistent sessions (clean_session=False) so QoS 1 messages wait at the broker while a peer is
 away; paho reconnects with exponential backoff; messages are handed to the caller's thread
-through a queue so nothing heavy runs in paho's network thread.
+through a queue so nothing heavy runs in paho's network thread (except link emulation, which
+must pace the network itself, and the `accept` topic filter, which is a few string compares).
 """
 
 from __future__ import annotations
@@ -84,6 +89,38 @@ class Message:
     topic: str
     payload: bytes
     retain: bool
+
+
+class Session(Protocol):
+    """A connected MQTT-like session: QoS 1 publish/subscribe with retained messages."""
+
+    def connect(self, timeout: float = 30.0) -> "Session": ...
+    def subscribe(self, *filters: str) -> None: ...
+    def unsubscribe(self, *filters: str) -> None: ...
+    def publish(self, topic: str, payload: bytes, *, retain: bool = False, timeout: float = 120.0) -> None: ...
+    def publish_chunked(self, topic_for: Callable[[int], str], data: bytes, *, chunk_size: int = DEFAULT_CHUNK_SIZE, retain: bool = False) -> TransferInfo: ...
+    def get(self, timeout: float) -> Message | None: ...
+    def close(self, final: tuple[str, bytes] | None = None) -> None: ...
+    @property
+    def connected(self) -> bool: ...
+
+
+class SessionFactory(Protocol):
+    """Makes the session of one client: `MqttSession` bound to a broker URL, or `MemoryBroker.session`."""
+
+    def __call__(
+        self, client_id: str, *, will: tuple[str, bytes] | None = None, tls: "TlsFiles | None" = None, link: "Link | None" = None,
+        accept: Callable[[str], str | None] | None = None, refuse: Callable[[str, str], None] | None = None,
+        max_queue_bytes: int = 256 << 20,
+    ) -> Session: ...
+
+
+def publish_chunked(session: Session, topic_for: Callable[[int], str], data: bytes, *, chunk_size: int, retain: bool) -> TransferInfo:
+    """Split `data` into chunks, publish each on `topic_for(index)`, and say how to find and check it."""
+    chunks = split_chunks(data, chunk_size)
+    for chunk in chunks:
+        session.publish(topic_for(chunk.index), chunk.encode(), retain=retain)
+    return TransferInfo(transfer=chunks[0].transfer.hex(), chunks=len(chunks), bytes=len(data), sha256=hashlib.sha256(data).hexdigest())
 
 
 class MqttSession:
@@ -285,10 +322,7 @@ class MqttSession:
         self.bytes_sent += len(payload)
 
     def publish_chunked(self, topic_for: Callable[[int], str], data: bytes, *, chunk_size: int = DEFAULT_CHUNK_SIZE, retain: bool = False) -> TransferInfo:
-        chunks = split_chunks(data, chunk_size)
-        for chunk in chunks:
-            self.publish(topic_for(chunk.index), chunk.encode(), retain=retain)
-        return TransferInfo(transfer=chunks[0].transfer.hex(), chunks=len(chunks), bytes=len(data), sha256=hashlib.sha256(data).hexdigest())
+        return publish_chunked(self, topic_for, data, chunk_size=chunk_size, retain=retain)
 
     def get(self, timeout: float) -> Message | None:
         try:

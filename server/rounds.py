@@ -8,6 +8,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +37,7 @@ from fedge.protocol import (
 )
 from fedge.protocol.signing import SignatureError, Signer, Verifier
 from fedge.refusals import Refusals
-from fedge.transport import Message, MqttSession, TlsFiles
+from fedge.transport import Message, MqttSession, Session, SessionFactory, TlsFiles
 from server.config import ServerConfig
 from server.store import CheckpointStore, RoundState
 from server.strategies import ClientUpdate, get_strategy
@@ -84,7 +85,7 @@ class RoundServer:
         # Which (round, sites) may send update chunks now: read by paho's thread to drop the rest unread.
         self._open: tuple[int, frozenset[str]] | None = None
         self.uploads: dict[tuple[int, str], dict[str, float]] = {}  # sites' measured upload time and bytes
-        self.session: MqttSession | None = None
+        self.session: Session | None = None
         self.state = self._initial_state()
         self.run_id = self.store.run_id()
         self.manifest = UpdateCodec.manifest(self.state.weights)
@@ -382,7 +383,7 @@ class RoundServer:
         self._checkpoint()
         return record
 
-    def _session(self) -> MqttSession:
+    def _session(self, transport: SessionFactory | None) -> Session:
         """With a client certificate, the broker knows the server by its certificate identity (and
         Mosquitto's use_username_as_clientid stops anyone else taking its client id)."""
         tls = None
@@ -390,15 +391,15 @@ class RoundServer:
         if self.config.cert is not None:
             from fedge.identity import certificate_identity
 
-            tls = TlsFiles(str(self.config.ca) if self.config.ca else None, str(self.config.cert), str(self.config.key) if self.config.key else None)
+            tls = TlsFiles(self.config.ca, self.config.cert, self.config.key)
             client_id = certificate_identity(self.config.cert)
-        return MqttSession(
-            self.config.broker, client_id, tls=tls, accept=self._accept, refuse=self.refusals,
-            max_queue_bytes=self.config.max_queue_bytes,
-        )
+        factory = transport or partial(MqttSession, self.config.broker)
+        return factory(client_id, tls=tls, accept=self._accept, refuse=self.refusals, max_queue_bytes=self.config.max_queue_bytes)
 
-    def run(self) -> RoundState:
-        self.session = self._session()
+    def run(self, transport: SessionFactory | None = None) -> RoundState:
+        """Run rounds until the configured number is done; `transport` (default: MQTT to the
+        configured broker) makes the session."""
+        self.session = self._session(transport)
         self.session.subscribe(self.topics.all_updates, self.topics.all_status)
         self.session.connect()
         self.session.publish(self.topics.control, b"", retain=True)  # forget a previous run's "finished"

@@ -1,0 +1,135 @@
+"""The round logic of the server and the agents, over the in-process broker: announcement, training,
+refusal, quorum, deadline, re-announcement and resume, in seconds and without a broker process
+(tests/test_federation.py runs the same over amqtt and Mosquitto)."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from edge_client.agent import Agent
+from edge_client.config import AgentConfig
+from fedge.data import dirichlet_split, load_medmnist
+from fedge.memory_transport import MemoryBroker
+from fedge.models import ModelConfig
+from fedge.protocol import Chunk, RoundAnnouncement, StatusMessage, Topics, open_record, sign_record
+from fedge.tasks import ClassificationTask
+from server.config import ServerConfig
+from server.rounds import RoundServer
+
+FED = "mem"
+MODEL = ModelConfig(arch="cnn", in_channels=1, num_classes=2, image_size=28, options={"widths": [4, 8]})
+
+
+@pytest.fixture(scope="module")
+def task(medmnist_root) -> ClassificationTask:
+    return ClassificationTask(load_medmnist("breastmnist", medmnist_root))
+
+
+class Federation:
+    def __init__(self, broker: MemoryBroker, task: ClassificationTask, tmp_path, **server_options):
+        self.broker, self.task, self.tmp_path = broker, task, tmp_path
+        config = dict(federation=FED, broker="memory://", model=MODEL, checkpoint_dir=tmp_path / "ckpt", rounds=2, min_clients=2,
+                      expected_clients=("site-1", "site-2"), round_timeout=60, wait_for_clients=60)  # fmt: skip
+        self.server = RoundServer(ServerConfig(**(config | server_options)))
+        self.shards = dirichlet_split(task.splits.labels["train"], 2, 1.0, 0)
+        self.threads: list[threading.Thread] = []
+        self.agents: dict[str, Agent] = {}
+        self.errors: list[BaseException] = []
+
+    def _thread(self, target, name: str) -> None:
+        def run() -> None:
+            try:
+                target()
+            except BaseException as exc:  # surfaced by join()
+                self.errors.append(exc)
+
+        thread = threading.Thread(target=run, name=name, daemon=True)
+        thread.start()
+        self.threads.append(thread)
+
+    def start_server(self) -> None:
+        self._thread(lambda: self.server.run(transport=self.broker.session), "server")
+
+    def start_agent(self, site: str, **options) -> Agent:
+        config = AgentConfig(broker="mqtt://unused:1", site=site, federation=FED, state_dir=self.tmp_path / site, **options)
+        agent = Agent(config, self.task, self.shards[int(site[-1]) - 1][:64])
+        self.agents[site] = agent
+        self._thread(lambda: agent.run(transport=self.broker.session), site)
+        return agent
+
+    def join(self, timeout: float = 120) -> None:
+        deadline = time.monotonic() + timeout
+        for thread in self.threads:
+            thread.join(max(0.1, deadline - time.monotonic()))
+            assert not thread.is_alive(), f"{thread.name} did not finish"
+        assert not self.errors, self.errors
+
+    def announcements(self, rnd: int) -> list[RoundAnnouncement]:
+        topic = Topics(FED).announce(rnd)
+        return [open_record(m.payload, RoundAnnouncement, None, federation=FED) for m in self.broker.published if m.topic == topic and m.payload]
+
+
+def test_two_sites_two_rounds(task, tmp_path) -> None:
+    fed = Federation(MemoryBroker(), task, tmp_path)
+    fed.start_server()
+    for site in ("site-1", "site-2"):
+        fed.start_agent(site)
+    fed.join()
+    assert [r["clients"] for r in fed.server.state.history] == [["site-1", "site-2"]] * 2
+    assert all(agent.rounds_done == [1, 2] and agent.finished for agent in fed.agents.values())
+    assert all(agent.run_id == fed.server.run_id for agent in fed.agents.values())
+    assert fed.server.refusals.total == 0 and all(a.refusals.total == 0 for a in fed.agents.values())
+    assert all(np.isfinite(v).all() for v in fed.server.state.weights.values())
+
+
+def test_a_site_that_refuses_the_codec_is_waited_for_until_the_deadline_then_the_quorum_aggregates(task, tmp_path) -> None:
+    fed = Federation(MemoryBroker(), task, tmp_path, rounds=1, min_clients=1, round_timeout=3)
+    fed.start_server()
+    fed.start_agent("site-1")
+    pinned = fed.start_agent("site-2", codec="q8,ef|zstd")
+    fed.join()
+    assert fed.server.state.history[0]["clients"] == ["site-1"]
+    assert pinned.rounds_done == [] and pinned.finished  # it skipped the round, and still heard the end
+    assert len(fed.announcements(1)) == 1  # quorum met at the deadline: no re-announcement
+
+
+def test_below_quorum_at_the_deadline_the_round_is_re_announced_and_a_late_site_joins(task, tmp_path) -> None:
+    fed = Federation(MemoryBroker(), task, tmp_path, rounds=1, min_clients=2, round_timeout=2, expected_clients=())
+    fed.start_server()
+    fed.start_agent("site-1")
+    status = fed.broker.session("site-2-status")  # site-2 is online (so selected) but its agent starts after the deadline
+    status.connect()
+    status.publish(Topics(FED).status("site-2"), sign_record(StatusMessage(federation=FED, sender="site-2", state="online"), None), retain=True)
+    deadline = time.monotonic() + 60
+    while len(fed.announcements(1)) < 2:
+        assert time.monotonic() < deadline, "round 1 was never re-announced"
+        time.sleep(0.1)
+    fed.start_agent("site-2")
+    fed.join()
+    assert fed.server.state.history[0]["clients"] == ["site-1", "site-2"]
+    # site-1 answered the re-announcement with its cached update, byte for byte, instead of training again.
+    sent = [Chunk.decode(m.payload).data for m in fed.broker.published if m.topic == Topics(FED).update_chunk(1, "site-1", 0)]
+    assert len(sent) == 2 and sent[0] == sent[1]
+
+
+def test_a_restarted_server_resumes_its_run_and_the_agents_follow(task, tmp_path) -> None:
+    broker = MemoryBroker()
+    first = Federation(broker, task, tmp_path, rounds=1)
+    first.start_server()
+    for site in ("site-1", "site-2"):
+        first.start_agent(site)
+    first.join()
+    run = first.server.run_id
+
+    second = Federation(broker, task, tmp_path, rounds=2)
+    assert second.server.state.round == 1 and second.server.run_id == run
+    second.start_server()
+    for site in ("site-1", "site-2"):
+        second.start_agent(site)
+    second.join()
+    assert [r["round"] for r in second.server.state.history] == [1, 2]
+    assert all(agent.rounds_done == [2] for agent in second.agents.values())
