@@ -1,14 +1,16 @@
-"""Server-side weighted mean of decoded updates that never densifies a sparse one.
+"""Server-side aggregation of decoded updates that never densifies a sparse one.
 
 A sparse update touches only its k indices (unique by SparseTensor's contract, so a fancy-index
-add is exact): cost O(k) per update instead of O(numel). Sums live in one flat float32 buffer,
-the model's own precision and what a dense (Flower-style) average uses.
+add is exact): cost O(k) per update instead of O(numel). The weighted mean's sums live in one flat
+float32 buffer, the model's own precision and what a dense (Flower-style) average uses. The robust
+rules' building blocks (order statistics per coordinate, the Gram matrix of the updates) work on
+the explicit entries too, with implicit zeros counted but never materialised.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 
@@ -59,3 +61,103 @@ class SparseAccumulator:
             raise CodecError("no updates were added; the round has nothing to aggregate")
         mean = self._flat * np.float32(1.0 / self._weight)
         return {name: self._slot(mean, name).reshape(spec.shape) for name, spec in self._specs.items()}
+
+
+Column = Sequence[np.ndarray | SparseTensor]  # one tensor, as each of the n updates sent it
+
+
+def _sort_keys(values: np.ndarray) -> np.ndarray:
+    """float32 -> uint32 whose unsigned order is the floats' order (sign bit flipped, negatives inverted)."""
+    bits = values.astype(np.float32, copy=False).view(np.uint32)
+    return bits ^ np.where(bits >> 31, np.uint32(0xFFFFFFFF), np.uint32(0x80000000)).astype(np.uint32)
+
+
+def _from_sort_keys(keys: np.ndarray) -> np.ndarray:
+    bits = np.where(keys >> 31, keys ^ np.uint32(0x80000000), ~keys).astype(np.uint32)
+    return bits.view(np.float32)
+
+
+def _sparse_ranks(column: Sequence[SparseTensor]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Every explicit entry's (index, value, rank) where rank is its 0-based place in its coordinate's
+    sorted column of all n values, the implicit zeros of the updates that did not send it included.
+
+    One uint64 sort of (index << 32 | order-preserving value bits) orders entries by coordinate and
+    value at once, O(K log K) in the K explicit entries: nothing of size n x numel is built.
+    """
+    n = len(column)
+    indices = np.concatenate([s.indices for s in column])
+    keys = (indices.astype(np.uint64) << np.uint64(32)) | _sort_keys(np.concatenate([s.values for s in column])).astype(np.uint64)
+    keys.sort()
+    indices = (keys >> np.uint64(32)).astype(np.int64)
+    values = _from_sort_keys((keys & np.uint64(0xFFFFFFFF)).astype(np.uint32))
+    if not len(keys):
+        return indices, values, indices
+    starts = np.flatnonzero(np.r_[True, indices[1:] != indices[:-1]])
+    counts = np.diff(np.r_[starts, len(indices)])
+    position = np.arange(len(indices)) - np.repeat(starts, counts)
+    negatives = np.repeat(np.add.reduceat((values < 0).astype(np.int64), starts), counts)
+    # Sorted column: the negatives, then the n - count implicit zeros, then the non-negative entries.
+    rank = position + np.where(position >= negatives, np.repeat(n - counts, counts), 0)
+    return indices, values, rank
+
+
+def order_statistic_mean(column: Column, lo: int, hi: int) -> np.ndarray:
+    """Per coordinate, the mean of the order statistics lo..hi-1 (0-based, ascending) of the n values
+    the updates hold there: the median is the window around (n-1)/2, a trimmed mean [b, n-b).
+
+    All-sparse columns stay sparse (`_sparse_ranks`); a column with any dense update is stacked to
+    n x numel and sorted (what a dense implementation does for every tensor). Sums are float64, so
+    huge finite values do not overflow on the way to a finite mean.
+    """
+    n = len(column)
+    if not 0 <= lo < hi <= n:
+        raise CodecError(f"order statistic window [{lo}, {hi}) is not inside [0, {n})")
+    shape = column[0].shape
+    if all(isinstance(u, SparseTensor) for u in column):
+        indices, values, rank = _sparse_ranks(column)  # type: ignore[arg-type]
+        keep = (rank >= lo) & (rank < hi)
+        sums = np.bincount(indices[keep], weights=values[keep].astype(np.float64), minlength=math.prod(shape))
+        return (sums / (hi - lo)).astype(np.float32).reshape(shape)
+    stack = np.stack([u.to_dense() if isinstance(u, SparseTensor) else u for u in column]).reshape(n, -1)
+    stack.sort(axis=0)
+    return stack[lo:hi].mean(axis=0, dtype=np.float64).astype(np.float32).reshape(shape)
+
+
+def gram_matrix(updates: Sequence[Mapping[str, np.ndarray | SparseTensor]], manifest: list[TensorSpec]) -> np.ndarray:
+    """G[i, j] = <update_i, update_j> in float64 over the whole manifest (distances follow from it).
+
+    Dense tensors: one n x numel matrix product. Sparse ones: each update in turn is scattered into a
+    float64 buffer and every later update's entries are gathered from it, O(n * K) for K explicit
+    entries in all, never an n x numel matrix.
+    """
+    n = len(updates)
+    gram = np.zeros((n, n))
+    offsets = dict(zip((s.name for s in manifest), np.cumsum([0] + [s.numel for s in manifest]).tolist()))
+    flat: list[list[np.ndarray]] = [[] for _ in range(n)]
+    vals: list[list[np.ndarray]] = [[] for _ in range(n)]
+    for spec in manifest:
+        column = [u[spec.name] for u in updates]
+        if not any(isinstance(u, SparseTensor) for u in column):
+            stack = np.stack([np.asarray(u, dtype=np.float64).reshape(-1) for u in column])
+            gram += stack @ stack.T
+            continue
+        for i, u in enumerate(column):
+            sparse = u if isinstance(u, SparseTensor) else SparseTensor(spec.shape, np.arange(spec.numel, dtype=np.int64), u.reshape(-1).astype(np.float32))
+            flat[i].append(sparse.indices + offsets[spec.name])
+            vals[i].append(sparse.values.astype(np.float64))
+    if not flat[0]:  # every tensor was dense in every update
+        return gram
+    idx = [np.concatenate(f) for f in flat]
+    val = [np.concatenate(v) for v in vals]
+    owner = np.repeat(np.arange(n), [len(i) for i in idx])
+    all_idx, all_val = np.concatenate(idx), np.concatenate(val)
+    bounds = np.cumsum([0] + [len(i) for i in idx])
+    buffer = np.zeros(sum(s.numel for s in manifest))
+    for i in range(n):
+        buffer[idx[i]] = val[i]
+        start = bounds[i]
+        products = buffer[all_idx[start:]] * all_val[start:]
+        gram[i, i:] += np.bincount(owner[start:] - i, weights=products, minlength=n - i)
+        buffer[idx[i]] = 0.0
+    upper = np.triu(gram, 1)
+    return np.triu(gram) + upper.T

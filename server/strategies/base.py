@@ -1,55 +1,103 @@
-"""Aggregation strategies, registered by name. Each turns accepted client deltas into one global delta."""
+"""The strategy contract and its registry: a strategy turns a round's accepted updates into one delta.
+
+Strategies are frozen dataclasses whose fields are their options, so `get_strategy(name, **options)`
+can name every valid option when one is wrong (as training modes do), and a configured rule is a
+value that cannot drift during a federation.
+"""
 
 from __future__ import annotations
 
+import dataclasses
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import ClassVar, TypeVar
 
 import numpy as np
 
 from compression import SparseAccumulator, SparseTensor, TensorSpec
 
-STRATEGIES: dict[str, type["Strategy"]] = {}
-
-
-def register_strategy(name: str) -> Callable[[type["Strategy"]], type["Strategy"]]:
-    def wrap(cls: type["Strategy"]) -> type["Strategy"]:
-        STRATEGIES[name] = cls
-        return cls
-
-    return wrap
+Delta = dict[str, np.ndarray | SparseTensor]
+STRATEGIES: dict[str, type[Strategy]] = {}
+S = TypeVar("S", bound="type[Strategy]")
 
 
 @dataclass(frozen=True)
 class ClientUpdate:
     client: str
     num_samples: int
-    delta: dict[str, np.ndarray | SparseTensor]
+    delta: Delta
     nbytes: int
     norm: float = 0.0  # L2 norm of the decoded delta (validation computed it)
 
 
-class Strategy:
-    def aggregate(self, updates: Sequence[ClientUpdate], manifest: list[TensorSpec]) -> dict[str, np.ndarray]:
-        raise NotImplementedError
+@dataclass(frozen=True)
+class Strategy(ABC):
+    """Base of every aggregation rule. `aggregate` receives at least one update, all of the round's
+    manifest, and returns float32 arrays in manifest shapes."""
+
+    name: ClassVar[str]
+
+    @abstractmethod
+    def aggregate(self, updates: Sequence[ClientUpdate], manifest: list[TensorSpec]) -> dict[str, np.ndarray]: ...
+
+    def round_metrics(self) -> dict[str, float]:
+        """Numbers the last `aggregate` produced that belong in the round's record (e.g. privacy spent)."""
+        return {}
 
 
-@register_strategy("fedavg")
-class FedAvg(Strategy):
-    """Sample-weighted mean of deltas (McMahan et al.); sparse deltas are accumulated without densifying.
+def register_strategy(name: str) -> Callable[[S], S]:
+    """Class decorator: registers the strategy under `name`; a second class with the same name is an error."""
 
-    Updates are summed in client-id order so a resumed run reproduces an uninterrupted one bit for bit.
+    def wrap(cls: S) -> S:
+        if name in STRATEGIES:
+            raise ValueError(f"strategy {name!r} is already registered by {STRATEGIES[name].__qualname__}")
+        cls.name = name
+        STRATEGIES[name] = cls
+        return cls
+
+    return wrap
+
+
+def strategy_options(name: str) -> dict[str, object]:
+    """The options of strategy `name` with their defaults (for errors and `--help`)."""
+    return {f.name: f.default for f in dataclasses.fields(STRATEGIES[name]) if f.init}
+
+
+def get_strategy(name: str, **options: object) -> Strategy:
+    """The strategy `name` configured with `options`; a wrong name or option says what is valid."""
+    if name not in STRATEGIES:
+        raise ValueError(f"unknown strategy {name!r}; choose one of {', '.join(sorted(STRATEGIES))}")
+    valid = strategy_options(name)
+    unknown = sorted(set(options) - set(valid))
+    if unknown:
+        listed = ", ".join(f"{k} (default {v!r})" for k, v in valid.items()) or "none"
+        raise ValueError(f"strategy {name!r} has no option {', '.join(unknown)}; its options: {listed}")
+    return STRATEGIES[name](**options)
+
+
+def weighted_mean(deltas: Sequence[Delta], weights: Sequence[float], manifest: list[TensorSpec]) -> dict[str, np.ndarray]:
+    """sum(w * delta) / sum(w) without densifying sparse deltas.
+
+    Weights are normalised first, so every partial sum is a sub-convex combination: huge finite
+    values (an attacker's 1e38) cannot overflow float32 on the way to a finite mean.
     """
+    total = float(sum(weights))
+    acc = SparseAccumulator(manifest)
+    for delta, weight in zip(deltas, weights):
+        if weight > 0:
+            acc.add(delta, weight / total)
+    return acc.result()
 
-    def aggregate(self, updates: Sequence[ClientUpdate], manifest: list[TensorSpec]) -> dict[str, np.ndarray]:
-        acc = SparseAccumulator(manifest)
-        for update in sorted(updates, key=lambda u: u.client):
-            acc.add(update.delta, float(max(update.num_samples, 1)))
-        return acc.result()
+
+def scaled(delta: Delta, factor: float) -> Delta:
+    """delta * factor, sparse staying sparse (same indices)."""
+    f = np.float32(factor)
+    return {name: SparseTensor(v.shape, v.indices, v.values * f) if isinstance(v, SparseTensor) else v * f for name, v in delta.items()}
 
 
-def get_strategy(name: str) -> Strategy:
-    try:
-        return STRATEGIES[name]()
-    except KeyError:
-        raise ValueError(f"unknown strategy {name!r}; known: {', '.join(sorted(STRATEGIES))}") from None
+def check_positive(owner: str, **values: float | int | None) -> None:
+    """Config check in __post_init__: each named value, when set, must be a positive finite number."""
+    for field_name, value in values.items():
+        if value is not None and not (isinstance(value, int | float) and not isinstance(value, bool) and np.isfinite(value) and value > 0):
+            raise ValueError(f"strategy {owner!r}: option {field_name} must be a positive number, got {value!r}")
