@@ -23,6 +23,7 @@ from torch import nn
 
 from device_profiles.schema import Profile
 from fedge.models import ModelConfig
+from fedge.registry import Registry
 
 RunFn = Callable[[np.ndarray], object]
 
@@ -99,14 +100,12 @@ class InferenceBackend(ABC):
         """A function that runs one batch to completion (results on the host)."""
 
 
-BACKENDS: dict[str, type[InferenceBackend]] = {}
+BACKENDS: Registry[type[InferenceBackend]] = Registry("bench backend")
 
 
 def register_backend(cls: type[InferenceBackend]) -> type[InferenceBackend]:
-    if cls.name in BACKENDS:
-        raise ValueError(f"bench backend {cls.name!r} is already registered by {BACKENDS[cls.name].__qualname__}")
-    BACKENDS[cls.name] = cls
-    return cls
+    """Class decorator, under `cls.name`; backends run in registration order."""
+    return BACKENDS.register(cls.name)(cls)
 
 
 @functools.cache
@@ -127,7 +126,7 @@ def _no_cuda_reason() -> str | None:
 
 def _ort_session(path: Path, provider: str, threads: int) -> RunFn:
     """The exporters' session (it skips the optimizers the int8 artifact asks to skip), on `provider` only."""
-    from exporters.parity import ort_runner
+    from exporters.ort import ort_runner
 
     fallback = [] if provider == "CPUExecutionProvider" else ["CPUExecutionProvider"]
     runner = ort_runner(path, threads, providers=[provider, *fallback])

@@ -19,13 +19,11 @@ from torch import nn
 
 from exporters.base import (
     EXPORTERS,
-    PRECISIONS,
     Artifact,
     CalibrationError,
     Exporter,
     ExportError,
     ExportSpec,
-    Precision,
     Runner,
     UnsupportedOpError,
     get_exporter,
@@ -41,8 +39,10 @@ from exporters import triton as _triton  # noqa: F401,E402
 from exporters.onnx_int8 import load_calibration  # noqa: E402
 from exporters.parity import check_parity  # noqa: E402
 from fedge.checkpoint import load_checkpoint  # noqa: E402
+from fedge.errors import UsageError  # noqa: E402
 from fedge.files import atomic_write_bytes  # noqa: E402
 from fedge.models import ModelConfig  # noqa: E402
+from fedge.precision import Precision  # noqa: E402
 
 REPORT_NAME = "export_report.json"
 # What "matches the PyTorch model" means per precision: exact-ish logits for fp32, the task metric otherwise.
@@ -83,7 +83,7 @@ def export_model(
     """Export any rebuilt network (full, LoRA-merged, pruned), verify it, and write export_report.json."""
     exporter = get_exporter(fmt)
     if spec.precision not in exporter.precisions:
-        raise ValueError(f"format {fmt} exports {', '.join(exporter.precisions)}, not {spec.precision}; change --precision")
+        raise UsageError(f"format {fmt} exports {', '.join(exporter.precisions)}, not {spec.precision}; change --precision")
     step = on_step or (lambda _msg: None)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -150,7 +150,6 @@ def export_artifact(
 
 __all__ = [
     "EXPORTERS",
-    "PRECISIONS",
     "REPORT_NAME",
     "Artifact",
     "CalibrationError",

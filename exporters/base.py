@@ -10,21 +10,22 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import ClassVar, Literal, get_args
+from typing import ClassVar
 
 import numpy as np
 from torch import nn
 
+from fedge.errors import FedgeError, UsageError
 from fedge.models import ModelConfig
+from fedge.precision import PRECISIONS, Precision
+from fedge.registry import Registry
 
-Precision = Literal["fp32", "fp16", "int8"]
-PRECISIONS: tuple[str, ...] = get_args(Precision)
 INPUT_NAME = "images"
 OUTPUT_NAME = "logits"
 MIN_OPSET = 17
 
 
-class ExportError(RuntimeError):
+class ExportError(FedgeError, RuntimeError):
     """An artifact could not be written or failed its structural check. The CLI exits with `exit_code`."""
 
     exit_code = 4
@@ -36,7 +37,7 @@ class UnsupportedOpError(ExportError):
     exit_code = 5
 
 
-class CalibrationError(ExportError, ValueError):
+class CalibrationError(ExportError, UsageError):
     """int8 export without usable calibration images."""
 
     exit_code = 6
@@ -118,28 +119,20 @@ class Exporter(ABC):
     def verify(self, artifact: Artifact, spec: ExportSpec) -> None:
         """Raise ExportError when the files are not structurally what the format promises."""
 
+    @abstractmethod
     def runner(self, artifact: Artifact, spec: ExportSpec) -> Runner:
-        """onnxruntime on the artifact's ONNX file; formats with their own runtime override this."""
-        from exporters.parity import ort_runner
-
-        return ort_runner(artifact.onnx_path, spec.threads)
+        """How the parity check runs the artifact (e.g. `exporters.ort.ort_runner` on its ONNX file)."""
 
 
-EXPORTERS: dict[str, type[Exporter]] = {}
+EXPORTERS: Registry[type[Exporter]] = Registry("export format")
 
 
 def register_exporter(cls: type[Exporter]) -> type[Exporter]:
-    """Class decorator; a second exporter under a taken name is a programming error."""
-    if cls.name in EXPORTERS:
-        raise ValueError(f"exporter {cls.name!r} is already registered by {EXPORTERS[cls.name].__qualname__}")
+    """Class decorator, under `cls.name`; a second exporter under a taken name is a programming error."""
     if cls.default_precision not in cls.precisions:
         raise ValueError(f"exporter {cls.name!r}: default_precision {cls.default_precision} is not in {cls.precisions}")
-    EXPORTERS[cls.name] = cls
-    return cls
+    return EXPORTERS.register(cls.name)(cls)
 
 
 def get_exporter(name: str) -> Exporter:
-    try:
-        return EXPORTERS[name]()
-    except KeyError:
-        raise ValueError(f"unknown export format {name!r}; choose one of {', '.join(sorted(EXPORTERS))}") from None
+    return EXPORTERS.get(name)()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -18,9 +18,6 @@ class LatencyStats:
     throughput: float  # items per second: batch_size / mean latency
     batch_size: int
     iters: int
-
-    def as_dict(self) -> dict[str, float | int]:
-        return asdict(self)
 
 
 def measure_latency(run: Callable[[], object], warmup: int = 10, iters: int = 100, batch_size: int = 1) -> LatencyStats:

@@ -21,11 +21,13 @@ from exporters.base import (
     Exporter,
     ExportError,
     ExportSpec,
-    Precision,
+    Runner,
     UnsupportedOpError,
     register_exporter,
 )
+from exporters.ort import ort_runner
 from fedge.models import ModelConfig
+from fedge.precision import Precision
 
 # torch.onnx warns once per torchvision op it cannot register; fedge has no torchvision.
 logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
@@ -121,3 +123,6 @@ class OnnxExporter(Exporter):
 
     def verify(self, artifact: Artifact, spec: ExportSpec) -> None:
         check_onnx_file(artifact.onnx_path)
+
+    def runner(self, artifact: Artifact, spec: ExportSpec) -> Runner:
+        return ort_runner(artifact.onnx_path, spec.threads)

@@ -12,24 +12,16 @@ import onnx
 from onnx import numpy_helper
 from torch import nn
 
-from exporters.base import INPUT_NAME, Artifact, CalibrationError, Exporter, ExportError, ExportSpec, register_exporter
+from exporters.base import INPUT_NAME, Artifact, CalibrationError, Exporter, ExportError, ExportSpec, Runner, register_exporter
 from exporters.onnx_fp import check_onnx_file, export_onnx
+from exporters.ort import ort_runner, set_disabled_optimizers
 from fedge.models import ModelConfig
 from fedge.tasks import preprocess
 
 _CALIB_BATCH = 32
-# onnxruntime graph optimizers a session must skip to run this artifact at int8 speed on x86 CPUs,
-# stored in the model's metadata under ORT_DISABLED_OPTIMIZERS_KEY (comma separated) and applied
-# by exporters.parity.ort_runner. Why: the x86 CPU provider runs QLinearConv on uint8 activations,
-# so QDQS8ToU8 rewrites each symmetric int8 Q->DQ pair to uint8 (zero point 128) at load time, but
-# only a Q with a single DQ consumer. A tensor that fans out (a residual block's input feeds conv1
-# and the shortcut/Add) is quantized with one dedicated Q->DQ pair per consumer (DedicatedQDQPair),
-# and CommonSubexpressionElimination would merge those identical Qs back into one Q with two DQs:
-# the pair stays int8 and every conv reading it falls back to fp32 with Q/DQ around it (5 of 9
-# convs in ResNet-8, 2.6x instead of 5x over torch eager). TensorRT ignores both the extra pairs
-# and this metadata; the file stays in its explicit-quantization form.
+# Graph optimizers onnxruntime sessions must skip to run this artifact at int8 speed on x86 CPUs
+# (why: exporters.ort); recorded in the model's metadata.
 ORT_DISABLED_OPTIMIZERS = ("CommonSubexpressionElimination",)
-ORT_DISABLED_OPTIMIZERS_KEY = "onnxruntime.disabled_optimizers"
 
 
 def load_calibration(source: np.ndarray | str | os.PathLike) -> np.ndarray:
@@ -124,11 +116,7 @@ def quantize_qdq(fp32_path: Path, out_path: Path, inputs: np.ndarray) -> Path:
             # One Q->DQ pair per consumer of a fanned-out tensor: see ORT_DISABLED_OPTIMIZERS.
             extra_options={"ActivationSymmetric": True, "WeightSymmetric": True, "QuantizeBias": False, "DedicatedQDQPair": True},
         )
-    model = onnx.load(str(out_path))
-    onnx.helper.set_model_props(
-        model, {**{p.key: p.value for p in model.metadata_props}, ORT_DISABLED_OPTIMIZERS_KEY: ",".join(ORT_DISABLED_OPTIMIZERS)}
-    )
-    onnx.save(model, str(out_path))
+    set_disabled_optimizers(out_path, ORT_DISABLED_OPTIMIZERS)
     return out_path
 
 
@@ -169,3 +157,6 @@ class OnnxInt8Exporter(Exporter):
 
     def verify(self, artifact: Artifact, spec: ExportSpec) -> None:
         check_qdq(artifact.onnx_path)
+
+    def runner(self, artifact: Artifact, spec: ExportSpec) -> Runner:
+        return ort_runner(artifact.onnx_path, spec.threads)

@@ -4,60 +4,19 @@ max |logit difference|, the task metric on both, batch-1 latency of both, at equ
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
-from exporters.base import INPUT_NAME, ExportError, Runner, UnsupportedOpError
+from exporters.base import ExportError, Runner
 from exporters.latency import measure_latency
 from fedge.tasks import preprocess
 from fedge.tasks.metrics import classification_metrics
 
 METRIC = "auc"
 _EVAL_BATCH = 64
-
-
-def disabled_optimizers(path: Path) -> list[str]:
-    """Graph optimizers the exporter asked sessions to skip (model metadata; see exporters.onnx_int8)."""
-    import onnx
-
-    from exporters.onnx_int8 import ORT_DISABLED_OPTIMIZERS_KEY
-
-    props = {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
-    return [name for name in props.get(ORT_DISABLED_OPTIMIZERS_KEY, "").split(",") if name]
-
-
-def ort_runner(path: Path, threads: int, providers: Sequence[str] | None = None) -> Runner:
-    """A fresh onnxruntime session on `path` (`providers` in order; default CUDA when present, else
-    CPU), honouring the optimizers the artifact's metadata says to skip."""
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    if providers is None:
-        providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in ort.get_available_providers()]
-    try:
-        session = ort.InferenceSession(str(path), sess_options=options, providers=providers, disabled_optimizers=disabled_optimizers(path))
-    except Exception as exc:  # onnxruntime raises its own pybind exception types
-        text = str(exc)
-        if "NOT_IMPLEMENTED" in text or "Could not find an implementation" in text:
-            raise UnsupportedOpError(
-                f"onnxruntime {ort.__version__} has no kernel for an operator in {path.name}: {text.splitlines()[0]}. "
-                "Export at a different --precision, or replace the operator in the model."
-            ) from exc
-        raise ExportError(f"onnxruntime cannot load {path}: {text.splitlines()[0]}") from exc
-    provider = session.get_providers()[0]
-
-    def run(x: np.ndarray) -> np.ndarray:
-        return session.run(None, {INPUT_NAME: x})[0]
-
-    return Runner(name=f"onnxruntime {ort.__version__} {provider}", run=run, device="cuda" if provider.startswith("CUDA") else "cpu")
 
 
 def _finite(value: float) -> float | None:

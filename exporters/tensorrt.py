@@ -29,6 +29,7 @@ from exporters.base import (
 )
 from exporters.onnx_fp import export_onnx
 from exporters.onnx_int8 import calibration_inputs, check_qdq, quantize_qdq
+from exporters.ort import ort_runner
 from fedge.models import ModelConfig
 
 ENGINE = "model.engine"
@@ -199,4 +200,4 @@ class TensorRTExporter(Exporter):
 
         if artifact.path.name == ENGINE and torch.cuda.is_available():
             return engine_runner(artifact.path)
-        return super().runner(artifact, spec)
+        return ort_runner(artifact.onnx_path, spec.threads)

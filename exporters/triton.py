@@ -13,7 +13,8 @@ from typing import Any
 import onnx
 from torch import nn
 
-from exporters.base import Artifact, Exporter, ExportError, ExportSpec, get_exporter, register_exporter
+from exporters.base import Artifact, Exporter, ExportError, ExportSpec, Runner, get_exporter, register_exporter
+from exporters.ort import ort_runner
 from fedge.models import ModelConfig
 
 PLATFORM = "onnxruntime_onnx"
@@ -180,3 +181,7 @@ class TritonExporter(Exporter):
     def verify(self, artifact: Artifact, spec: ExportSpec) -> None:
         get_exporter("onnx-int8" if spec.precision == "int8" else "onnx").verify(artifact, spec)
         check_repository(artifact.path)
+
+    def runner(self, artifact: Artifact, spec: ExportSpec) -> Runner:
+        """Triton's onnxruntime backend runs the repository's model.onnx; so does the parity check."""
+        return ort_runner(artifact.onnx_path, spec.threads)

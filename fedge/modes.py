@@ -28,31 +28,33 @@ from torch import nn
 
 from compression import lora, pruning, qat
 from fedge.checkpoint import load_checkpoint
+from fedge.errors import UsageError
 from fedge.models import ModelConfig, build_model
+from fedge.protocol.messages import MODE_NAMES
+from fedge.registry import Registry
 
-MODES: dict[str, type[TrainingMode]] = {}
+MODES: Registry[type[TrainingMode]] = Registry("training mode")
 
 
 def register_mode(name: str) -> Callable[[type[TrainingMode]], type[TrainingMode]]:
+    """Register a mode under a name the wire protocol knows (`fedge.protocol.messages.ModeName`)."""
+    if name not in MODE_NAMES:
+        raise ValueError(f"training mode {name!r} is not in fedge.protocol.messages.ModeName {MODE_NAMES}; add it there first")
+
     def wrap(cls: type[TrainingMode]) -> type[TrainingMode]:
-        if name in MODES:
-            raise ValueError(f"training mode {name!r} is already registered by {MODES[name].__name__}")
         cls.name = name
-        MODES[name] = cls
-        return cls
+        return MODES.register(name)(cls)
 
     return wrap
 
 
 def get_mode(name: str, **options: object) -> TrainingMode:
     """The mode `name` with its options validated (unknown options name the known ones)."""
-    if name not in MODES:
-        raise ValueError(f"unknown training mode {name!r}; choose one of {', '.join(sorted(MODES))}")
-    cls = MODES[name]
+    cls = MODES.get(name)
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(options) - known)
     if unknown:
-        raise ValueError(f"mode {name!r} has no options {unknown}; known: {sorted(known) or 'none'}")
+        raise UsageError(f"mode {name!r} has no options {unknown}; known: {sorted(known) or 'none'}")
     return cls(**options)  # type: ignore[arg-type]
 
 

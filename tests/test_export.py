@@ -25,7 +25,7 @@ from exporters import (
     register_exporter,
 )
 from exporters.onnx_int8 import ORT_DISABLED_OPTIMIZERS
-from exporters.parity import disabled_optimizers, ort_runner
+from exporters.ort import disabled_optimizers, ort_runner
 from exporters.tensorrt import is_available as tensorrt_available
 from exporters.tensorrt import trtexec_command
 from exporters.triton import check_repository, parse_pbtxt
@@ -50,7 +50,7 @@ def _spec(precision: str, calib: np.ndarray | None = None) -> ExportSpec:
 @pytest.mark.parametrize("fmt", sorted(EXPORTERS))
 def test_every_format_exports_and_passes_parity(trained, tmp_path, fmt):
     model, config, calib, test = trained
-    precision = EXPORTERS[fmt].default_precision
+    precision = EXPORTERS.get(fmt).default_precision
 
     result = export_model(model, config, fmt, tmp_path, _spec(precision, calib), test)
 

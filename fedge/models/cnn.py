@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from fedge.models.registry import ModelConfig, register_model
+from fedge.models.registry import MODELS, ModelConfig
 
 
 def _block(cin: int, cout: int) -> nn.Sequential:
@@ -29,7 +29,7 @@ class SmallCNN(nn.Module):
         return self.head(self.pool(self.features(x)).flatten(1))
 
 
-@register_model("cnn")
+@MODELS.register("cnn")
 def build_cnn(config: ModelConfig) -> nn.Module:
     widths = tuple(config.options.get("widths", (32, 64, 128)))
     return SmallCNN(config.in_channels, config.num_classes, widths)

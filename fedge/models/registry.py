@@ -1,4 +1,4 @@
-"""Name -> builder registry and the config that travels with every checkpoint."""
+"""Name -> builder registry and the config that travels with every checkpoint and global model."""
 
 from __future__ import annotations
 
@@ -10,15 +10,12 @@ from typing import Any
 
 from torch import nn
 
-MODELS: dict[str, Callable[["ModelConfig"], nn.Module]] = {}
+from fedge.errors import UsageError, check_schema_version
+from fedge.registry import Registry
 
-
-def register_model(name: str) -> Callable[[Callable[["ModelConfig"], nn.Module]], Callable[["ModelConfig"], nn.Module]]:
-    def wrap(builder: Callable[["ModelConfig"], nn.Module]) -> Callable[["ModelConfig"], nn.Module]:
-        MODELS[name] = builder
-        return builder
-
-    return wrap
+MODELS: Registry[Callable[["ModelConfig"], nn.Module]] = Registry("architecture")
+# Written into every config's JSON; a config from a newer fedge is refused, one without the field predates it.
+SCHEMA_VERSION = 1
 
 
 @dataclass(frozen=True)
@@ -36,14 +33,15 @@ class ModelConfig:
     options: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> str:
-        return json.dumps(dataclasses.asdict(self), sort_keys=True)
+        return json.dumps({"schema_version": SCHEMA_VERSION, **dataclasses.asdict(self)}, sort_keys=True)
 
     @classmethod
     def from_json(cls, text: str) -> "ModelConfig":
         data = json.loads(text)
+        check_schema_version(data.pop("schema_version", SCHEMA_VERSION), SCHEMA_VERSION, "model config")
         unknown = set(data) - {f.name for f in dataclasses.fields(cls)}
         if unknown:
-            raise ValueError(f"unknown model config fields {sorted(unknown)}; was this checkpoint written by a newer fedge?")
+            raise UsageError(f"unknown model config fields {sorted(unknown)}; was this checkpoint written by a newer fedge?")
         return cls(**data)
 
     def replace(self, **changes: Any) -> "ModelConfig":
@@ -53,14 +51,12 @@ class ModelConfig:
 def build_model(config: ModelConfig) -> nn.Module:
     """Build `config.arch`, then replay what the federation did to it: a server-pruned architecture
     (`options["pruned"]`: tensor name -> shape) and int8 fake-quantization (`options["qat"]`)."""
-    try:
-        builder = MODELS[config.arch]
-    except KeyError:
-        raise ValueError(f"unknown architecture {config.arch!r}; known: {', '.join(sorted(MODELS))}") from None
+    builder = MODELS.get(config.arch)
     options = {k: v for k, v in config.options.items() if k not in ("pruned", "qat")}
     model = builder(config.replace(options=options))
     if "pruned" in config.options:
-        from compression.pruning import apply_shapes  # lazy: torch-pruning loads only for pruned models
+        # Lazy: `import fedge.models` alone stays free of torch-pruning (anything that imports fedge.modes loads it anyway).
+        from compression.pruning import apply_shapes
 
         model = apply_shapes(model, config.options["pruned"])
     if "qat" in config.options:

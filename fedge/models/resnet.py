@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from fedge.models.registry import ModelConfig, register_model
+from fedge.models.registry import MODELS, ModelConfig
 
 
 class BasicBlock(nn.Module):
@@ -43,7 +43,7 @@ class ResNet(nn.Module):
         return self.head(self.pool(self.stages(self.stem(x))).flatten(1))
 
 
-@register_model("resnet")
+@MODELS.register("resnet")
 def build_resnet(config: ModelConfig) -> nn.Module:
     """Defaults give ResNet-8 (~78k params); widths (64,128,256,512) and blocks (2,2,2,2) give ~11M."""
     widths = tuple(config.options.get("widths", (16, 32, 64)))

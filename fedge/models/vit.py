@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from fedge.models.registry import ModelConfig, register_model
+from fedge.models.registry import MODELS, ModelConfig
 
 
 @dataclass(frozen=True)
@@ -124,6 +124,6 @@ def vit_spec(options: dict) -> ViTSpec:
     return dataclasses.replace(PRESETS[preset], **{k: v for k, v in options.items() if k != "preset"})
 
 
-@register_model("vit")
+@MODELS.register("vit")
 def build_vit(config: ModelConfig) -> nn.Module:
     return ViT(config.in_channels, config.num_classes, config.image_size, vit_spec(config.options))
