@@ -32,7 +32,6 @@ from fedge.models import ModelConfig
 
 DEFAULT_MODEL = ModelConfig(arch="cnn", in_channels=1, num_classes=2, image_size=28)
 DEFAULT_DATASET = "pneumoniamnist"
-DOWNLINK_CODEC = "fp32|zstd:1"  # what the server sends when no downlink codec is configured (a full model)
 CALIB_SAMPLES = 512
 TEST_SAMPLES = 512
 LOCAL_EPOCH_SAMPLES = 256
@@ -219,10 +218,11 @@ def _training(mode: str, job: TrainJob, isolate: bool, report: dict[str, Any]) -
 
 
 def _bandwidth(settings: BenchSettings, source: ModelSource, data: BenchData, device: str) -> dict[str, Any]:
-    from compression import ErrorFeedback, UpdateCodec
+    from compression import ErrorFeedback
     from fedge import weights as W
     from fedge.linkemu import LinkEmulator
-    from fedge.protocol import EnvelopeHeader, encode_envelope, split_chunks
+    from fedge.protocol import decode_envelope, split_chunks
+    from fedge.rounds import FULL_MODEL_CODEC, codec_for, make_global, make_update
 
     profile = settings.profile
     mode = profile.defaults.training_mode
@@ -237,24 +237,17 @@ def _bandwidth(settings: BenchSettings, source: ModelSource, data: BenchData, de
         mode = "full"
         local = local_delta(mode, source, data.train_images[:n], data.train_labels[:n], settings.large_batch, device)
     delta, global_state = local["delta"], local["global"]
-    codec = UpdateCodec.from_spec(profile.defaults.codec)
+    codec = codec_for(profile.defaults.codec)
     start = time.perf_counter()
-    payload = codec.encode(delta, residual=ErrorFeedback() if codec.uses_error_feedback else None,
-                           keep_dense=W.norm_stat_names(delta), seed=settings.seed)  # fmt: skip
+    up_envelope = make_update(
+        delta, codec=codec.spec, federation="bench", site="bench-site", round=1, run=None, model_sha256=None, num_samples=local["samples"],
+        metrics={"train_loss": 0.0, "train_accuracy": 0.0, "train_seconds": 0.0},
+        residual=ErrorFeedback() if codec.uses_error_feedback else None, seed=settings.seed,
+    )  # fmt: skip
     encode_seconds = time.perf_counter() - start
-    header = EnvelopeHeader(
-        kind="update", federation="bench", round=1, sender="bench-site", codec=codec.spec,
-        manifest_sha256=W.manifest_sha256(UpdateCodec.manifest(delta)), num_samples=local["samples"],
-        metrics={"train_loss": 0.0, "train_accuracy": 0.0, "train_seconds": 0.0, "encode_seconds": encode_seconds},
-    )  # fmt: skip
-    up_envelope = encode_envelope(header, payload)
-    full = UpdateCodec.from_spec(DOWNLINK_CODEC)
-    down_payload = full.encode(global_state)
-    down_header = EnvelopeHeader(
-        kind="global", federation="bench", round=1, sender="bench-server", codec=full.spec,
-        manifest=W.manifest_entries(UpdateCodec.manifest(global_state)), model=local["config"],
-    )  # fmt: skip
-    down_envelope = encode_envelope(down_header, down_payload)
+    payload_bytes = decode_envelope(up_envelope).header.payload_len
+    down_envelope, _ = make_global(global_state, config=local["config"], federation="bench", run=None,
+                                   round=1, sender="bench-server")  # fmt: skip
     chunk_size = profile.defaults.chunk_size
     up_chunks = split_chunks(up_envelope, chunk_size)
     down_chunks = split_chunks(down_envelope, chunk_size)
@@ -272,11 +265,11 @@ def _bandwidth(settings: BenchSettings, source: ModelSource, data: BenchData, de
         "training_mode": mode,
         "local_steps": local["steps"],
         "local_samples": local["samples"],
-        "uplink_payload_bytes": len(payload),
+        "uplink_payload_bytes": payload_bytes,
         "dense_fp32_bytes": W.dense_bytes(delta),
-        "compression_ratio": W.dense_bytes(delta) / len(payload),
+        "compression_ratio": W.dense_bytes(delta) / payload_bytes,
         "encode_seconds": encode_seconds,
-        "downlink_codec": full.spec,
+        "downlink_codec": FULL_MODEL_CODEC,
         "downlink_kind": "full",
         "chunk_size": chunk_size,
         "uplink_chunks": len(up_chunks),

@@ -169,17 +169,12 @@ def local_delta(mode_name: str, source: ModelSource, images: np.ndarray, labels:
     mode, model, global_state, config = site_model(mode_name, source)
     before = {k: v.detach().cpu().numpy().astype(np.float32, copy=True) for k, v in mode.trainable_state(model).items()}
     trainer = LocalTrainer(model, lr=BENCH_LR, device=device)
-    steps = 0
-    for start in range(0, len(labels), batch):
-        if len(labels[start : start + batch]) < 2:  # BatchNorm cannot train on a single sample
-            continue
-        trainer.step(*trainer.batch(images[start : start + batch], labels[start : start + batch]))
-        steps += 1
+    *_, steps = trainer.epoch(*trainer.batch(images, labels), batch)  # the sites' loop, in order
     after = {k: v.detach().cpu().numpy().astype(np.float32) for k, v in mode.trainable_state(model).items()}
     return {
         "delta": {k: np.asarray(after[k] - before[k], dtype=np.float32) for k in before},  # 0-d stays an array
         "global": global_state,
-        "config": json.loads(config.to_json()),
+        "config": config,
         "steps": steps,
         "samples": len(labels),
     }

@@ -2,19 +2,18 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import threading
 import time
 import zlib
-from functools import partial
 from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 import torch
 
-from compression import CodecError, UpdateCodec
+from compression import CodecError
 from edge_client.config import AgentConfig
 from edge_client.state import AgentState
 from fedge import weights as W
@@ -23,21 +22,19 @@ from fedge.modes import TrainingMode, get_mode
 from fedge.protocol import (
     Chunk,
     ControlMessage,
-    EnvelopeHeader,
     ProtocolError,
     Reassembler,
     RoundAnnouncement,
     SnapshotAnnouncement,
     StatusMessage,
     Topics,
-    decode_envelope,
-    encode_envelope,
     open_record,
     sign_record,
 )
 from fedge.protocol.messages import ServerRecord
 from fedge.protocol.signing import SignatureError, Signer, Verifier
 from fedge.refusals import Refusals
+from fedge.rounds import GlobalPayload, codec_for, make_update, read_global
 from fedge.tasks import ClassificationTask, default_device
 from fedge.transport import Message, MqttSession, Session, SessionFactory, TlsFiles
 
@@ -88,21 +85,12 @@ class Agent:
         self.session: Session | None = None
 
     # ---- decoding the downlink -------------------------------------------------------------------
-    def _decode_global(self, data: bytes, sha256: str) -> tuple[EnvelopeHeader, dict[str, np.ndarray]]:
-        """`sha256` comes from the signed record that announced these bytes: checked before parsing."""
-        if hashlib.sha256(data).hexdigest() != sha256:
-            raise ProtocolError("downlink bytes do not match the SHA-256 of the signed announcement")
-        env = decode_envelope(data, self.server_verifier)
-        if env.header.kind != "global" or env.header.model is None:
-            raise ProtocolError("downlink envelope is not a global model")
-        if env.header.federation != self.config.federation or env.header.run != self.run_id:
-            raise ProtocolError(f"global of federation {env.header.federation!r} run {env.header.run!r}, not this run {self.run_id!r}")
-        manifest = W.specs_from_entries(env.header.manifest)
-        decoded = UpdateCodec.from_spec(env.header.codec).decode(env.payload, manifest)
-        return env.header, W.densify(decoded)
+    def _read_global(self, data: bytes, sha256: str) -> GlobalPayload:
+        """`sha256` comes from the signed record that announced these bytes."""
+        return read_global(data, sha256=sha256, federation=self.config.federation, run=self.run_id, verifier=self.server_verifier)
 
-    def _install(self, header: EnvelopeHeader, weights: dict[str, np.ndarray], rnd: int, ann: RoundAnnouncement) -> None:
-        config = ModelConfig.from_json(json.dumps(header.model))
+    def _install(self, glob: GlobalPayload, weights: dict[str, np.ndarray], rnd: int, ann: RoundAnnouncement) -> None:
+        config = glob.config
         mode = get_mode(ann.train.mode, **ann.train.mode_options)
         if self.model is None or self.held is None or (self.held.config, self.mode) != (config, mode):
             self.model = mode.prepare(build_model(config), config)
@@ -119,11 +107,11 @@ class Agent:
         data = self.round_envelopes.get(ann.round)
         if data is not None:
             try:
-                header, payload = self._decode_global(data, ann.downlink.sha256)
-                if ann.downlink_kind == "full":
-                    self._install(header, payload, ann.round - 1, ann)
-                elif self.held is not None and self.held.round == ann.base_round:
-                    self._install(header, W.add(self.held.weights, payload), ann.round - 1, ann)
+                glob = self._read_global(data, ann.downlink.sha256)
+                if ann.downlink_kind == "full" and not glob.is_delta:
+                    self._install(glob, glob.tensors, ann.round - 1, ann)
+                elif glob.is_delta and self.held is not None and self.held.round == ann.base_round == glob.header.base_round:
+                    self._install(glob, W.add(self.held.weights, glob.tensors), ann.round - 1, ann)
             except (ProtocolError, CodecError, ValueError) as exc:
                 self.refusals("bad-global", f"unusable global for round {ann.round}: {exc}")
             self.round_envelopes.pop(ann.round, None)
@@ -131,8 +119,10 @@ class Agent:
                 return True
         if self.snapshot is not None and self.snapshot_envelope is not None and self.snapshot.model_sha256 == ann.model_sha256:
             try:
-                header, payload = self._decode_global(self.snapshot_envelope, self.snapshot.transfer.sha256)
-                self._install(header, payload, self.snapshot.round, ann)
+                glob = self._read_global(self.snapshot_envelope, self.snapshot.transfer.sha256)
+                if glob.is_delta:
+                    raise ProtocolError("a snapshot must carry the whole model")
+                self._install(glob, glob.tensors, self.snapshot.round, ann)
             except (ProtocolError, CodecError, ValueError) as exc:
                 self.refusals("bad-global", f"unusable snapshot: {exc}")
             self.snapshot_envelope = None
@@ -157,7 +147,7 @@ class Agent:
     # ---- training --------------------------------------------------------------------------------
     def _refusal(self, ann: RoundAnnouncement) -> str | None:
         """Why this site does not train round `ann` (the operator pinned another codec or mode), else None."""
-        if self.config.codec and UpdateCodec.from_spec(self.config.codec).spec != ann.uplink_codec:
+        if self.config.codec and codec_for(self.config.codec).spec != ann.uplink_codec:
             return f"it asks for codec {ann.uplink_codec!r} but this site is configured for {self.config.codec!r}"
         mode = ann.train.mode
         if self.config.mode and mode != self.config.mode:
@@ -205,25 +195,15 @@ class Agent:
         )
         # Only what travels (e.g. LoRA adapters + head): no copy of the frozen rest of the model.
         delta = {k: v.cpu().numpy() - self.held.weights[k] for k, v in self.mode.trainable_state(self.model).items()}
-        codec = UpdateCodec.from_spec(ann.uplink_codec)
-        payload = codec.encode(delta, residual=self.state.residual, keep_dense=W.norm_stat_names(delta), seed=seed)
-        header = EnvelopeHeader(
-            kind="update",
-            federation=self.config.federation,
-            round=ann.round,
-            sender=self.config.site,
-            codec=codec.spec,
-            manifest_sha256=W.manifest_sha256(UpdateCodec.manifest(delta)),
-            num_samples=result.num_samples,
+        envelope = make_update(
+            delta, codec=ann.uplink_codec, federation=self.config.federation, site=self.config.site, round=ann.round, run=ann.run,
+            model_sha256=ann.model_sha256, num_samples=result.num_samples, residual=self.state.residual, seed=seed, signer=self.signer,
             metrics={"train_loss": result.loss, "train_accuracy": result.accuracy, "train_seconds": result.seconds},
-            run=ann.run,
-            model_sha256=ann.model_sha256,
-        )
-        envelope = encode_envelope(header, payload, self.signer)
+        )  # fmt: skip
         # The update is cached before the residual that includes it is committed: a crash between
         # the two resends this update (with the older residual), never trains the round twice.
         self.state.remember_update(self.config.federation, ann.run, ann.round, ann.model_sha256, envelope)
-        if codec.uses_error_feedback:
+        if codec_for(ann.uplink_codec).uses_error_feedback:
             self.state.save_residual()
         return envelope
 

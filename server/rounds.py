@@ -23,25 +23,31 @@ from fedge.modes import get_mode, init_from_checkpoint
 from fedge.protocol import (
     Chunk,
     ControlMessage,
-    EnvelopeHeader,
     ProtocolError,
     Reassembler,
     RoundAnnouncement,
     SnapshotAnnouncement,
     StatusMessage,
     Topics,
-    decode_envelope,
-    encode_envelope,
     open_record,
     sign_record,
 )
 from fedge.protocol.signing import SignatureError, Signer, Verifier
 from fedge.refusals import Refusals
+from fedge.rounds import (
+    FULL_MODEL_CODEC,
+    Expected,
+    Manifest,
+    RejectedUpdate,
+    codec_for,
+    make_global,
+    read_update,
+)
 from fedge.transport import Message, MqttSession, Session, SessionFactory, TlsFiles
 from server.config import ServerConfig
 from server.store import CheckpointStore, RoundState
 from server.strategies import ClientUpdate, get_strategy
-from server.validation import Expected, RejectedUpdate, check_update, validate_header
+from server.validation import check_update
 
 log = logging.getLogger("fedge.server")
 
@@ -73,8 +79,8 @@ class RoundServer:
         self.template = template
         self.store = CheckpointStore(config.checkpoint_dir, self.model_config, template, self.mode.name, config.dataset)
         self.strategy = get_strategy(config.strategy)
-        self.uplink = UpdateCodec.from_spec(config.uplink_codec)
-        self.downlink = UpdateCodec.from_spec(config.downlink_codec) if config.downlink_codec else None
+        self.uplink = codec_for(config.uplink_codec)
+        self.downlink = codec_for(config.downlink_codec) if config.downlink_codec else None
         self.downlink_residual = ErrorFeedback()
         self._pending_delta: bytes | None = None  # next round's downlink delta envelope (lost on restart: full then)
         self.refusals = Refusals(log)
@@ -88,12 +94,12 @@ class RoundServer:
         self.session: Session | None = None
         self.state = self._initial_state()
         self.run_id = self.store.run_id()
-        self.manifest = UpdateCodec.manifest(self.state.weights)
+        self.manifest = Manifest.of(self.state.weights)
         # What travels up (and as downlink deltas): the mode's trainable tensors only, e.g. LoRA adapters + head.
         trainable = self.mode.trainable_state(template)
-        self.uplink_manifest = [t for t in self.manifest if t.name in trainable]
+        self.uplink_manifest = self.manifest.only(trainable)
         # One open transfer per site, never larger than an update of this manifest can be.
-        self.max_update_bytes = UpdateCodec.max_payload_bytes(self.uplink_manifest) + (1 << 20) + 1024
+        self.max_update_bytes = UpdateCodec.max_payload_bytes(list(self.uplink_manifest)) + (1 << 20) + 1024
         self.reassembler = Reassembler(max_bytes=self.max_update_bytes, one_per_key=True)
 
     # ---- state -------------------------------------------------------------------------------
@@ -146,25 +152,18 @@ class RoundServer:
                 old.unlink(missing_ok=True)
 
     # ---- wire ----------------------------------------------------------------------------------
-    def _global_envelope(self, rnd: int, payload: bytes, codec: str, base_round: int | None, manifest: list | None = None) -> bytes:
-        header = EnvelopeHeader(
-            kind="global",
-            federation=self.config.federation,
-            round=rnd,
-            sender=self.config.client_id,
-            codec=codec,
-            manifest=W.manifest_entries(manifest or self.manifest),
-            base_round=base_round,
-            model=json.loads(self.model_config.to_json()),
-            run=self.run_id,
-        )
-        return encode_envelope(header, payload, self.signer)
+    def _global(self, rnd: int, tensors: dict[str, np.ndarray], *, codec: str = FULL_MODEL_CODEC, base_round: int | None = None,
+                residual: ErrorFeedback | None = None) -> tuple[bytes, dict[str, np.ndarray]]:  # fmt: skip
+        """The signed global envelope that starts round `rnd`, and what the agents will decode from it."""
+        return make_global(
+            tensors, config=self.model_config, federation=self.config.federation, run=self.run_id, round=rnd,
+            sender=self.config.client_id, codec=codec, base_round=base_round, residual=residual, signer=self.signer,
+        )  # fmt: skip
 
     def _publish_round(self, rnd: int, selected: tuple[str, ...]) -> int:
         """Publish round r's global (delta from r-1 when a downlink codec is set) and the snapshot."""
         previous = self.state.weights
-        full_codec = UpdateCodec.from_spec("fp32|zstd:1")
-        snapshot_env = self._global_envelope(rnd, full_codec.encode(previous), full_codec.spec, None)
+        snapshot_env, _ = self._global(rnd, previous)
         snapshot = self.session.publish_chunked(self.topics.snapshot_chunk, snapshot_env, chunk_size=self.config.chunk_size, retain=True)
         sha = W.state_sha256(previous)
         self._publish_record(self.topics.snapshot, SnapshotAnnouncement(round=rnd - 1, model_sha256=sha, transfer=snapshot, **self._signed_by()))
@@ -283,13 +282,11 @@ class RoundServer:
         if data is None:
             return
         try:
-            env = decode_envelope(data, self.verifier)
-            validate_header(env.header, topic_client=client, expected=self._expected(current))
-            if env.header.nonce in current.nonces:
-                raise RejectedUpdate("replay", f"nonce {env.header.nonce} was already seen this round")
-            current.nonces.add(env.header.nonce)
-            delta = self.uplink.decode(env.payload, self.uplink_manifest)
-            norm = check_update(delta, self.config.max_update_norm)
+            update = read_update(data, topic_client=client, expected=self._expected(current), verifier=self.verifier)
+            if update.header.nonce in current.nonces:
+                raise RejectedUpdate("replay", f"nonce {update.header.nonce} was already seen this round")
+            current.nonces.add(update.header.nonce)
+            norm = check_update(update.delta, self.config.max_update_norm)
         except SignatureError as exc:
             self._reject(rnd, client, "bad-signature", str(exc), current)
             return
@@ -299,9 +296,9 @@ class RoundServer:
         except (ProtocolError, CodecError) as exc:
             self._reject(rnd, client, "bad-envelope", str(exc), current)
             return
-        current.updates[client] = ClientUpdate(client, env.header.num_samples, delta, len(data), norm)
+        current.updates[client] = ClientUpdate(client, update.header.num_samples, update.delta, update.nbytes, norm)
         self._set_open(current)
-        log.info("round %d: update from %s (%d bytes, %d samples, norm %.4g)", rnd, client, len(data), env.header.num_samples, norm)
+        log.info("round %d: update from %s (%d bytes, %d samples, norm %.4g)", rnd, client, update.nbytes, update.header.num_samples, norm)
 
     def _pump(self, seconds: float, current: _Round | None) -> None:
         msg = self.session.get(timeout=seconds)
@@ -345,7 +342,7 @@ class RoundServer:
         nothing is left, and the round goes on collecting."""
         while current.updates:
             with np.errstate(over="ignore", invalid="ignore"):  # overflow is what is being checked for
-                mean = self.strategy.aggregate(list(current.updates.values()), self.uplink_manifest)
+                mean = self.strategy.aggregate(list(current.updates.values()), list(self.uplink_manifest))
                 finite = all(np.isfinite(self.state.weights[k] + v).all() for k, v in mean.items())
             if finite:
                 return mean
@@ -362,10 +359,9 @@ class RoundServer:
             return None
         if self.downlink is not None:
             # What agents reconstruct is what the server keeps: global = previous + decoded(downlink).
-            payload = self.downlink.encode(mean_delta, residual=self.downlink_residual, keep_dense=W.norm_stat_names(mean_delta))
-            decoded = W.densify(self.downlink.decode(payload, self.uplink_manifest))
-            self._pending_delta = self._global_envelope(current.number + 1, payload, self.downlink.spec, current.number, self.uplink_manifest)
-            mean_delta = decoded
+            self._pending_delta, mean_delta = self._global(
+                current.number + 1, mean_delta, codec=self.downlink.spec, base_round=current.number, residual=self.downlink_residual
+            )
         self.state.weights = W.add(self.state.weights, mean_delta)
         self.state.round = current.number
         uplink = sum(u.nbytes for u in current.updates.values())
@@ -446,8 +442,7 @@ class RoundServer:
 
     def _publish_final(self) -> None:
         """Tell agents the federation is over, and leave the final model as the retained snapshot."""
-        full_codec = UpdateCodec.from_spec("fp32|zstd:1")
-        env = self._global_envelope(self.state.round, full_codec.encode(self.state.weights), full_codec.spec, None)
+        env, _ = self._global(self.state.round + 1, self.state.weights)
         transfer = self.session.publish_chunked(self.topics.snapshot_chunk, env, chunk_size=self.config.chunk_size, retain=True)
         sha = W.state_sha256(self.state.weights)
         self._publish_record(self.topics.snapshot, SnapshotAnnouncement(round=self.state.round, model_sha256=sha, transfer=transfer, **self._signed_by()))

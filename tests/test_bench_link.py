@@ -13,8 +13,9 @@ from compression import UpdateCodec
 from fedge import weights as W
 from fedge.data import ImageSplits
 from fedge.linkemu import LinkEmulator
+from fedge.rounds import make_update
 from fedge.models import ModelConfig, build_model
-from fedge.protocol import Chunk, EnvelopeHeader, Reassembler, Topics, decode_envelope, encode_envelope, split_chunks
+from fedge.protocol import Chunk, Reassembler, Topics, decode_envelope, split_chunks
 from fedge.tasks import ClassificationTask
 from fedge.transport import MqttSession
 
@@ -40,13 +41,9 @@ def _dense_update() -> tuple[bytes, dict[str, np.ndarray]]:
     before = W.float_state(model)
     result = task.train_local(model, batch_size=8)
     delta = W.subtract(W.float_state(model), before)
-    codec = UpdateCodec.from_spec("fp32")
-    payload = codec.encode(delta, keep_dense=W.norm_stat_names(delta))
-    header = EnvelopeHeader(
-        kind="update", federation="linktest", round=1, sender="site-a", codec=codec.spec,
-        manifest_sha256=W.manifest_sha256(UpdateCodec.manifest(delta)), num_samples=result.num_samples,
-    )  # fmt: skip
-    return encode_envelope(header, payload), delta
+    envelope = make_update(delta, codec="fp32", federation="linktest", site="site-a", round=1, run=None, model_sha256=None,
+                           num_samples=result.num_samples, metrics={})  # fmt: skip
+    return envelope, delta
 
 
 @pytest.mark.mosquitto

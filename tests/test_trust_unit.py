@@ -31,6 +31,7 @@ from fedge.protocol import (
     split_chunks,
 )
 from fedge.protocol.signing import SignatureError, Signer, Verifier
+from fedge.rounds import Manifest
 from fedge.transport import Message
 from server.config import ServerConfig
 from server.rounds import RoundServer, _Round
@@ -167,7 +168,7 @@ def test_agent_refuses_a_global_whose_bytes_the_signed_announcement_does_not_nam
     weights = {"w": np.ones((2, 2), np.float32)}
     codec = UpdateCodec.from_spec("fp32")
     header = EnvelopeHeader(kind="global", federation=FED, round=1, sender="server", codec="fp32",
-                            manifest=W.manifest_entries(UpdateCodec.manifest(weights)), model={"arch": "cnn"}, run=RUN)  # fmt: skip
+                            manifest=Manifest.of(weights).entries(), model={"arch": "cnn"}, run=RUN)  # fmt: skip
     envelope = encode_envelope(header, codec.encode(weights), signers["server"])
     chunks = split_chunks(envelope)
     # Signed by the server and intact, but announced with another digest (e.g. a global replayed from another round).
@@ -206,7 +207,7 @@ def _open_round(server: RoundServer, selected=("site-1", "site-2")) -> _Round:
 def _update(server: RoundServer, current: _Round, site: str, scale: float = 1e-3, signer: Signer | None = None, **header) -> bytes:
     delta = {t.name: np.full(t.shape, scale, np.float32) for t in server.uplink_manifest}
     fields = dict(kind="update", federation=FED, round=current.number, sender=site, codec=server.uplink.spec,
-                  manifest_sha256=W.manifest_sha256(server.uplink_manifest), num_samples=100, run=server.run_id,
+                  manifest_sha256=server.uplink_manifest.digest, num_samples=100, run=server.run_id,
                   model_sha256=current.model_sha256)  # fmt: skip
     return encode_envelope(EnvelopeHeader(**(fields | header)), server.uplink.encode(delta), signer)
 

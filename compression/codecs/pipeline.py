@@ -140,6 +140,19 @@ class UpdateCodec:
         keep_dense names skip the sparsifier and travel as fp16 (fp32 under a lossless spec):
         BatchNorm running statistics are tiny but do not sparsify or block-quantize well.
         """
+        return self.encode_reconstructed(delta, residual=residual, keep_dense=keep_dense, seed=seed)[0]
+
+    def encode_reconstructed(
+        self,
+        delta: Mapping[str, np.ndarray],
+        *,
+        residual: ErrorFeedback | None = None,
+        keep_dense: Collection[str] = (),
+        seed: int = 0,
+    ) -> tuple[bytes, dict[str, np.ndarray]]:
+        """`encode`, plus what a receiver decodes, densified (the encoder computes it anyway): the
+        sender of a lossy global keeps exactly what its receivers will hold, without decoding its
+        own payload again."""
         manifest = self.manifest(delta)
         unknown = set(keep_dense) - set(delta)
         if unknown:
@@ -162,6 +175,7 @@ class UpdateCodec:
         selected = self.sparsifier.select({n: x for n, x in flat.items() if n not in keep}, rng) if self.sparsifier else {}
         parts = [bytes([FORMAT_VERSION])]
         residuals: dict[str, np.ndarray] = {}
+        received: dict[str, np.ndarray] = {}
         for spec in manifest:
             x = flat[spec.name]
             if spec.name in selected:
@@ -169,6 +183,9 @@ class UpdateCodec:
                 tag, index_bytes = encode_indices(indices, x.size)
                 value_bytes, recon = self.values.encode(x[indices], rng)
                 parts += [bytes([tag]), index_bytes, value_bytes]
+                dense = np.zeros(x.size, dtype=np.float32)
+                dense[indices] = recon
+                received[spec.name] = dense.reshape(spec.shape)
                 if track is not None:
                     left = x.copy()
                     left[indices] -= recon
@@ -177,12 +194,13 @@ class UpdateCodec:
             coder = self.values if spec.name not in keep or self.values.lossless else Fp16()
             value_bytes, recon = coder.encode(x, rng)
             parts += [bytes([DENSE if coder is self.values else KEEP_DENSE]), value_bytes]
+            received[spec.name] = np.asarray(recon, dtype=np.float32).reshape(spec.shape)
             if track is not None:
                 residuals[spec.name] = (x - recon).reshape(spec.shape)
         if track is not None:
             track.update(residuals)
         plain = b"".join(parts)
-        return self.entropy.compress(plain) if self.entropy is not None else plain
+        return (self.entropy.compress(plain) if self.entropy is not None else plain), received
 
     def decode(
         self, payload: bytes, manifest: list[TensorSpec], *, max_output_bytes: int = 1 << 31

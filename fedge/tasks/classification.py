@@ -55,6 +55,19 @@ class LocalTrainer:
         self.optimizer.step()
         return float(loss.detach()), int((logits.argmax(1) == y).sum())
 
+    def epoch(self, x: torch.Tensor, y: torch.Tensor, batch_size: int, order: torch.Tensor | None = None) -> tuple[float, int, int, int]:
+        """One pass over (x, y) in `order` (default: as given): summed loss, correct, samples seen,
+        steps. A batch of one sample is skipped: BatchNorm cannot train on it."""
+        order = torch.arange(len(y)) if order is None else order
+        total, correct, seen, steps = 0.0, 0, 0, 0
+        for i in range(0, len(order), batch_size):
+            idx = order[i : i + batch_size].to(self.device)
+            if len(idx) < 2:
+                continue
+            loss, hits = self.step(x[idx], y[idx])
+            total, correct, seen, steps = total + loss * len(idx), correct + hits, seen + len(idx), steps + 1
+        return total, correct, seen, steps
+
 
 @dataclass(frozen=True)
 class TrainResult:
@@ -103,15 +116,8 @@ class ClassificationTask:
         generator = torch.Generator().manual_seed(seed)
         start, total_loss, correct, seen = time.perf_counter(), 0.0, 0, 0
         for _ in range(epochs):
-            order = torch.randperm(len(y_all), generator=generator)
-            for i in range(0, len(order), batch_size):
-                idx = order[i : i + batch_size].to(device)
-                if len(idx) < 2:  # BatchNorm cannot train on a single sample
-                    continue
-                loss, hits = trainer.step(x_all[idx], y_all[idx])
-                total_loss += loss * len(idx)
-                correct += hits
-                seen += len(idx)
+            loss, hits, n, _steps = trainer.epoch(x_all, y_all, batch_size, torch.randperm(len(y_all), generator=generator))
+            total_loss, correct, seen = total_loss + loss, correct + hits, seen + n
         model.to("cpu").eval()
         return TrainResult(
             num_samples=len(y_all),

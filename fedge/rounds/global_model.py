@@ -1,0 +1,80 @@
+"""The global model on the wire: made by the server (a full model, or a delta from the previous
+round with a downlink codec) and by `fedge bench`; read by the agent against what a signed record
+announced."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import numpy as np
+
+from compression import ErrorFeedback
+from fedge.models import ModelConfig
+from fedge.protocol import (
+    EnvelopeHeader,
+    ProtocolError,
+    decode_envelope,
+    encode_envelope,
+)
+from fedge.protocol.signing import Signer, Verifier
+from fedge.rounds.codecs import FULL_MODEL_CODEC, codec_for
+from fedge.rounds.manifest import Manifest
+
+
+@dataclass(frozen=True)
+class GlobalPayload:
+    """A decoded global envelope: the model config, and either the whole model or a delta from `base_round`."""
+
+    header: EnvelopeHeader
+    config: ModelConfig
+    tensors: dict[str, np.ndarray]  # dense float32
+
+    @property
+    def is_delta(self) -> bool:
+        return self.header.base_round is not None
+
+
+def make_global(
+    tensors: Mapping[str, np.ndarray],
+    *,
+    config: ModelConfig,
+    federation: str,
+    run: str | None,
+    round: int,
+    sender: str,
+    codec: str = FULL_MODEL_CODEC,
+    base_round: int | None = None,
+    residual: ErrorFeedback | None = None,
+    signer: Signer | None = None,
+) -> tuple[bytes, dict[str, np.ndarray]]:
+    """The signed envelope of a whole model (`base_round` None) or of a delta from `base_round`, and
+    what receivers will decode from it (for a lossy delta codec, not `tensors` itself)."""
+    from fedge.weights import norm_stat_names
+
+    spec = codec_for(codec)
+    payload, received = spec.encode_reconstructed(tensors, residual=residual, keep_dense=norm_stat_names(tensors) if base_round is not None else ())
+    header = EnvelopeHeader(
+        kind="global", federation=federation, round=round, sender=sender, codec=spec.spec, manifest=Manifest.of(tensors).entries(),
+        base_round=base_round, model=json.loads(config.to_json()), run=run,
+    )  # fmt: skip
+    return encode_envelope(header, payload, signer), received
+
+
+def read_global(data: bytes, *, sha256: str, federation: str, run: str | None, verifier: Verifier | None) -> GlobalPayload:
+    """`sha256` comes from the signed record that announced these bytes: checked before parsing.
+    ProtocolError, CodecError or ValueError (model config) with the reason."""
+    if hashlib.sha256(data).hexdigest() != sha256:
+        raise ProtocolError("downlink bytes do not match the SHA-256 of the signed announcement")
+    env = decode_envelope(data, verifier)
+    if env.header.kind != "global" or env.header.model is None:
+        raise ProtocolError("downlink envelope is not a global model")
+    if env.header.federation != federation or env.header.run != run:
+        raise ProtocolError(f"global of federation {env.header.federation!r} run {env.header.run!r}, not {federation!r} run {run!r}")
+    manifest = Manifest.from_entries(env.header.manifest)
+    decoded = codec_for(env.header.codec).decode(env.payload, list(manifest.specs))
+    from fedge.weights import densify
+
+    return GlobalPayload(env.header, ModelConfig.from_json(json.dumps(env.header.model)), densify(decoded))
