@@ -129,8 +129,9 @@ class Agent:
             if self.held is not None and self.held.sha256 == ann.model_sha256:
                 self._stop_snapshot()
                 return True
-        if data is not None or ann.downlink_kind == "delta":
+        if ann.downlink_kind == "delta":
             self._start_snapshot()  # missed a round (or a corrupt delta): fetch the full model
+        # A full global that is missing or corrupt: the deadline's re-announcement publishes it again.
         return False
 
     def _start_snapshot(self) -> None:

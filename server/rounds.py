@@ -161,16 +161,17 @@ class RoundServer:
         )  # fmt: skip
 
     def _publish_round(self, rnd: int, selected: tuple[str, ...]) -> int:
-        """Publish round r's global (delta from r-1 when a downlink codec is set) and the snapshot."""
+        """Publish round r's global: a delta from r-1 when a downlink codec is set, beside the full
+        model as the snapshot (for agents that missed a round); else the full model, once."""
         previous = self.state.weights
-        snapshot_env, _ = self._global(rnd, previous)
-        snapshot = self.session.publish_chunked(self.topics.snapshot_chunk, snapshot_env, chunk_size=self.config.chunk_size, retain=True)
         sha = W.state_sha256(previous)
-        self._publish_record(self.topics.snapshot, SnapshotAnnouncement(round=rnd - 1, model_sha256=sha, transfer=snapshot, **self._signed_by()))
+        full_env, _ = self._global(rnd, previous)
         if self._pending_delta is not None and rnd > 1:
             env, kind, base = self._pending_delta, "delta", rnd - 1
+            snapshot = self.session.publish_chunked(self.topics.snapshot_chunk, full_env, chunk_size=self.config.chunk_size, retain=True)
+            self._publish_record(self.topics.snapshot, SnapshotAnnouncement(round=rnd - 1, model_sha256=sha, transfer=snapshot, **self._signed_by()))
         else:
-            env, kind, base = snapshot_env, "full", None
+            env, kind, base = full_env, "full", None
         transfer = self.session.publish_chunked(lambda i: self.topics.global_chunk(rnd, i), env, chunk_size=self.config.chunk_size, retain=True)
         announcement = RoundAnnouncement(
             round=rnd,

@@ -84,6 +84,15 @@ def test_two_sites_two_rounds(task, tmp_path) -> None:
     assert all(agent.run_id == fed.server.run_id for agent in fed.agents.values())
     assert fed.server.refusals.total == 0 and all(a.refusals.total == 0 for a in fed.agents.values())
     assert all(np.isfinite(v).all() for v in fed.server.state.weights.values())
+    # Full-model downlink: each round's model is published once (round topic); the snapshot only at the end.
+    topics = Topics(FED)
+    snapshots = [m for m in fed.broker.published if m.topic.startswith(topics.snapshot + "/") and m.payload]
+    globals_ = [m for m in fed.broker.published if m.topic.startswith(topics.root + "/round/") and "/global/" in m.topic and m.payload]
+    assert len({Chunk.decode(m.payload).transfer for m in snapshots}) == 1
+    assert len({Chunk.decode(m.payload).transfer for m in globals_}) == 2
+    for record, rnd in zip(fed.server.state.history, (1, 2)):
+        sent = sum(len(Chunk.decode(m.payload).data) for m in globals_ if f"/round/{rnd}/global/" in m.topic)
+        assert record["downlink_bytes"] == 2 * sent  # what each of the two selected sites fetches
 
 
 def test_a_site_that_refuses_the_codec_is_waited_for_until_the_deadline_then_the_quorum_aggregates(task, tmp_path) -> None:
