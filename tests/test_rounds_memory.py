@@ -142,3 +142,17 @@ def test_a_restarted_server_resumes_its_run_and_the_agents_follow(task, tmp_path
     second.join()
     assert [r["round"] for r in second.server.state.history] == [1, 2]
     assert all(agent.rounds_done == [2] for agent in second.agents.values())
+
+
+@pytest.mark.parametrize("bad", [["--mode", "sparse"], ["--codec", "topk:2|q9"], ["--clients", "0"], ["--mode-options", "r=8"]])
+def test_a_bad_demo_option_leaves_the_previous_run_untouched(tmp_path, medmnist_root, bad) -> None:
+    from typer.testing import CliRunner
+
+    from fedge.cli.main import app
+
+    workdir = tmp_path / "demo"
+    (workdir / "checkpoints").mkdir(parents=True)
+    (workdir / "checkpoints" / "final.safetensors").write_bytes(b"the last demo's model")
+    result = CliRunner().invoke(app, ["demo", "--data-dir", str(medmnist_root), "--dataset", "breastmnist", "--workdir", str(workdir), *bad])
+    assert result.exit_code == 2, result.output
+    assert (workdir / "checkpoints" / "final.safetensors").read_bytes() == b"the last demo's model"

@@ -44,6 +44,25 @@ class FederationSettings:
     secure: bool = False  # provision a CA, certificates and ACLs into <workdir>/pki and run Mosquitto with them
 
 
+def _check(settings: FederationSettings) -> None:
+    """Refuse settings that cannot run before anything is deleted or started."""
+    if settings.clients < 1 or settings.rounds < 1 or settings.epochs < 1:
+        raise ValueError("clients, rounds and epochs must each be at least 1")
+    if settings.alpha <= 0 or settings.round_timeout <= 0:
+        raise ValueError("alpha (Dirichlet skew) and round_timeout must be positive")
+    if settings.secure and settings.broker:
+        raise ValueError("--secure starts its own Mosquitto with the generated config; leave out --broker")
+    from fedge.modes import get_mode
+    from fedge.rounds import codec_for
+
+    try:
+        get_mode(settings.mode, **settings.mode_options)
+    except TypeError as exc:  # an option the mode does not take
+        raise ValueError(f"--mode-options for mode {settings.mode}: {exc}") from None
+    for spec in filter(None, (settings.codec, settings.downlink_codec)):
+        codec_for(spec)  # CodecSpecError (a ValueError) names the valid stages
+
+
 def _plot(report: dict[str, Any], path: Path) -> None:
     import matplotlib
 
@@ -85,6 +104,7 @@ def run_federation(
 
     from fedge.cli.options import profile_link_rates
 
+    _check(settings)
     link = profile_link_rates(settings.emulate_link) if settings.emulate_link else {}
     # Every setting is checked before anything is deleted: a typo must not cost the last run's folder.
     train = TrainSettings(epochs=settings.epochs, lr=settings.lr, batch_size=settings.batch_size, mode=settings.mode, mode_options=settings.mode_options)
@@ -96,8 +116,6 @@ def run_federation(
         shutil.rmtree(workdir)  # a demo starts fresh; `fedge server` is the command that resumes
     workdir.mkdir(parents=True)
     sites = [f"site-{i + 1}" for i in range(settings.clients)]
-    if settings.secure and settings.broker:
-        raise ValueError("--secure starts its own Mosquitto with the generated config; leave out --broker")
     keys = _demo_keys(workdir / "keys", sites) if settings.signed and not settings.secure else {}
     tls: dict[str, dict[str, Path]] = {}
 
