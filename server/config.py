@@ -38,6 +38,7 @@ class ServerConfig:
     init_checkpoint: Path | None = None  # pretrained start; else a seeded fresh model
     # Update sanity: a site's sample count (its FedAvg weight) and the L2 norm of its decoded delta.
     max_samples: int = 1_000_000
+    site_max_samples: dict[str, int] = field(default_factory=dict)  # registered at provisioning: tighter per site
     max_update_norm: float = 1e4
     max_queue_bytes: int = 256 << 20  # inbound messages waiting to be handled; beyond, dropped and counted
 

@@ -261,10 +261,11 @@ class RoundServer:
         if current is not None:
             current.rejected.append(f"{client}: {reason}")
 
-    def _expected(self, current: _Round) -> Expected:
+    def _expected(self, current: _Round, client: str) -> Expected:
+        max_samples = min(self.config.max_samples, self.config.site_max_samples.get(client, self.config.max_samples))
         return Expected(
             federation=self.config.federation, run=self.run_id, round=current.number, model_sha256=current.model_sha256,
-            selected=current.selected, codec=self.uplink.spec, manifest=self.uplink_manifest, max_samples=self.config.max_samples,
+            selected=current.selected, codec=self.uplink.spec, manifest=self.uplink_manifest, max_samples=max_samples,
         )
 
     def _handle_update(self, rnd: int, client: str, raw: bytes, current: _Round | None) -> None:
@@ -283,7 +284,7 @@ class RoundServer:
         if data is None:
             return
         try:
-            update = read_update(data, topic_client=client, expected=self._expected(current), verifier=self.verifier)
+            update = read_update(data, topic_client=client, expected=self._expected(current, client), verifier=self.verifier)
             if update.header.nonce in current.nonces:
                 raise RejectedUpdate("replay", f"nonce {update.header.nonce} was already seen this round")
             current.nonces.add(update.header.nonce)

@@ -321,3 +321,11 @@ def test_the_run_id_survives_a_restart_and_a_new_folder_gets_a_new_one(tmp_path)
     first = _server(tmp_path).run_id
     assert _server(tmp_path).run_id == first
     assert _server(tmp_path / "other").run_id != first
+
+
+def test_a_sample_count_registered_at_provisioning_binds_that_site(tmp_path) -> None:
+    server = _server(tmp_path, site_max_samples={"site-1": 500})
+    current = _open_round(server)
+    _send(server, current, "site-1", _update(server, current, "site-1", num_samples=501))
+    _send(server, current, "site-2", _update(server, current, "site-2", num_samples=501))
+    assert server.refusals.counts["sample-count"] == 1 and sorted(current.updates) == ["site-2"]
