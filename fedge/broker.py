@@ -130,6 +130,12 @@ class MosquittoProcess:
                     raise RuntimeError(f"mosquitto did not listen on 127.0.0.1:{self.port} in 15 s; see {self.log}") from None
                 time.sleep(0.05)
 
+    def kill(self) -> None:
+        """SIGKILL, as a crash would (tests of recovery)."""
+        if self._proc is not None and self._proc.poll() is None:
+            self._proc.kill()
+            self._proc.wait(timeout=5)
+
     def __exit__(self, *exc) -> None:
         if self._proc is not None and self._proc.poll() is None:
             self._proc.terminate()

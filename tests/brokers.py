@@ -6,10 +6,6 @@ from __future__ import annotations
 import contextlib
 import os
 import pwd
-import shutil
-import socket
-import subprocess
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,38 +13,21 @@ from typing import TYPE_CHECKING
 
 import pytest
 
+from fedge.broker import MosquittoProcess, free_port
+
 if TYPE_CHECKING:
     from fedge.transport import TlsFiles
 
-_MOSQUITTO_CANDIDATES = ("mosquitto", "/usr/sbin/mosquitto", "/usr/local/sbin/mosquitto")
-
-
 def mosquitto_binary() -> str | None:
-    """The mosquitto executable, looked up on PATH and in the Debian location (/usr/sbin is often off PATH)."""
-    for candidate in _MOSQUITTO_CANDIDATES:
-        found = shutil.which(candidate)
-        if found:
-            return found
-    return None
+    """The mosquitto executable (PATH, then the Debian location /usr/sbin, often off PATH), or None."""
+    try:
+        return MosquittoProcess.binary()
+    except RuntimeError:
+        return None
 
 
 def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def _wait_listening(proc: subprocess.Popen[bytes], port: int, log: Path, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"mosquitto exited with {proc.returncode}: {log.read_text(errors='replace')}")
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-                return
-        except OSError:
-            time.sleep(0.05)
-    raise RuntimeError(f"mosquitto did not listen on 127.0.0.1:{port} within {timeout}s: {log.read_text(errors='replace')}")
+    return free_port()
 
 
 @pytest.fixture(scope="module")
@@ -64,39 +43,17 @@ def mosquitto_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple
     port = _free_port()
     conf = workdir / "mosquitto.conf"
     conf.write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n", encoding="utf-8")
-    log = workdir / "mosquitto.log"
-    with log.open("wb") as log_file:
-        proc = subprocess.Popen([binary, "-c", str(conf)], stdout=log_file, stderr=subprocess.STDOUT)
-    try:
-        _wait_listening(proc, port, log)
+    with MosquittoProcess(conf, port, workdir / "mosquitto.log"):
         yield "127.0.0.1", port
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=5)
 
 
 @contextlib.contextmanager
-def running_mosquitto(config: Path, port: int, log: Path) -> Iterator[subprocess.Popen[bytes]]:
+def running_mosquitto(config: Path, port: int, log: Path) -> Iterator[MosquittoProcess]:
     """Run `mosquitto -c config` until the block ends; waits until it listens on 127.0.0.1:port."""
-    binary = mosquitto_binary()
-    if binary is None:
+    if mosquitto_binary() is None:
         pytest.skip("mosquitto binary not found on PATH or in /usr/sbin (apt-get install -y mosquitto)")
-    with log.open("wb") as log_file:
-        proc = subprocess.Popen([binary, "-c", str(config)], stdout=log_file, stderr=subprocess.STDOUT)
-    try:
-        _wait_listening(proc, port, log)
+    with MosquittoProcess(config, port, log) as proc:
         yield proc
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=5)
 
 
 def current_user() -> str:

@@ -131,9 +131,16 @@ def test_malformed_updates_are_rejected_and_the_round_completes(medmnist_root, t
     if subprocess.run(["which", "mosquitto_pub"], capture_output=True).returncode != 0:
         pytest.skip("mosquitto_pub not installed (apt-get install -y mosquitto-clients)")
     from fedge.data import load_medmnist
-    from fedge.protocol import EnvelopeHeader, StatusMessage, Topics, encode_envelope, sign_record, split_chunks
-    from fedge.transport import MqttSession
+    from fedge.protocol import (
+        EnvelopeHeader,
+        StatusMessage,
+        Topics,
+        encode_envelope,
+        sign_record,
+        split_chunks,
+    )
     from fedge.tasks import ClassificationTask
+    from fedge.transport import MqttSession
     from server.config import ServerConfig
     from server.rounds import RoundServer
 
@@ -199,35 +206,22 @@ def test_malformed_updates_are_rejected_and_the_round_completes(medmnist_root, t
     assert server.state.round == 1 and server.state.history[0]["clients"] == ["site-1", "site-2"]
 
 
-def _start_mosquitto(binary: str, conf: Path, port: int) -> subprocess.Popen:
-    proc = subprocess.Popen([binary, "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + 10
-    while True:
-        try:
-            import socket
-
-            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-                return proc
-        except OSError:
-            assert proc.poll() is None and time.monotonic() < deadline, "mosquitto did not start"
-            time.sleep(0.05)
-
-
 def test_broker_killed_mid_federation_recovers(medmnist_root, tmp_path):
     """SIGKILL the (persistent) Mosquitto during a round and restart it: paho reconnects, persistent
     sessions and retained messages come back, a lost update is re-requested, and the federation ends."""
-    from brokers import _free_port, mosquitto_binary
+    from brokers import mosquitto_binary
 
-    binary = mosquitto_binary()
-    if binary is None:
+    from fedge.broker import MosquittoProcess, free_port
+
+    if mosquitto_binary() is None:
         pytest.skip("mosquitto binary not found (apt-get install -y mosquitto)")
-    port = _free_port()
+    port = free_port()
     conf = tmp_path / "mosquitto.conf"
     conf.write_text(
         f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence true\npersistence_location {tmp_path}/\n"
         "autosave_interval 1\n"
     )
-    broker_proc = _start_mosquitto(binary, conf, port)
+    broker_proc = MosquittoProcess(conf, port, tmp_path / "mosquitto.log").__enter__()
     broker = f"mqtt://127.0.0.1:{port}"
     server_cmd, agents = _spawn_federation(tmp_path, medmnist_root, broker, "broker-crash", 3)
     server_cmd[server_cmd.index("--round-timeout") + 1] = "15"
@@ -239,16 +233,16 @@ def test_broker_killed_mid_federation_recovers(medmnist_root, tmp_path):
             assert time.monotonic() < deadline
             time.sleep(0.05)
         broker_proc.kill()
-        broker_proc.wait()
         time.sleep(2)
-        broker_proc = _start_mosquitto(binary, conf, port)
+        broker_proc = MosquittoProcess(conf, port, tmp_path / "mosquitto-restarted.log").__enter__()
         assert server.wait(timeout=300) == 0, (tmp_path / "server.log").read_text()[-3000:]
         for agent in agents:
             assert agent.wait(timeout=60) == 0
     finally:
-        for proc in [server, *agents, broker_proc]:
+        for proc in [server, *agents]:
             if proc.poll() is None:
                 proc.kill()
+        broker_proc.__exit__()
     assert _round_done(tmp_path / "ckpt") == 3
     assert load_checkpoint(tmp_path / "ckpt" / "final.safetensors").meta["round"] == 3
 

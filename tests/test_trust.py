@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
+from fedge.cli.federation import signing_keys
 from fedge.protocol import (
     EnvelopeHeader,
     RoundAnnouncement,
@@ -92,17 +93,6 @@ class PeakRss(threading.Thread):
             time.sleep(0.05)
 
 
-def _keys(folder: Path) -> dict[str, Path]:
-    trusted = folder / "trusted"
-    trusted.mkdir(parents=True)
-    paths = {"trusted": trusted, "server": folder / "server.key", "server.pub": folder / "server.pub"}
-    Signer.generate().save(paths["server"], paths["server.pub"])
-    for site in SITES:
-        paths[site] = folder / f"{site}.key"
-        Signer.generate().save(paths[site], trusted / f"{site}.pub")
-    return paths
-
-
 def _run(root: Path, broker: str, data: Path, keys: dict[str, Path], attack=None) -> dict:
     """One seeded 2-round federation: `fedge server` and two `fedge agent` processes. The sites are
     first marked online with their own keys so round 1 opens before their agents start; `attack`
@@ -155,7 +145,7 @@ def test_a_stranger_on_the_broker_cannot_steer_stop_poison_exhaust_or_replay(med
         pytest.skip("mosquitto_pub not installed (apt-get install -y mosquitto-clients)")
     host, port = mosquitto_broker
     broker = f"mqtt://{host}:{port}"
-    keys = _keys(tmp_path / "keys")
+    keys = signing_keys(tmp_path / "keys", SITES)
     topics = Topics(FED)
     undisturbed = _run(tmp_path / "undisturbed", broker, medmnist_root, keys)
     earlier = undisturbed["messages"]

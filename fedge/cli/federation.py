@@ -96,13 +96,12 @@ def run_federation(
     from edge_client.runner import run_agent
     from fedge import weights as W
     from fedge.broker import EmbeddedBroker
+    from fedge.cli.options import profile_link_rates
     from fedge.data import load_medmnist
     from fedge.protocol import TrainSettings
     from fedge.tasks import ClassificationTask
     from server.config import ServerConfig
     from server.rounds import RoundServer
-
-    from fedge.cli.options import profile_link_rates
 
     _check(settings)
     link = profile_link_rates(settings.emulate_link) if settings.emulate_link else {}
@@ -116,7 +115,7 @@ def run_federation(
         shutil.rmtree(workdir)  # a demo starts fresh; `fedge server` is the command that resumes
     workdir.mkdir(parents=True)
     sites = [f"site-{i + 1}" for i in range(settings.clients)]
-    keys = _demo_keys(workdir / "keys", sites) if settings.signed and not settings.secure else {}
+    keys = signing_keys(workdir / "keys", sites) if settings.signed and not settings.secure else {}
     tls: dict[str, dict[str, Path]] = {}
 
     started = time.monotonic()
@@ -217,8 +216,9 @@ def _uplink_transfer(uploads: dict, link: dict) -> dict[str, Any]:
     return result
 
 
-def _demo_keys(folder: Path, sites: list[str]) -> dict[str, Path]:
-    """Signing keys for a demo: the server's, one per site, and the server's trusted-keys folder."""
+def signing_keys(folder: Path, sites: list[str] | tuple[str, ...]) -> dict[str, Path]:
+    """Fresh signing keys for a demo or a test: the server's (`server`, `server.pub`), one per site
+    (by name), and the server's trusted-keys folder (`trusted`)."""
     from fedge.protocol.signing import Signer
 
     trusted = folder / "trusted"
