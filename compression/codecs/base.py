@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
+from collections import Counter
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal, TypeVar
 
@@ -16,6 +17,7 @@ import numpy as np
 FLOAT_DTYPES = ("float16", "float32", "float64")
 # Index arithmetic stays in int64 without overflow as long as one tensor holds fewer elements.
 MAX_TENSOR_NUMEL = 1 << 31
+MAX_DIMS = 16
 
 
 class CodecError(ValueError):
@@ -24,6 +26,21 @@ class CodecError(ValueError):
 
 class CodecSpecError(CodecError):
     """A codec spec string is malformed; the message names the bad token and the valid choices."""
+
+
+def describe(value: Any, limit: int = 60) -> str:
+    """A short, safe rendering of an untrusted value for an error message: never recursive, never
+    a 5,000-digit number (whose str() raises), never longer than about `limit` characters."""
+    if isinstance(value, str):
+        return repr(value[:limit]) + ("..." if len(value) > limit else "")
+    if isinstance(value, bool) or value is None or isinstance(value, float):
+        return repr(value)
+    if isinstance(value, int):
+        return repr(value) if value.bit_length() <= 64 else f"<int of {value.bit_length()} bits>"
+    if isinstance(value, list | tuple) and len(value) <= MAX_DIMS and all(type(v) is int for v in value):
+        text = "(" + ", ".join(describe(v) for v in value) + ")"
+        return text if len(text) <= 4 * limit else text[: 4 * limit] + "...)"
+    return f"<{type(value).__name__}>"
 
 
 @dataclass(frozen=True)
@@ -36,13 +53,14 @@ class TensorSpec:
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name:
-            raise CodecError(f"tensor name must be a non-empty string, got {self.name!r}")
-        if not isinstance(self.shape, tuple) or not all(type(d) is int and d > 0 for d in self.shape):
-            raise CodecError(f"tensor {self.name!r}: shape must be a tuple of positive ints, got {self.shape!r}")
+            raise CodecError(f"tensor name must be a non-empty string, got {describe(self.name)}")
+        shape = self.shape
+        if not isinstance(shape, tuple) or len(shape) > MAX_DIMS or not all(type(d) is int and 0 < d <= MAX_TENSOR_NUMEL for d in shape):
+            raise CodecError(f"tensor {describe(self.name)}: shape must be a tuple of at most {MAX_DIMS} ints in [1, {MAX_TENSOR_NUMEL}], got {describe(shape)}")
         if self.numel > MAX_TENSOR_NUMEL:
-            raise CodecError(f"tensor {self.name!r} has {self.numel} elements; at most {MAX_TENSOR_NUMEL} fit one payload")
-        if self.dtype not in FLOAT_DTYPES:
-            raise CodecError(f"tensor {self.name!r}: dtype {self.dtype!r} is not one of {', '.join(FLOAT_DTYPES)}")
+            raise CodecError(f"tensor {describe(self.name)} has over {MAX_TENSOR_NUMEL} elements, more than one payload holds")
+        if not isinstance(self.dtype, str) or self.dtype not in FLOAT_DTYPES:
+            raise CodecError(f"tensor {describe(self.name)}: dtype {describe(self.dtype)} is not one of {', '.join(FLOAT_DTYPES)}")
 
     @property
     def numel(self) -> int:
@@ -55,20 +73,22 @@ class TensorSpec:
     def from_json(cls, data: Any) -> TensorSpec:
         """Build from an (untrusted) envelope header entry; anything malformed is a CodecError."""
         if not isinstance(data, dict) or set(data) - {"name", "shape", "dtype"} or not {"name", "shape"} <= set(data):
-            raise CodecError(f"manifest entry must be an object with keys name, shape[, dtype], got {data!r:.200}")
+            raise CodecError(f"manifest entry must be an object with keys name, shape[, dtype], got {describe(data)}")
         shape = data["shape"]
-        if not isinstance(shape, list | tuple) or len(shape) > 16:
-            raise CodecError(f"manifest entry {data.get('name')!r}: shape must be a list of at most 16 ints")
+        if not isinstance(shape, list | tuple):
+            raise CodecError(f"manifest entry {describe(data['name'])}: shape must be a list of at most {MAX_DIMS} ints, got {describe(shape)}")
         return cls(name=data["name"], shape=tuple(shape), dtype=data.get("dtype", "float32"))
 
 
 def validate_manifest(manifest: list[TensorSpec], max_output_bytes: int) -> None:
-    """Check names are unique and the decoded float32 output fits the bound, before any allocation."""
+    """Check names are unique and the decoded float32 output fits the bound, before any
+    allocation; linear in the manifest's length."""
     if not isinstance(manifest, list | tuple) or not all(isinstance(s, TensorSpec) for s in manifest):
         raise CodecError("manifest must be a list of TensorSpec (build entries with TensorSpec.from_json)")
-    names = [s.name for s in manifest]
-    if len(set(names)) != len(names):
-        raise CodecError(f"manifest repeats tensor names: {sorted({n for n in names if names.count(n) > 1})[:5]}")
+    counts = Counter(s.name for s in manifest)
+    if len(counts) != len(manifest):
+        repeated = [describe(name, 40) for name, n in counts.items() if n > 1][:5]
+        raise CodecError(f"manifest repeats tensor names: {', '.join(repeated)}")
     total = 4 * sum(s.numel for s in manifest)
     if total > max_output_bytes:
         raise CodecError(f"manifest describes {total} bytes of float32 output, over max_output_bytes={max_output_bytes}")

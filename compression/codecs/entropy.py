@@ -1,4 +1,5 @@
-"""Entropy stage: zstd over the whole packed payload, decompressed against a hard output bound."""
+"""Entropy stage: zstd over the whole packed payload, decompressed against a hard output bound:
+what the codec can write for the receiver's manifest, checked before anything is inflated."""
 
 from __future__ import annotations
 
@@ -43,11 +44,14 @@ class Zstd(EntropyCoder):
         return zstandard.ZstdCompressor(level=self.level).compress(data)
 
     def decompress(self, data: bytes, bound: int) -> bytes:
+        """Only frames that declare their size (ours always do), so what is allocated is known before
+        a byte is inflated: a frame without one would make zstandard allocate the whole bound."""
         try:
             declared = zstandard.get_frame_parameters(data).content_size
-            if declared != _UNKNOWN_SIZE and declared > bound:
-                raise CodecError(f"zstd frame declares {declared} bytes, over the {bound} this manifest allows")
-            # With a declared size zstandard allocates exactly that; without one, at most `bound`.
+            if declared == _UNKNOWN_SIZE:
+                raise CodecError("zstd frame does not declare its content size; fedge's encoder always does")
+            if declared > bound:
+                raise CodecError(f"zstd frame declares {declared} bytes, over the {bound} this codec writes for this manifest")
             return zstandard.ZstdDecompressor().decompress(data, max_output_size=bound, allow_extra_data=False)
         except zstandard.ZstdError as exc:
             raise CodecError(f"payload is not a valid zstd frame: {exc}") from None

@@ -27,8 +27,12 @@ class IndexCoder(ABC):
     def encode(self, indices: np.ndarray, numel: int) -> bytes: ...
 
     @abstractmethod
-    def decode(self, reader: Reader, numel: int, what: str) -> np.ndarray:
-        """Strictly increasing int64 indices in [0, numel), validated before use."""
+    def decode(self, reader: Reader, numel: int, max_count: int, what: str) -> np.ndarray:
+        """Strictly increasing int64 indices in [0, numel), at most `max_count` of them, validated before use."""
+
+    @abstractmethod
+    def max_bytes(self, numel: int, max_count: int) -> int:
+        """The longest coding of at most `max_count` indices into `numel`."""
 
 
 INDEX_CODERS: dict[int, IndexCoder] = {}
@@ -76,8 +80,11 @@ class DeltaVarint(IndexCoder):
             out[starts[here] + j] = ((gaps[here] >> np.uint64(7 * j)) & np.uint64(0x7F)).astype(np.uint8) | (more.astype(np.uint8) << 7)
         return varint_bytes(indices.size) + out.tobytes()
 
-    def decode(self, reader: Reader, numel: int, what: str) -> np.ndarray:
-        count = reader.varint(f"{what} index count", numel)
+    def max_bytes(self, numel: int, max_count: int) -> int:
+        return _MAX_VARINT_BYTES * (max_count + 1)
+
+    def decode(self, reader: Reader, numel: int, max_count: int, what: str) -> np.ndarray:
+        count = reader.varint(f"{what} index count (entries kept)", max_count)
         if count == 0:
             return np.zeros(0, dtype=np.int64)
         window = np.frombuffer(reader.peek(count * _MAX_VARINT_BYTES), dtype=np.uint8)
@@ -115,10 +122,16 @@ class Bitmap(IndexCoder):
         mask[indices] = True
         return np.packbits(mask, bitorder="little").tobytes()
 
-    def decode(self, reader: Reader, numel: int, what: str) -> np.ndarray:
+    def max_bytes(self, numel: int, max_count: int) -> int:
+        return (numel + 7) // 8
+
+    def decode(self, reader: Reader, numel: int, max_count: int, what: str) -> np.ndarray:
         bits = np.unpackbits(np.frombuffer(reader.take((numel + 7) // 8, f"{what} bitmap"), dtype=np.uint8), bitorder="little")
         if bool(bits[numel:].any()):
             raise CodecError(f"{what}: non-zero bitmap padding; the payload is corrupt")
+        count = int(bits.sum(dtype=np.int64))
+        if count > max_count:
+            raise CodecError(f"{what}: bitmap keeps {count} entries, more than this codec's {max_count}; the payload is not ours")
         return np.flatnonzero(bits[:numel]).astype(np.int64)
 
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from compression.codecs.base import STAGES, CodecError, CodecSpecError, Reader, SparseTensor, TensorSpec, validate_manifest
+from compression.codecs.base import STAGES, CodecError, CodecSpecError, Reader, SparseTensor, TensorSpec, describe, validate_manifest
 from compression.codecs.entropy import EntropyCoder
 from compression.codecs.index import INDEX_CODERS, encode_indices
 from compression.codecs.quantize import Fp16, Fp32, ValueCoder
@@ -202,30 +202,60 @@ class UpdateCodec:
         plain = b"".join(parts)
         return (self.entropy.compress(plain) if self.entropy is not None else plain), received
 
+    def _kinds(self) -> set[int]:
+        """The tensor kinds this codec's encoder writes: DENSE without a sparsifier (or keep_dense
+        under fp32), an index coding with one, KEEP_DENSE (fp16) under a lossy value coder."""
+        kinds = set(INDEX_CODERS) if self.sparsifier is not None else set()
+        if self.sparsifier is None or self.values.lossless:
+            kinds.add(DENSE)
+        if not self.values.lossless:
+            kinds.add(KEEP_DENSE)
+        return kinds
+
+    def _max_tensor_bytes(self, numel: int, kinds: set[int]) -> int:
+        """The longest record (kind byte included) this codec writes for one tensor of `numel`."""
+        longest = 0
+        if DENSE in kinds:
+            longest = self.values.max_bytes(numel)
+        if KEEP_DENSE in kinds:
+            longest = max(longest, Fp16().max_bytes(numel))
+        if self.sparsifier is not None:
+            k = self.sparsifier.max_count(numel)
+            longest = max(longest, max(c.max_bytes(numel, k) for c in INDEX_CODERS.values()) + self.values.max_bytes(k))
+        return 1 + longest
+
+    def max_plaintext_bytes(self, manifest: list[TensorSpec], keep_dense: Collection[str] | None = None) -> int:
+        """The longest payload (before zstd) this codec writes for `manifest`, tensor by tensor:
+        what a decoder inflates at most. `keep_dense` names the tensors that may travel dense
+        beside a lossy coder (None: any)."""
+        kinds = self._kinds()
+        dense_kinds = kinds if keep_dense is None else kinds - {KEEP_DENSE}
+        return 1 + sum(self._max_tensor_bytes(s.numel, kinds if keep_dense is None or s.name in keep_dense else dense_kinds) for s in manifest)
+
     def decode(
-        self, payload: bytes, manifest: list[TensorSpec], *, max_output_bytes: int = 1 << 31
+        self, payload: bytes, manifest: list[TensorSpec], *, max_output_bytes: int = 1 << 31, keep_dense: Collection[str] | None = None
     ) -> dict[str, np.ndarray | SparseTensor]:
-        """Tensors by manifest name: float32 arrays (dense) or SparseTensor. Any defect is a CodecError."""
+        """Tensors by manifest name: float32 arrays (dense) or SparseTensor. Any defect is a CodecError.
+
+        `max_output_bytes` bounds the float32 output the manifest describes, densified; `keep_dense`
+        names the tensors the sender may send dense beside a lossy coder (None: any), so the zstd
+        frame is bounded by what this codec writes for each tensor of this manifest."""
         validate_manifest(manifest, max_output_bytes)
         if not isinstance(payload, bytes | bytearray | memoryview):
             raise CodecError(f"payload must be bytes, got {type(payload).__name__}")
-        bound = _plaintext_bound(manifest)
+        bound = self.max_plaintext_bytes(manifest, keep_dense)
         plain = self.entropy.decompress(bytes(payload), bound) if self.entropy is not None else payload
         if len(plain) > bound:
-            raise CodecError(f"payload is {len(plain)} bytes, more than any encoding of this manifest ({bound})")
+            raise CodecError(f"payload is {len(plain)} bytes, more than codec {self.spec!r} writes for this manifest ({bound})")
         reader = Reader(plain)
         version = reader.byte("format version")
         if version != FORMAT_VERSION:
             raise CodecError(f"payload format version {version}, this fedge reads {FORMAT_VERSION}; upgrade the older side")
-        # Only what our encoder writes: DENSE without a sparsifier (or keep_dense under fp32), KEEP_DENSE under a lossy coder.
-        allowed = set(INDEX_CODERS) if self.sparsifier is not None else set()
-        if self.sparsifier is None or self.values.lossless:
-            allowed.add(DENSE)
-        if not self.values.lossless:
-            allowed.add(KEEP_DENSE)
+        kinds = self._kinds()
         out: dict[str, np.ndarray | SparseTensor] = {}
         for spec in manifest:
-            what = f"tensor {spec.name!r}"
+            what = f"tensor {describe(spec.name)}"
+            allowed = kinds if keep_dense is None or spec.name in keep_dense else kinds - {KEEP_DENSE}
             kind = reader.byte(f"{what} kind")
             if kind not in allowed:
                 raise CodecError(f"{what}: kind byte {kind} is not valid for codec {self.spec!r} (allowed {sorted(allowed)})")
@@ -233,7 +263,7 @@ class UpdateCodec:
                 coder = self.values if kind == DENSE else Fp16()
                 out[spec.name] = coder.decode(reader, spec.numel, what).reshape(spec.shape)
             else:
-                indices = INDEX_CODERS[kind].decode(reader, spec.numel, what)
+                indices = INDEX_CODERS[kind].decode(reader, spec.numel, self.sparsifier.max_count(spec.numel), what)
                 out[spec.name] = SparseTensor(spec.shape, indices, self.values.decode(reader, indices.size, what))
         reader.finish()
         return out

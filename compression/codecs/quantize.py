@@ -27,6 +27,10 @@ class ValueCoder(Stage):
     def decode(self, reader: Reader, count: int, what: str) -> np.ndarray:
         """Read `count` values (bounds-checked) and return them as 1-D float32."""
 
+    @abstractmethod
+    def max_bytes(self, count: int) -> int:
+        """The bytes `encode` writes for `count` values: what a decoder may accept."""
+
 
 @register_stage
 @dataclass(frozen=True)
@@ -46,6 +50,9 @@ class Fp32(ValueCoder):
 
     def encode(self, values: np.ndarray, rng: np.random.Generator) -> tuple[bytes, np.ndarray]:
         return values.astype("<f4").tobytes(), values
+
+    def max_bytes(self, count: int) -> int:
+        return 4 * count
 
     def decode(self, reader: Reader, count: int, what: str) -> np.ndarray:
         out = reader.array("float32", count, f"{what} fp32 values")
@@ -75,6 +82,9 @@ class Fp16(ValueCoder):
             raise CodecError("a value exceeds the fp16 range (|x| > 65504); use fp32 or a block quantizer such as q8")
         return half.astype("<f2").tobytes(), half.astype(np.float32)
 
+    def max_bytes(self, count: int) -> int:
+        return 2 * count
+
     def decode(self, reader: Reader, count: int, what: str) -> np.ndarray:
         out = reader.array("float16", count, f"{what} fp16 values").astype(np.float32)
         require_finite(out, what)
@@ -103,6 +113,13 @@ class BlockQuantizer(ValueCoder):
     @abstractmethod
     def pack(self, codes: np.ndarray) -> bytes:
         """int8 codes in [-levels, levels] -> bytes."""
+
+    @abstractmethod
+    def packed_bytes(self, count: int) -> int:
+        """Length of `pack` for `count` codes."""
+
+    def max_bytes(self, count: int) -> int:
+        return 4 * math.ceil(count / self.block) + self.packed_bytes(count)
 
     @abstractmethod
     def unpack(self, reader: Reader, count: int, what: str) -> np.ndarray:
@@ -143,6 +160,9 @@ class Q8(BlockQuantizer):
     def pack(self, codes: np.ndarray) -> bytes:
         return codes.tobytes()
 
+    def packed_bytes(self, count: int) -> int:
+        return count
+
     def unpack(self, reader: Reader, count: int, what: str) -> np.ndarray:
         codes = reader.array("int8", count, f"{what} q8 codes")
         if bool((codes == -128).any()):
@@ -162,6 +182,9 @@ class Q4(BlockQuantizer):
         nib = np.zeros(codes.size + (codes.size & 1), dtype=np.uint8)
         nib[: codes.size] = (codes + 8).astype(np.uint8)
         return (nib[0::2] | (nib[1::2] << 4)).tobytes()
+
+    def packed_bytes(self, count: int) -> int:
+        return (count + 1) // 2
 
     def unpack(self, reader: Reader, count: int, what: str) -> np.ndarray:
         packed = reader.array("uint8", (count + 1) // 2, f"{what} q4 codes")
@@ -199,6 +222,9 @@ class Ternary(ValueCoder):
         negative = values < 0
         recon = np.where(negative, -mu, mu).astype(np.float32)
         return np.array([mu], dtype="<f4").tobytes() + np.packbits(negative, bitorder="little").tobytes(), recon
+
+    def max_bytes(self, count: int) -> int:
+        return 4 + (count + 7) // 8 if count else 0
 
     def decode(self, reader: Reader, count: int, what: str) -> np.ndarray:
         if count == 0:

@@ -24,6 +24,10 @@ class Sparsifier(Stage):
     def select(self, flat: dict[str, np.ndarray], rng: np.random.Generator) -> dict[str, np.ndarray]:
         """Indices to keep for each 1-D float32 tensor in `flat`."""
 
+    def max_count(self, numel: int) -> int:
+        """The most entries `select` keeps of one tensor of `numel`: what a decoder may accept."""
+        return numel
+
 
 class PerTensorSparsifier(Sparsifier):
     """A sparsifier whose choice for one tensor does not depend on the others."""
@@ -65,6 +69,9 @@ class TopK(FractionArg, PerTensorSparsifier):
 
     def select_one(self, x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         return _largest(np.abs(x), keep_count(self.fraction, x.size))
+
+    def max_count(self, numel: int) -> int:
+        return keep_count(self.fraction, numel)
 
 
 @register_stage
@@ -123,3 +130,6 @@ class RandomK(FractionArg, PerTensorSparsifier):
     def select_one(self, x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         k = keep_count(self.fraction, x.size)
         return np.sort(rng.choice(x.size, size=k, replace=False)).astype(np.int64)
+
+    def max_count(self, numel: int) -> int:
+        return keep_count(self.fraction, numel)

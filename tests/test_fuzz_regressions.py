@@ -1,0 +1,99 @@
+"""Issue 18: each finding of the fuzz campaign, as the input that reproduced it. Every test here
+failed on the code before its fix; the handlers' reproducers are the messages of
+`benchmarks/fuzzlib/reproducers.py`, which tests/test_fuzz_mosquitto.py also sends over a broker."""
+
+from __future__ import annotations
+
+import time
+import tracemalloc
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import zstandard
+
+from compression import CodecError, TensorSpec, UpdateCodec
+from compression.codecs.base import validate_manifest
+
+
+def _traced(fn: Callable[[], Any]) -> tuple[Any, float, int]:
+    """(result or the exception raised, seconds, traced peak bytes)."""
+    tracemalloc.start()
+    started = time.perf_counter()
+    try:
+        out = fn()
+    except Exception as exc:  # the caller asserts on what was raised
+        out = exc
+    finally:
+        seconds = time.perf_counter() - started
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+    return out, seconds, peak
+
+
+# ---- compression ------------------------------------------------------------------------------------
+def test_a_manifest_of_repeated_names_is_refused_in_linear_time() -> None:
+    """`names.count(n)` per name: 100,000 entries sharing a name took seconds to refuse."""
+    manifest = [TensorSpec("a", (1,))] * 100_000
+    out, seconds, _ = _traced(lambda: validate_manifest(manifest, 1 << 31))
+    assert isinstance(out, CodecError) and "repeats" in str(out)
+    assert seconds < 0.5, seconds
+
+
+@pytest.mark.parametrize(
+    "entry",
+    [
+        {"name": "w", "shape": [10**5000]},  # more digits than int() renders: a bare ValueError
+        {"name": "w", "shape": [1 << 40, 1 << 40]},
+        {"name": "x" * 100_000, "shape": [-1]},
+        {"name": "w", "shape": [1], "dtype": "[" * 10_000},
+    ],
+    ids=["5000-digit-dim", "product-over-2^31", "long-name", "long-dtype"],
+)
+def test_a_hostile_manifest_entry_is_a_short_codec_error(entry: dict) -> None:
+    out, seconds, _ = _traced(lambda: TensorSpec.from_json(entry))
+    assert type(out) is CodecError, repr(out)
+    assert len(str(out)) < 400 and seconds < 0.1
+
+
+def test_a_manifest_entry_nested_past_the_recursion_limit_is_a_codec_error() -> None:
+    """`{data!r}` in the message recursed through a hostile structure."""
+    deep: list = []
+    for _ in range(100_000):
+        deep = [deep]
+    out, _, _ = _traced(lambda: TensorSpec.from_json({"name": deep, "shape": [1]}))
+    assert type(out) is CodecError
+
+
+def test_a_zstd_frame_larger_than_what_the_codec_writes_is_refused_before_it_is_inflated() -> None:
+    """The bound was 6x the manifest for every spec: a sparse codec's 2 MB frame of zeros was
+    inflated (and then failed on its version byte); now the frame's declared size is checked
+    against what this codec writes for each tensor of this manifest."""
+    manifest = [TensorSpec("w", (1 << 20,))]
+    codec = UpdateCodec.from_spec("topk:0.01|q8|zstd")
+    bomb = zstandard.ZstdCompressor().compress(bytes(2 << 20))
+    out, _, peak = _traced(lambda: codec.decode(bomb, manifest, max_output_bytes=4 << 20, keep_dense=()))
+    assert isinstance(out, CodecError) and "declares" in str(out), out
+    assert peak < 256 << 10, peak
+    assert codec.max_plaintext_bytes(manifest, keep_dense=()) < 150_000  # 1% of the entries, q8
+    assert codec.max_plaintext_bytes(manifest, keep_dense=("w",)) > 2 << 20  # a BatchNorm statistic may travel as fp16
+
+
+def test_a_zstd_frame_without_a_declared_size_is_refused_unread() -> None:
+    """Our encoder always declares the size; a frame without one made the decoder allocate its whole bound."""
+    cobj = zstandard.ZstdCompressor(write_content_size=False).compressobj()
+    frame = cobj.compress(b"\x01\x00" + bytes(8)) + cobj.flush()
+    out, _, peak = _traced(lambda: UpdateCodec.from_spec("fp32|zstd").decode(frame, [TensorSpec("w", (1 << 20,))], max_output_bytes=4 << 20))
+    assert isinstance(out, CodecError) and "content size" in str(out)
+    assert peak < 64 << 10
+
+
+def test_a_sparse_tensor_with_more_entries_than_its_fraction_keeps_is_refused() -> None:
+    """topk:0.01 writes exactly 1% of each tensor: a payload claiming every entry is not ours."""
+    manifest = [TensorSpec("w", (1000,)), TensorSpec("v", (1000,))]
+    every_entry = b"\x02" + b"\xff" * 125 + b"\x00\x00\x80\x3f" + bytes(125)  # bitmap of all 1000, ternary magnitude and signs
+    payload = b"\x01" + every_entry + b"\x01\x00"  # and v: no entries
+    codec = UpdateCodec.from_spec("topk:0.01|ternary")
+    assert len(payload) <= codec.max_plaintext_bytes(manifest)
+    out, _, _ = _traced(lambda: codec.decode(payload, manifest, max_output_bytes=8000))
+    assert isinstance(out, CodecError) and "entries" in str(out), out
