@@ -55,7 +55,7 @@ def test_other_dataset_on_mosquitto(medmnist_root, tmp_path, mosquitto_broker):
     assert len(report["rounds"]) == 2
     # fp16 halves the payload of the dense fp32 update
     assert report["rounds"][0]["uplink_bytes"] < 1.1 * report["dense_update_bytes"]
-    assert 0.0 <= report["final"]["auc"] <= 1.0
+    assert report["final"]["auc"] > 0.6  # well above chance after two fp16 rounds (seeded: 0.6775 after one fp32 round)
 
 
 def _spawn_federation(root: Path, data: Path, broker: str, federation: str, rounds: int) -> tuple[list[str], list[subprocess.Popen]]:
