@@ -9,14 +9,19 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from device_profiles.schema import Profile
+from fedge.errors import NotFoundError, UsageError
 
 SHIPPED_DIR = Path(__file__).resolve().parent
 
 
-class ProfileError(ValueError):
-    """A profile that cannot be found, parsed or validated. The CLI exits with `exit_code`."""
+class ProfileError(UsageError):
+    """A profile that cannot be parsed or validated (exit 2); the message names the field."""
 
-    exit_code = 3
+
+class ProfileNotFoundError(ProfileError, NotFoundError):
+    """No shipped profile by that name, or no file at that path (exit 3)."""
+
+    exit_code = NotFoundError.exit_code
 
 
 def shipped_names() -> list[str]:
@@ -41,7 +46,7 @@ def resolve_profile_path(name_or_path: str | Path) -> Path:
         return candidate
     path = SHIPPED_DIR / f"{text}.yaml"
     if not path.is_file():
-        raise ProfileError(
+        raise ProfileNotFoundError(
             f"no shipped profile named {text!r}; known: {', '.join(shipped_names())}. "
             "For your own profile, pass the path to its YAML file instead of a name."
         )
@@ -51,7 +56,7 @@ def resolve_profile_path(name_or_path: str | Path) -> Path:
 def load_profile_file(path: Path) -> Profile:
     """Read and validate one YAML file; every problem is reported as `file: field: problem`."""
     if not path.is_file():
-        raise ProfileError(f"{path}: profile file not found")
+        raise ProfileNotFoundError(f"{path}: profile file not found")
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as exc:

@@ -7,16 +7,30 @@ import json
 from pathlib import Path
 
 from compression import ErrorFeedback
+from fedge.errors import check_schema_version
 from fedge.files import atomic_write_bytes
+
+# Of agent.json. An older or damaged file is a cache miss (the round is retrained, never sent); a
+# newer one stops the agent at start: its residual and cache belong to a newer fedge.
+SCHEMA_VERSION = 1
 
 
 class AgentState:
     def __init__(self, folder: Path):
         self.folder = Path(folder)
         self.folder.mkdir(parents=True, exist_ok=True)
+        self._refuse_newer()
         self.residual = ErrorFeedback()
         if self._residual_file.exists():
             self.residual.load_bytes(self._residual_file.read_bytes(), str(self._residual_file))
+
+    def _refuse_newer(self) -> None:
+        try:
+            found = json.loads(self._meta_file.read_text()).get("schema_version")
+        except (OSError, ValueError, AttributeError):
+            return
+        if isinstance(found, int) and found > SCHEMA_VERSION:
+            check_schema_version(found, SCHEMA_VERSION, f"agent state {self._meta_file}")
 
     @property
     def _residual_file(self) -> Path:
@@ -34,7 +48,7 @@ class AgentState:
         instead of the agent training twice (which would also double-count its residual).
         The envelope's digest in agent.json (written last) is the commit."""
         atomic_write_bytes(self.folder / "last_update.bin", envelope)
-        meta = {"schema_version": 1, "federation": federation, "run": run, "round": rnd, "model_sha256": model_sha256,
+        meta = {"schema_version": SCHEMA_VERSION, "federation": federation, "run": run, "round": rnd, "model_sha256": model_sha256,
                 "update_sha256": hashlib.sha256(envelope).hexdigest()}
         atomic_write_bytes(self._meta_file, json.dumps(meta).encode())
 
@@ -46,7 +60,7 @@ class AgentState:
             data = (self.folder / "last_update.bin").read_bytes()
         except (OSError, ValueError):
             return None  # an unreadable cache is retrained, never sent
-        if meta.get("schema_version") != 1 or hashlib.sha256(data).hexdigest() != meta.get("update_sha256"):
+        if meta.get("schema_version") != SCHEMA_VERSION or hashlib.sha256(data).hexdigest() != meta.get("update_sha256"):
             return None
         if (meta.get("federation"), meta.get("run"), meta.get("round"), meta.get("model_sha256")) != (federation, run, rnd, model_sha256):
             return None

@@ -48,6 +48,7 @@ REPORT_NAME = "export_report.json"
 # What "matches the PyTorch model" means per precision: exact-ish logits for fp32, the task metric otherwise.
 FP32_MAX_ABS_DIFF = 1e-4
 MAX_METRIC_DROP = 0.01
+NO_LABELS_NOTE = "parity checked on unlabelled images (no test split given): logits compared, the task metric not measured"
 
 
 @dataclass(frozen=True)
@@ -77,13 +78,18 @@ def export_model(
     fmt: str,
     out_dir: str | os.PathLike,
     spec: ExportSpec,
-    test_set: tuple[np.ndarray, np.ndarray],
+    test_set: tuple[np.ndarray, np.ndarray | None],
     on_step: Callable[[str], None] | None = None,
 ) -> ExportResult:
-    """Export any rebuilt network (full, LoRA-merged, pruned), verify it, and write export_report.json."""
+    """Export any rebuilt network (full, LoRA-merged, pruned), verify it, and write export_report.json.
+
+    `test_set` is (raw uint8 NHWC images, labels); labels may be None for fp32, whose check compares
+    logits only (e.g. `exporters.parity.synthetic_images` when no test split is at hand)."""
     exporter = get_exporter(fmt)
     if spec.precision not in exporter.precisions:
         raise UsageError(f"format {fmt} exports {', '.join(exporter.precisions)}, not {spec.precision}; change --precision")
+    if test_set[1] is None and spec.precision != "fp32":
+        raise UsageError(f"the {spec.precision} parity check compares the task metric: it needs a labelled test set (--dataset)")
     step = on_step or (lambda _msg: None)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -111,7 +117,7 @@ def export_model(
         "profile": spec.profile,
         "batch_sizes": list(spec.batch_sizes),
         "files": [str(p.relative_to(out)) for p in artifact.files],
-        "notes": list(artifact.notes),
+        "notes": list(artifact.notes) + ([] if test_set[1] is not None else [NO_LABELS_NOTE]),
     }
     atomic_write_bytes(out / REPORT_NAME, (json.dumps(report, indent=2, allow_nan=False) + "\n").encode())
     return ExportResult(path=artifact.path, format=fmt, precision=spec.precision, report=report)

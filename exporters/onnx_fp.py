@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import io
 import logging
 import re
@@ -35,6 +36,18 @@ logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(loggin
 OPSET = 18
 
 
+@functools.cache
+def _fake_quant_shapes() -> None:
+    """Teach torch.export the output shapes of the fake-quant op QAT models use (compression.qat).
+    torch has no symbolic-shape kernel for it, so a dynamic batch dimension failed to export
+    ("UnsupportedOperatorException: ..._cachemask_tensor_qparams"); the ONNX translation (a
+    QuantizeLinear/DequantizeLinear pair) is torch's own. Registered once, on first export."""
+
+    @torch.library.register_fake("aten::_fake_quantize_per_tensor_affine_cachemask_tensor_qparams")
+    def _shapes(x: torch.Tensor, *_qparams: object) -> tuple[torch.Tensor, torch.Tensor]:
+        return torch.empty_like(x), torch.empty_like(x, dtype=torch.bool)
+
+
 class _HalfPrecision(nn.Module):
     """fp16 weights and activations inside, fp32 at the graph boundary: callers feed the same
     float32 tensors as for fp32, and onnxruntime's CPU provider casts ops it lacks fp16 kernels for."""
@@ -52,6 +65,7 @@ def export_onnx(model: nn.Module, config: ModelConfig, path: Path, precision: Pr
     if precision not in ("fp32", "fp16"):
         raise ValueError(f"export_onnx writes fp32 or fp16, not {precision}; int8 goes through exporters.onnx_int8")
     net = _HalfPrecision(model).eval() if precision == "fp16" else model.eval()
+    _fake_quant_shapes()
     example = torch.zeros(2, config.in_channels, config.image_size, config.image_size)
     batch = torch.export.Dim("batch", min=1)
     try:

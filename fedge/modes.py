@@ -7,7 +7,7 @@ of its options. The agent, the server and the demo all go through the same four 
     model = mode.prepare(build_model(config), config)   # wrap/mutate for training
     state = mode.trainable_state(model)                  # what travels (names -> tensors)
     mode.load_trainable(model, state)                    # what arrives
-    plain = mode.export_model(model)                     # what is checkpointed / exported
+    plain = mode.export_model(model)                     # the final checkpoint, built from mode.final_config(config)
 
 `pruned` adds the server-side `prune`, whose returned config rebuilds the same architecture on
 every agent through `build_model`.
@@ -20,14 +20,13 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import psutil
 import torch
 from torch import nn
 
 from compression import lora, pruning, qat
-from fedge.checkpoint import load_checkpoint
 from fedge.errors import UsageError
 from fedge.models import ModelConfig, build_model
 from fedge.protocol.messages import MODE_NAMES
@@ -94,6 +93,10 @@ class TrainingMode:
 
     def export_model(self, model: nn.Module) -> nn.Module:
         return model.eval()
+
+    def final_config(self, config: ModelConfig) -> ModelConfig:
+        """The config `build_model` rebuilds `export_model`'s result from (the final checkpoint's)."""
+        return config
 
     def trainable_params(self, model: nn.Module) -> int:
         return sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -211,6 +214,10 @@ class QatMode(TrainingMode):
     def prepare(self, model: nn.Module, config: ModelConfig) -> nn.Module:
         return qat.quantize_layers(model, self.momentum)
 
+    def final_config(self, config: ModelConfig) -> ModelConfig:
+        """The exported model keeps its fake-quant layers: `build_model` replays them from `options["qat"]`."""
+        return config.replace(options={**config.options, "qat": {"momentum": self.momentum}})
+
     def export_model(self, model: nn.Module) -> nn.Module:
         unobserved = qat.unobserved_layers(model)
         if unobserved:
@@ -221,31 +228,12 @@ class QatMode(TrainingMode):
         return model.eval()
 
 
-def init_from_checkpoint(
-    path: str, *, in_channels: int, num_classes: int, image_size: int, dataset: str | None = None
-) -> tuple[nn.Module, ModelConfig]:
-    """A pretrained backbone for a new task. The head is re-initialised when the class count differs
-    or when the checkpoint was trained on another dataset (its label 1 may mean the opposite, e.g.
-    pneumonia vs benign); the backbone is kept. Seed torch before calling so every site agrees.
-    """
-    ckpt = load_checkpoint(path)
-    cfg = ckpt.config
-    if (cfg.in_channels, cfg.image_size) != (in_channels, image_size):
-        raise ValueError(
-            f"checkpoint {path} was pretrained on {cfg.in_channels}-channel {cfg.image_size}px images, the dataset has "
-            f"{in_channels}-channel {image_size}px; pretrain on data of the same shape (fedge pretrain --dataset ...)"
-        )
-    pretrained_on = ckpt.meta.get("dataset")
-    if cfg.num_classes == num_classes and (dataset is None or pretrained_on in (None, dataset)):
-        return ckpt.build(), cfg
-    config = cfg.replace(num_classes=num_classes)
-    model = build_model(config)
-    own = model.state_dict()
-    fresh = sorted(k for k in own if k.startswith("head.") or k not in ckpt.state or own[k].shape != ckpt.state[k].shape)
-    if any(not k.startswith("head.") for k in fresh):
-        raise ValueError(f"checkpoint {path} differs from its own config beyond the head: {fresh[:5]}")
-    model.load_state_dict({k: v for k, v in ckpt.state.items() if k not in fresh}, strict=False)
-    return model, config
+def init_from_checkpoint(path: str, **kwargs: Any) -> tuple[nn.Module, ModelConfig]:
+    """Moved to `fedge.checkpoint.init_from_checkpoint` (fedge.checkpoint now imports this module).
+    Kept only until server/rounds.py and benchmarks/modes.py import it from there; then delete."""
+    from fedge.checkpoint import init_from_checkpoint as moved
+
+    return moved(path, **kwargs)
 
 
 @dataclass(frozen=True)

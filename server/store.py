@@ -1,7 +1,7 @@
 """Per-round checkpoints, written atomically, and resume after a crash.
 
-Layout: `round_NNNN.safetensors` (a fedge checkpoint: weights + model config) and `state.json`
-(last completed round, history, downlink residual file). state.json is replaced only after the
+Layout: `round_NNNN.safetensors` (a fedge checkpoint: weights + model config + mode) and `state.json`
+(schema version, last completed round, history, downlink residual file). state.json is replaced only after the
 weights are on disk, so a kill -9 at any moment leaves the previous round intact.
 """
 
@@ -19,8 +19,13 @@ import torch
 from torch import nn
 
 from fedge.checkpoint import load_checkpoint, save_checkpoint
+from fedge.errors import UsageError, check_schema_version
 from fedge.files import atomic_write_bytes
 from fedge.models import ModelConfig
+from fedge.modes import TrainingMode, get_mode
+
+# Of state.json and run.json; a newer one is refused, not misread.
+SCHEMA_VERSION = 1
 
 
 @dataclass
@@ -32,12 +37,15 @@ class RoundState:
 
 class CheckpointStore:
     """Round checkpoints hold the training-time model (e.g. with LoRA adapters) for resume;
-    `final.safetensors` holds the plain exported model that `fedge export` and `fedge bench` take."""
+    `final.safetensors` holds the plain exported model. Both record the mode and its options, so
+    `fedge export` and `fedge bench` take either (fedge.checkpoint.Checkpoint.build)."""
 
-    def __init__(self, folder: Path, config: ModelConfig, template: nn.Module, mode: str, dataset: str | None):
+    def __init__(self, folder: Path, config: ModelConfig, template: nn.Module, mode: TrainingMode | str, dataset: str | None):
         self.folder = Path(folder)
         self.config = config
-        self.meta = {"mode": mode, **({"dataset": dataset} if dataset else {})}
+        # A bare name means the mode's default options (until every caller passes the mode itself).
+        self.mode = get_mode(mode) if isinstance(mode, str) else mode
+        self.meta = {"dataset": dataset} if dataset else {}
         self.folder.mkdir(parents=True, exist_ok=True)
         self._order = [k for k, v in template.state_dict().items() if v.is_floating_point()]  # names only, no copy
         self._buffers = {k: v for k, v in template.state_dict().items() if not v.is_floating_point()}
@@ -52,11 +60,10 @@ class CheckpointStore:
         run can be replayed into this one)."""
         if self.run_file.exists():
             record = json.loads(self.run_file.read_text())
-            if record.get("schema_version") != 1:
-                raise ValueError(f"{self.run_file} has schema_version {record.get('schema_version')!r}; this fedge reads 1")
+            check_schema_version(record.get("schema_version"), SCHEMA_VERSION, str(self.run_file))
             return str(record["run"])
         run = secrets.token_hex(16)
-        atomic_write_bytes(self.run_file, json.dumps({"schema_version": 1, "run": run, "started": time.time()}).encode())
+        atomic_write_bytes(self.run_file, json.dumps({"schema_version": SCHEMA_VERSION, "run": run, "started": time.time()}).encode())
         return run
 
     @property
@@ -72,23 +79,30 @@ class CheckpointStore:
 
     def save(self, state: RoundState, federation: str, extra: dict[str, Any] | None = None) -> Path:
         tensors = {k: torch.from_numpy(v) for k, v in state.weights.items()} | self._buffers
-        path = save_checkpoint(self.model_path(state.round), tensors, self.config, round=state.round, federation=federation, **self.meta)
-        record = {"round": state.round, "model": path.name, "federation": federation, "history": state.history, **(extra or {})}
+        path = save_checkpoint(
+            self.model_path(state.round), tensors, self.config, mode=self.mode, prepared=True,
+            round=state.round, federation=federation, **self.meta,
+        )  # fmt: skip
+        record = {"schema_version": SCHEMA_VERSION, "round": state.round, "model": path.name, "federation": federation,
+                  "history": state.history, **(extra or {})}  # fmt: skip
         atomic_write_bytes(self.state_file, json.dumps(record, indent=1).encode())
         return path
 
     def save_final(self, model: nn.Module, config: ModelConfig, rnd: int, federation: str) -> Path:
-        return save_checkpoint(self.final_path, model.state_dict(), config, round=rnd, federation=federation, **self.meta)
+        """`model` is the mode's exported model and `config` what `build_model` rebuilds it from (mode.final_config)."""
+        return save_checkpoint(self.final_path, model.state_dict(), config, mode=self.mode, round=rnd, federation=federation, **self.meta)
 
     def load_latest(self) -> tuple[RoundState, dict[str, Any]] | None:
         if not self.state_file.exists():
             return None
         record = json.loads(self.state_file.read_text())
+        # state.json from before the version field is version 1.
+        check_schema_version(record.pop("schema_version", SCHEMA_VERSION), SCHEMA_VERSION, str(self.state_file))
         ckpt = load_checkpoint(self.folder / record["model"])
-        if ckpt.config != self.config or ckpt.meta.get("mode", "full") != self.meta["mode"]:
-            raise ValueError(
-                f"checkpoint in {self.folder} was written for model {ckpt.config} in mode {ckpt.meta.get('mode')!r}, "
-                f"not {self.config} in mode {self.meta['mode']!r}; use another --checkpoint-dir or the same model settings"
+        if ckpt.config != self.config or ckpt.mode != self.mode:
+            raise UsageError(
+                f"checkpoint in {self.folder} was written for model {ckpt.config} in mode {ckpt.mode}, "
+                f"not {self.config} in mode {self.mode}; use another --checkpoint-dir or the same model settings"
             )
         missing = [k for k in self._order if k not in ckpt.state]
         if missing:

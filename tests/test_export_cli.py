@@ -62,11 +62,33 @@ def test_unknown_profile_exits_with_profile_code(checkpoint, tmp_path):
     assert "no-such-device" in result.output
 
 
-def test_missing_checkpoint_is_a_usage_error(tmp_path):
+def test_missing_checkpoint_is_not_found(tmp_path):
     result = runner.invoke(app, [str(tmp_path / "nope.safetensors"), "--format", "onnx", "--out", str(tmp_path)])
 
-    assert result.exit_code == 2
+    assert result.exit_code == 3
     assert "no checkpoint" in result.output
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--batch-sizes", "1,x"], "--batch-sizes '1,x' must be integers"),
+        (["--batch-sizes", "0"], "batch_sizes (0,) must be one or more positive integers"),
+        (["--threads", "0"], "threads must be >= 1"),
+        (["--precision", "int8"], "onnx exports fp32, fp16, not int8"),
+    ],
+)
+def test_option_errors_come_before_the_checkpoint_and_dataset_are_read(args, message, tmp_path, monkeypatch):
+    def never(*_args, **_kwargs):
+        raise AssertionError("read before the options were checked")
+
+    monkeypatch.setattr("fedge.checkpoint.load_checkpoint", never)
+    monkeypatch.setattr("fedge.data.load_medmnist", never)
+
+    result = runner.invoke(app, [str(tmp_path / "any.safetensors"), "--format", "onnx", "--out", str(tmp_path), *args])
+
+    assert result.exit_code == 2, result.output
+    assert message in result.output
 
 
 def test_profile_supplies_the_precision_and_names_the_engine_target(checkpoint, medmnist_root, tmp_path):

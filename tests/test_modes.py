@@ -6,9 +6,9 @@ import pytest
 import torch
 from torch import nn
 
-from fedge.checkpoint import save_checkpoint
+from fedge.checkpoint import init_from_checkpoint, save_checkpoint
 from fedge.models import ModelConfig, build_model
-from fedge.modes import MODES, TrainingMode, get_mode, init_from_checkpoint, measure_step
+from fedge.modes import MODES, TrainingMode, get_mode, measure_step
 
 CONFIGS = {
     "vit": ModelConfig("vit", 1, 2, 28, {"preset": "tiny"}),

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import torch
 from typer.testing import CliRunner
 
-from fedge.checkpoint import load_checkpoint
+from fedge.checkpoint import init_from_checkpoint, load_checkpoint
 from fedge.cli.main import app
-from fedge.modes import get_mode, init_from_checkpoint
+from fedge.modes import get_mode
 
 
 def test_pretrain_writes_a_checkpoint_that_lora_fine_tunes_on_another_dataset(medmnist_root: Path, tmp_path: Path) -> None:
@@ -33,5 +34,21 @@ def test_pretrain_names_the_flag_when_the_dataset_is_missing(tmp_path: Path) -> 
 
     result = CliRunner().invoke(app, args)
 
-    assert result.exit_code == 2
+    assert result.exit_code == 3
     assert "nosuchmnist" in result.output
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [(["--option", "patch_size"], "'patch_size' is not KEY=VALUE"), (["--arch", "vgg"], "unknown architecture 'vgg'"), (["--lr", "0"], "--lr must be > 0")],
+)
+def test_pretrain_option_errors_come_before_the_dataset_is_read(args: list[str], message: str, tmp_path: Path, monkeypatch) -> None:
+    def never(*_args: object, **_kwargs: object) -> None:
+        raise AssertionError("the dataset was read before the options were checked")
+
+    monkeypatch.setattr("fedge.data.load_medmnist", never)
+
+    result = CliRunner().invoke(app, ["pretrain", *args, "--out", str(tmp_path / "x.safetensors")])
+
+    assert result.exit_code == 2, result.output
+    assert message in result.output

@@ -10,7 +10,7 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from device_profiles import Profile, ProfileError, load_profile, load_profile_file, resolve_profile_path, shipped_names
+from device_profiles import Profile, ProfileError, ProfileNotFoundError, load_profile, load_profile_file, resolve_profile_path, shipped_names
 from device_profiles.loader import SHIPPED_DIR
 from device_profiles.schema import DEFAULT_CHUNK_SIZE
 from fedge.cli.profiles import app
@@ -170,6 +170,25 @@ def test_cli_list_shows_every_shipped_profile() -> None:
         assert name in result.output
 
 
+@pytest.mark.parametrize("columns", ["80", "100"])
+def test_cli_list_in_a_narrow_or_piped_terminal_shows_every_name_whole(columns: str) -> None:
+    # CliRunner's output is not a terminal, like `fedge profiles list | cat`.
+    result = CliRunner().invoke(app, ["list"], env={"COLUMNS": columns})
+
+    assert result.exit_code == 0, result.output
+    rows = {line.split()[0]: line for line in result.output.splitlines() if line.strip()}
+    assert set(shipped_names()) <= set(rows)
+    assert "tensorrt int8" in rows["jetson-orin-nano-8gb"] and "lora" in rows["jetson-orin-nano-8gb"]
+    assert max(len(line) for line in result.output.splitlines()) <= int(columns)
+
+
+def test_cli_show_of_a_missing_profile_exits_3() -> None:
+    result = CliRunner().invoke(app, ["show", "jetson-nano"])
+
+    assert result.exit_code == ProfileNotFoundError.exit_code == 3
+    assert "no shipped profile named 'jetson-nano'" in result.output
+
+
 def test_cli_show_accepts_a_user_profile_path(tmp_path: Path) -> None:
     data = _valid_data()
     data.update(name="st-marys-ct")
@@ -199,12 +218,12 @@ def test_cli_show_table_lists_fields() -> None:
     assert "1008.0" in result.output
 
 
-def test_cli_show_malformed_file_names_the_field_and_exits_3(tmp_path: Path) -> None:
+def test_cli_show_malformed_file_names_the_field_and_exits_2(tmp_path: Path) -> None:
     data = _valid_data()
     data["defaults"]["batch_size"] = 0
     path = _write(tmp_path, data)
 
     result = CliRunner().invoke(app, ["show", str(path)])
 
-    assert result.exit_code == ProfileError.exit_code == 3
+    assert result.exit_code == ProfileError.exit_code == 2
     assert "defaults.batch_size: Input should be greater than or equal to 1 (got 0)" in result.output

@@ -1,38 +1,38 @@
 """`fedge export`: write an inference artifact (ONNX, int8 QDQ ONNX, TensorRT engine, Triton repository)
 from a checkpoint, and prove it matches the PyTorch model on the test set (DIR/export_report.json).
 
-Exit codes: 0 exported and checked; 1 written, but the parity check failed (see the report);
-2 usage error (bad option, checkpoint that does not match its config, missing data); 3 device profile
-not found or invalid; 4 export or structural check failed; 5 unsupported operator; 6 calibration data
-missing or unusable.
+Exit codes (`fedge --help` lists them all): 0 exported and checked; 2 usage error (bad option, a
+checkpoint that does not match its config); 3 checkpoint, dataset or device profile not found;
+4 export or structural check failed; 5 unsupported operator; 6 calibration data missing or
+unusable; 7 written, but the parity check failed (see the report).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from enum import Enum
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional
 
 import typer
 
-from fedge.cli.options import fail
+from fedge.cli.options import fail, fail_with
+from fedge.precision import Precision
 
 if TYPE_CHECKING:
     import numpy as np
     from rich.console import Console
 
+    from fedge.checkpoint import Checkpoint
+
 
 class Format(str, Enum):
+    """The exporters' registry names (a test keeps them equal); an Enum so `--help` lists them without importing torch."""
+
     onnx = "onnx"
     onnx_int8 = "onnx-int8"
     tensorrt = "tensorrt"
     triton = "triton"
-
-
-class PrecisionChoice(str, Enum):
-    fp32 = "fp32"
-    fp16 = "fp16"
-    int8 = "int8"
 
 
 def _calibration(path: Path) -> np.ndarray | Path:
@@ -55,14 +55,6 @@ def _calibration(path: Path) -> np.ndarray | Path:
     return images
 
 
-def _default_calibration(console: Console, splits: Any, precision: str) -> np.ndarray | None:
-    """Without --calib, int8 calibrates on the dataset's train split (the site's own data, never the test set)."""
-    if precision != "int8":
-        return None
-    console.print(f"calibrating int8 on {splits.name}'s train split ({len(splits.images['train'])} images); --calib picks other data")
-    return splits.images["train"]
-
-
 def _profile_precision(name: str, fmt: Format) -> tuple[str, str | None]:
     """The profile's name and export precision; the profile's format only supplies a default precision."""
     from device_profiles import load_profile
@@ -72,15 +64,42 @@ def _profile_precision(name: str, fmt: Format) -> tuple[str, str | None]:
     return profile.name, wanted
 
 
+def _parity_data(
+    console: Console, ckpt: Checkpoint, dataset: str | None, data_dir: Path | None, precision: str
+) -> tuple[np.ndarray, np.ndarray | None, Any]:
+    """(images, labels, splits) the parity check runs on. fp32 compares logits, so without a dataset
+    (none named, or the checkpoint's own not at hand) seeded random images do; other precisions
+    compare the task metric and need the labelled test split."""
+    from exporters.parity import synthetic_images
+    from fedge.data import load_medmnist
+
+    name = dataset or ckpt.meta.get("dataset")
+    if name is None and precision == "fp32":
+        console.print("no dataset named: checking fp32 parity on seeded random images (--dataset NAME also checks the metric)")
+        return synthetic_images(ckpt.config), None, None
+    if name is None:
+        raise fail(f"{precision} parity compares the task metric on a test split: pass --dataset NAME (the MedMNIST subset it was trained on)")
+    try:
+        splits = load_medmnist(str(name), data_dir)
+    except FileNotFoundError as exc:
+        if dataset is not None or precision != "fp32":
+            raise
+        console.print(f"{name} not found ({exc}); checking fp32 parity on seeded random images instead", markup=False, highlight=False)
+        return synthetic_images(ckpt.config), None, None
+    return splits.images["test"], splits.labels["test"], splits
+
+
 def export(
-    checkpoint: Path = typer.Argument(..., help="Checkpoint (.safetensors) written by fedge."),
+    checkpoint: Path = typer.Argument(..., help="Checkpoint (.safetensors) written by fedge: a round, final or pretrained one."),
     format: Format = typer.Option(..., "--format", help="Artifact to write."),
     out: Path = typer.Option(..., "--out", help="Output folder (the Triton model repository for --format triton)."),
-    precision: Optional[PrecisionChoice] = typer.Option(
+    precision: Optional[Precision] = typer.Option(
         None, "--precision", help="Default: the profile's, else onnx fp32, onnx-int8 int8, tensorrt fp16, triton fp32."
     ),
     calib: Optional[Path] = typer.Option(None, "--calib", help="int8 calibration images: an npz (e.g. the dataset's .npz) or a DICOM store folder."),
-    dataset: Optional[str] = typer.Option(None, "--dataset", help="MedMNIST subset whose test split checks parity (default: the checkpoint's)."),
+    dataset: Optional[str] = typer.Option(
+        None, "--dataset", help="MedMNIST subset whose test split checks parity (default: the checkpoint's; fp32 works without one)."
+    ),
     data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="Folder holding <dataset>.npz (or set FEDGE_DATA_DIR)."),
     profile: Optional[str] = typer.Option(None, "--profile", help="Device profile name or YAML path (precision default, engine target)."),
     batch_sizes: str = typer.Option("1,8,32", "--batch-sizes", help="Batch sizes the artifact serves (engine profile, Triton batching)."),
@@ -93,52 +112,39 @@ def export(
     try:
         sizes = tuple(int(b) for b in batch_sizes.split(","))
     except ValueError:
-        raise fail(f"--batch-sizes {batch_sizes!r} must be integers separated by commas, e.g. 1,8,32", 2) from None
+        raise fail(f"--batch-sizes {batch_sizes!r} must be integers separated by commas, e.g. 1,8,32") from None
 
-    from exporters import REPORT_NAME, ExportError, ExportSpec, export_model, get_exporter, load_calibration
+    from exporters import REPORT_NAME, ExportSpec, export_model, get_exporter, load_calibration
     from fedge.checkpoint import load_checkpoint
-    from fedge.data import load_medmnist
+    from fedge.errors import FedgeError, ParityError
 
-    chosen = precision.value if precision else None
-    profile_name = None
-    if profile:
-        from device_profiles import ProfileError
-
-        try:
-            profile_name, from_profile = _profile_precision(profile, format)
-        except ProfileError as exc:
-            raise fail(str(exc), ProfileError.exit_code) from None
-        chosen = chosen or from_profile
-    exporter = get_exporter(format.value)
-    chosen = chosen or exporter.default_precision
-    if chosen not in exporter.precisions:
-        raise fail(f"--format {format.value} exports {', '.join(exporter.precisions)}, not {chosen}; change --precision", 2)
     try:
+        # Every option is checked before the checkpoint and the dataset are read.
+        profile_name, from_profile = _profile_precision(profile, format) if profile else (None, None)
+        exporter = get_exporter(format.value)
+        chosen = precision or from_profile or exporter.default_precision
+        if chosen not in exporter.precisions:
+            raise fail(f"--format {format.value} exports {', '.join(exporter.precisions)}, not {chosen}; change --precision")
+        spec = ExportSpec(precision=chosen, batch_sizes=sizes, profile=profile_name, threads=threads)  # type: ignore[arg-type]
+        calib_images = load_calibration(_calibration(calib)) if calib is not None and chosen == "int8" else None
         ckpt = load_checkpoint(checkpoint)
         model = ckpt.build()
-        name = dataset or ckpt.meta.get("dataset")
-        if not name:
-            raise ValueError(f"{checkpoint} does not name its dataset; pass --dataset NAME (the MedMNIST subset it was trained on)")
-        splits = load_medmnist(str(name), data_dir)
-        spec = ExportSpec(
-            precision=chosen,  # type: ignore[arg-type]
-            batch_sizes=sizes,
-            calib=load_calibration(_calibration(calib)) if calib is not None else _default_calibration(console, splits, chosen),
-            profile=profile_name,
-            threads=threads,
-        )
+        images, labels, splits = _parity_data(console, ckpt, dataset, data_dir, chosen)
+        if chosen == "int8" and calib_images is None:
+            # Without --calib, int8 calibrates on the dataset's train split (the site's own data, never the test set).
+            calib_images = splits.images["train"]
+            console.print(f"calibrating int8 on {splits.name}'s train split ({len(calib_images)} images); --calib picks other data")
+        spec = dataclasses.replace(spec, calib=calib_images)
         with console.status(f"fedge export {format.value}") as status:
             result = export_model(
-                model, ckpt.config, format.value, out, spec, (splits.images["test"], splits.labels["test"]),
+                model, ckpt.config, format.value, out, spec, (images, labels),
                 on_step=lambda msg: status.update(f"fedge export {format.value}: {msg}"),
-            )
-    except ExportError as exc:
-        raise fail(str(exc), exc.exit_code) from None
-    except (ValueError, FileNotFoundError) as exc:
-        raise fail(str(exc), 2) from None
+            )  # fmt: skip
+    except (FedgeError, ValueError, OSError) as exc:
+        raise fail_with(exc) from None
     _print_report(console, result.report, out / REPORT_NAME)
     if not result.passed:
-        raise fail(f"parity check failed ({result.report['checks']}); the artifact is written but must not be deployed", 1)
+        raise fail(f"parity check failed ({result.report['checks']}); the artifact is written but must not be deployed", ParityError.exit_code)
 
 
 def _print_report(console: Console, report: dict[str, Any], path: Path) -> None:

@@ -6,9 +6,12 @@ import importlib
 
 import typer
 
+from fedge.errors import EXIT_CODES
+
 app = typer.Typer(
     name="fedge",
     help="Federated learning at the hospital edge: train together over MQTT, keep images on site.",
+    epilog="Exit codes (every command):\n\n" + "\n\n".join(f"{code}  {meaning}" for code, meaning in EXIT_CODES.items()),
     no_args_is_help=True,
     pretty_exceptions_show_locals=False,
 )

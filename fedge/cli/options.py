@@ -18,18 +18,24 @@ MODE_OPTIONS_HELP = (
 )
 
 
-def parse_mode_options(text: str | None) -> dict[str, Any]:
-    """`r=8,alpha=16,targets=["qkv","proj"]` -> dict; values are JSON where they parse, else strings."""
+def parse_key_values(items: list[str], example: str) -> dict[str, Any]:
+    """`["r=8", 'targets=["qkv"]']` -> {"r": 8, "targets": ["qkv"]}: values are JSON where they
+    parse, else strings. `example` completes the error message, e.g. "--option patch_size=8"."""
     options: dict[str, Any] = {}
-    for item in filter(None, (part.strip() for part in _split(text or ""))):
+    for item in filter(None, (part.strip() for part in items)):
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
-            raise typer.BadParameter(f"mode option {item!r} is not KEY=VALUE, e.g. --mode-options r=8,alpha=16")
+            raise typer.BadParameter(f"{item!r} is not KEY=VALUE, e.g. {example}")
         try:
             options[key.strip()] = json.loads(value)
         except json.JSONDecodeError:
             options[key.strip()] = value.strip()
     return options
+
+
+def parse_mode_options(text: str | None) -> dict[str, Any]:
+    """`r=8,alpha=16,targets=["qkv","proj"]` -> dict (commas inside brackets belong to the value)."""
+    return parse_key_values(_split(text or ""), "--mode-options r=8,alpha=16")
 
 
 def _split(text: str) -> list[str]:
@@ -64,6 +70,24 @@ def fail(message: str, code: int = 2) -> typer.Exit:
     return typer.Exit(code)
 
 
+def exit_code_for(exc: BaseException) -> int:
+    """The documented exit code (fedge.errors.EXIT_CODES) of a known error."""
+    from fedge.errors import FedgeError, NotFoundError, StorageError, UsageError
+
+    if isinstance(exc, FedgeError):
+        return exc.exit_code
+    if isinstance(exc, FileNotFoundError):
+        return NotFoundError.exit_code
+    if isinstance(exc, OSError):
+        return StorageError.exit_code
+    return UsageError.exit_code
+
+
+def fail_with(exc: BaseException) -> typer.Exit:
+    """`fail` for a caught error: its message and its exit code; raise the result."""
+    return fail(str(exc), exit_code_for(exc))
+
+
 def resolve_profile(name: str) -> tuple[Profile, Detection | None]:
     """A shipped profile name, a YAML path, or `detect` (what it found goes to stderr); a profile
     that cannot be loaded fails with the loader's exit code."""
@@ -79,4 +103,4 @@ def resolve_profile(name: str) -> tuple[Profile, Detection | None]:
     try:
         return load_profile(name), detected
     except ProfileError as exc:
-        raise fail(str(exc), ProfileError.exit_code) from None
+        raise fail_with(exc) from None

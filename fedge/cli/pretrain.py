@@ -1,28 +1,16 @@
 """`fedge pretrain`: train a backbone centrally on one dataset, the foundation the federation adapts.
 
 The checkpoint it writes is what `--init` takes; the federation re-initialises the head when its
-dataset has another class count (fedge.modes.init_from_checkpoint).
+dataset has another class count (fedge.checkpoint.init_from_checkpoint).
 """
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import typer
 
-
-def _parse_options(pairs: list[str]) -> dict[str, object]:
-    options: dict[str, object] = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not key:
-            raise typer.BadParameter(f"{pair!r} is not KEY=VALUE, e.g. --option patch_size=8", param_hint="--option")
-        try:
-            options[key] = json.loads(value)
-        except json.JSONDecodeError:
-            options[key] = value
-    return options
+from fedge.cli.options import fail, fail_with, parse_key_values
 
 
 def pretrain(
@@ -44,21 +32,27 @@ def pretrain(
 
     from fedge.checkpoint import save_checkpoint
     from fedge.data import load_medmnist
-    from fedge.models import build_model
+    from fedge.errors import FedgeError
+    from fedge.models import MODELS, build_model
     from fedge.tasks import ClassificationTask
 
     console = Console()
-    options = _parse_options(option)
+    # Options first: a typo must not wait for the dataset (or its download).
+    options = parse_key_values(option, "--option patch_size=8")
     if arch == "vit":
         options = {"preset": preset, **options}
+    if lr <= 0:
+        raise fail(f"--lr must be > 0, got {lr}")
+    if out.is_dir():
+        raise fail(f"--out {out} is a folder; name the checkpoint file, e.g. {out / 'backbone.safetensors'}")
     try:
+        MODELS.get(arch)
         task = ClassificationTask(load_medmnist(dataset, data_dir))
-        config = task.model_config(arch, **options)
+        config = task.model_config(arch, **options)  # options that depend on the images (e.g. patch size) fail here
         torch.manual_seed(seed)
         model = build_model(config)
-    except (FileNotFoundError, ValueError) as exc:
-        console.print(f"[red]error:[/red] {exc}")
-        raise typer.Exit(2) from None
+    except (FedgeError, ValueError, OSError) as exc:
+        raise fail_with(exc) from None
     params = sum(p.numel() for p in model.parameters())
     console.print(f"pretraining {arch} ({params:,} parameters) on {dataset}: {len(task.splits.labels['train'])} images, {epochs} epochs")
     val_split = "val" if "val" in task.splits.images else "test"

@@ -1,6 +1,6 @@
 """`fedge profiles list|show|detect`: the shipped device profiles and which one fits this host.
 
-Exit codes: 0 ok; 2 usage error (Typer); 3 profile not found or invalid (names the field).
+Exit codes: 0 ok; 2 usage error, or an invalid profile (the message names the field); 3 profile not found.
 """
 
 from __future__ import annotations
@@ -13,15 +13,16 @@ from typing import Annotated, Any
 
 import typer
 import yaml
+from rich import box
 from rich.console import Console
 from rich.table import Table
 
 from device_profiles import Profile, ProfileError, load_profile_file, resolve_profile_path, shipped_names
 from device_profiles.detect import detect
+from fedge.cli.options import fail_with
 
 app = typer.Typer(help="Device profiles: spec sheet, site link and agent defaults per device class.", no_args_is_help=True)
 console = Console()
-errors = Console(stderr=True)
 
 
 class ShowFormat(str, Enum):
@@ -35,32 +36,41 @@ def _load_or_exit(name_or_path: str) -> tuple[Profile, Path]:
         path = resolve_profile_path(name_or_path)
         return load_profile_file(path), path
     except ProfileError as exc:
-        errors.print(f"[red]error:[/red] {exc}", markup=True, highlight=False, soft_wrap=True)
-        raise typer.Exit(ProfileError.exit_code) from None
+        raise fail_with(exc) from None
 
 
 def _fmt(value: Any) -> str:
     return "-" if value is None else str(value)
 
 
+def _profiles_table(profiles: list[Profile], hardware: bool) -> Table:
+    caption = None if hardware else "spec-sheet figures: fedge profiles show NAME --format table"
+    table = Table(title="fedge device profiles", caption=caption, box=box.SIMPLE_HEAD, pad_edge=False)
+    table.add_column("name", no_wrap=True)
+    table.add_column("kind (arch)" if hardware else "kind", no_wrap=True)
+    figures = ("FP16 TFLOPS", "INT8 TOPS", "mem GB", "GB/s") if hardware else ()
+    for column in (*figures, "up/down Mbit/s"):
+        table.add_column(column, justify="right", no_wrap=True)
+    table.add_column("training", no_wrap=True)
+    table.add_column("export", no_wrap=True)
+    for p in profiles:
+        d = p.device
+        kind = d.kind if d.gpu_arch is None or not hardware else f"{d.kind} ({d.gpu_arch})"
+        values = (d.fp16_tflops, d.int8_tops, d.memory_gb, d.memory_bandwidth_gbs) if hardware else ()
+        link = f"{_fmt(p.link.uplink_mbps)}/{_fmt(p.link.downlink_mbps)}"
+        table.add_row(p.name, kind, *map(_fmt, values), link, p.defaults.training_mode, f"{p.defaults.export_format} {p.defaults.export_precision}")
+    return table
+
+
 @app.command("list")
 def list_profiles() -> None:
     """Every shipped profile, one row each (`-` where the profile has no sourced figure)."""
-    table = Table(title="fedge device profiles")
-    for column in ("name", "kind", "arch"):
-        table.add_column(column)
-    for column in ("FP16 TFLOPS", "INT8 TOPS", "mem GB", "mem GB/s", "up Mbit/s", "down Mbit/s"):
-        table.add_column(column, justify="right")
-    for column in ("training", "export"):
-        table.add_column(column)
-    for name in shipped_names():
-        p, _ = _load_or_exit(name)
-        d = p.device
-        table.add_row(
-            p.name, d.kind, _fmt(d.gpu_arch), _fmt(d.fp16_tflops), _fmt(d.int8_tops), _fmt(d.memory_gb),
-            _fmt(d.memory_bandwidth_gbs), _fmt(p.link.uplink_mbps), _fmt(p.link.downlink_mbps),
-            p.defaults.training_mode, f"{p.defaults.export_format}/{p.defaults.export_precision}",
-        )
+    profiles = [_load_or_exit(name)[0] for name in shipped_names()]
+    table = _profiles_table(profiles, hardware=True)
+    if console.measure(table, options=console.options.update_width(10_000)).maximum > console.width:
+        # The name is what a user copies into --profile: never cut it (80 columns when piped).
+        # Narrow: the spec-sheet figures give way; `show NAME` has every field.
+        table = _profiles_table(profiles, hardware=False)
     console.print(table)
 
 
