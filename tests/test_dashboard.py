@@ -24,7 +24,12 @@ from fedge.models import ModelConfig
 from fedge.protocol import Topics
 from fedge.tasks import ClassificationTask
 from server.config import ServerConfig
-from server.dashboard import DashboardServer, dashboard_state, parse_address, serve_dashboard
+from server.dashboard import (
+    DashboardServer,
+    dashboard_state,
+    parse_address,
+    serve_dashboard,
+)
 from server.rounds import RoundServer
 
 FED = "dash"
@@ -101,7 +106,7 @@ def test_the_token_guards_the_data_and_the_page_loads_nothing_from_outside(finis
         status, headers, body = get(api, token=TOKEN)
         assert status == 200 and headers["Content-Type"].startswith("application/json")
         assert json.loads(body)["run"] == finished.run_id
-        status, headers, page = get(dashboard.url)  # the page holds no data: it asks for the token
+        status, headers, _ = get(dashboard.url)  # the page holds no data: it asks for the token
         assert status == 200 and "script-src 'self'" in headers["Content-Security-Policy"]
         for name in ("dashboard.js", "dashboard.css"):
             assert get(dashboard.url + "static/" + name)[0] == 200

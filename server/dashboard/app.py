@@ -52,10 +52,6 @@ def parse_address(text: str) -> tuple[str, int]:
     return host, number
 
 
-async def _no_content() -> web.Response:
-    return web.Response(status=204)
-
-
 def _static(name: str) -> bytes:
     return resources.files("server.dashboard").joinpath("static", name).read_bytes()
 
@@ -83,6 +79,9 @@ def make_app(state: Callable[[], dict[str, Any]], token: str | None = None) -> w
             raise web.HTTPNotFound()
         return web.Response(body=found[0], content_type=found[1], charset="utf-8")
 
+    async def no_content(request: web.Request) -> web.Response:
+        return web.Response(status=204)
+
     async def api_state(request: web.Request) -> web.Response:
         if expected is not None:
             given = request.headers.get("Authorization", "").encode()
@@ -94,7 +93,7 @@ def make_app(state: Callable[[], dict[str, Any]], token: str | None = None) -> w
     app.router.add_get("/", index)
     app.router.add_get("/static/{name}", static)
     app.router.add_get("/api/state", api_state)
-    app.router.add_get("/favicon.ico", lambda request: _no_content())
+    app.router.add_get("/favicon.ico", no_content)
     return app
 
 
