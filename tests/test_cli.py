@@ -17,5 +17,5 @@ def test_demo_with_a_missing_dataset_says_how_to_fix_it(tmp_path):
         [sys.executable, "-m", "fedge.cli.main", "demo", "--dataset", "nosuchmnist", "--data-dir", str(tmp_path), "--workdir", str(tmp_path / "w")],
         capture_output=True, text=True,
     )
-    assert out.returncode == 2
+    assert out.returncode == 3  # not found (fedge.errors.EXIT_CODES)
     assert "--data-dir" in out.stdout + out.stderr

@@ -39,18 +39,21 @@ def demo(
     from rich.table import Table
 
     from fedge.cli.federation import FederationSettings, run_federation
-    from fedge.cli.options import parse_mode_options
+    from fedge.cli.options import fail_with, parse_mode_options
 
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     console = Console()
     table = Table(title=f"fedge demo: {dataset}, {clients} sites, mode {mode}, codec {codec}")
     for col in ("round", "AUC", "accuracy", "uplink bytes", "downlink bytes", "seconds"):
         table.add_column(col, justify="right")
-    settings = FederationSettings(
-        dataset=dataset, data_dir=data_dir, clients=clients, rounds=rounds, codec=codec, downlink_codec=downlink_codec,
-        arch=arch, broker=broker, seed=seed, alpha=alpha, epochs=epochs, lr=lr, workdir=workdir,
-        mode=mode, mode_options=parse_mode_options(mode_options), init=init, emulate_link=emulate_link, secure=secure,
-    )
+    try:
+        settings = FederationSettings(
+            dataset=dataset, data_dir=data_dir, clients=clients, rounds=rounds, codec=codec, downlink_codec=downlink_codec,
+            arch=arch, broker=broker, seed=seed, alpha=alpha, epochs=epochs, lr=lr, workdir=workdir,
+            mode=mode, mode_options=parse_mode_options(mode_options), init=init, emulate_link=emulate_link, secure=secure,
+        )
+    except ValueError as exc:
+        raise fail_with(exc) from None
     with Progress(TextColumn("[bold]rounds"), BarColumn(), TextColumn("{task.completed}/{task.total}"), TimeElapsedColumn(), console=console) as progress:
         bar = progress.add_task("rounds", total=rounds)
 
@@ -65,8 +68,7 @@ def demo(
         try:
             result = run_federation(settings, on_round=on_round, report_path=report)
         except (FileNotFoundError, ValueError, ConnectionError, TimeoutError, RuntimeError) as exc:  # ProfileError, ProvisionError are ValueErrors
-            console.print(f"[red]error:[/red] {exc}")
-            raise typer.Exit(2) from None
+            raise fail_with(exc) from None
     console.print(table)
     console.print(
         f"final AUC {result['final']['auc']:.4f}, accuracy {result['final']['accuracy']:.4f} in {result['seconds']:.0f}s; "

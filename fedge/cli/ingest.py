@@ -1,7 +1,7 @@
 """`fedge ingest`: DICOM from a folder, a watched inbox or a C-STORE receiver into the local dataset store.
 
 Exit codes: 0 done (quarantined files are counted in the summary, not errors); 2 a usage error
-(bad option, a store made for another image size); 1 an I/O error on the store (disk full, rights).
+(bad option, a store made for another image size); 8 an I/O error on the store (disk full, rights).
 """
 
 from __future__ import annotations
@@ -13,6 +13,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Optional
 
 import typer
+
+from fedge.cli.options import fail
+from fedge.errors import StorageError
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -95,8 +98,7 @@ def ingest(
     except NotADirectoryError as exc:
         raise typer.BadParameter(str(exc)) from exc
     except OSError as exc:
-        console.print(f"[red]store I/O error[/red]: {exc}; free disk space or fix permissions on {store}, then re-run (done files are kept)")
-        raise typer.Exit(1) from exc
+        raise fail(f"store I/O error: {exc}; free disk space or fix permissions on {store}, then re-run (done files are kept)", StorageError.exit_code) from exc
     summary = ingestor.summary()
     if report:
         from fedge.files import atomic_write_bytes

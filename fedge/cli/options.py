@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import functools
 import json
-from typing import TYPE_CHECKING, Any
+import logging
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
 
 import typer
 
 if TYPE_CHECKING:
     from device_profiles.detect import Detection
     from device_profiles.schema import Profile
+
+P = ParamSpec("P")
+R = TypeVar("R")
 
 MODE_OPTIONS_HELP = (
     "Mode options as KEY=VALUE pairs. lora: r, alpha, dropout, targets (layer names, e.g. "
@@ -71,7 +77,9 @@ def fail(message: str, code: int = 2) -> typer.Exit:
 
 
 def exit_code_for(exc: BaseException) -> int:
-    """The documented exit code (fedge.errors.EXIT_CODES) of a known error."""
+    """The documented exit code (fedge.errors.EXIT_CODES) of a caught error: fedge's own carry
+    theirs; a missing file is 3, other OS and network errors 8, a ValueError a usage error (2),
+    anything else unexpected (1)."""
     from fedge.errors import FedgeError, NotFoundError, StorageError, UsageError
 
     if isinstance(exc, FedgeError):
@@ -80,12 +88,32 @@ def exit_code_for(exc: BaseException) -> int:
         return NotFoundError.exit_code
     if isinstance(exc, OSError):
         return StorageError.exit_code
-    return UsageError.exit_code
+    if isinstance(exc, ValueError):
+        return UsageError.exit_code
+    return 1
 
 
 def fail_with(exc: BaseException) -> typer.Exit:
     """`fail` for a caught error: its message and its exit code; raise the result."""
     return fail(str(exc), exit_code_for(exc))
+
+
+def one_line_errors(command: Callable[P, R]) -> Callable[P, R]:
+    """Decorator for long-running commands (`fedge server`): a known error (fedge's own, a bad
+    value, a file or broker that is not there) ends the command with one line and its documented
+    exit code instead of a traceback; the traceback still goes to the log at DEBUG level."""
+
+    @functools.wraps(command)
+    def run(*args: P.args, **kwargs: P.kwargs) -> R:
+        from fedge.errors import FedgeError
+
+        try:
+            return command(*args, **kwargs)
+        except (FedgeError, ValueError, OSError) as exc:
+            logging.getLogger(command.__module__).debug("%s stopped", command.__name__, exc_info=True)
+            raise fail(" ".join(str(exc).split()) or type(exc).__name__, exit_code_for(exc)) from None
+
+    return run
 
 
 def resolve_profile(name: str) -> tuple[Profile, Detection | None]:

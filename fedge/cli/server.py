@@ -6,9 +6,10 @@ from pathlib import Path
 
 import typer
 
-from fedge.cli.options import MODE_OPTIONS_HELP
+from fedge.cli.options import MODE_OPTIONS_HELP, one_line_errors
 
 
+@one_line_errors
 def server(
     broker: str = typer.Option(None, help="MQTT broker URL, e.g. mqtt://127.0.0.1:1883; default: start an embedded broker"),
     federation: str = typer.Option("demo", help="Federation name (topic prefix fedge/<name>/)"),
@@ -37,12 +38,16 @@ def server(
     max_update_norm: float = typer.Option(1e4, help="Refuse updates whose decoded delta has a larger L2 norm (NaN/Inf always refused)"),
     verbose: bool = typer.Option(True, "--verbose/--quiet"),
 ) -> None:
-    """Aggregate rounds of site updates over MQTT (FedAvg), checkpoint each round, resume after a crash."""
+    """Aggregate rounds of site updates over MQTT (FedAvg), checkpoint each round, resume after a crash.
+
+    Known errors (a bad setting, a missing file, an unreachable broker) end it with one line and
+    their exit code (`fedge --help`)."""
     import logging
     from contextlib import ExitStack
 
     from rich.console import Console
 
+    from compression import UpdateCodec
     from fedge.broker import EmbeddedBroker
     from fedge.cli.options import fail, parse_mode_options
     from fedge.checkpoint import load_checkpoint
@@ -59,6 +64,8 @@ def server(
         raise fail(f"invalid training settings: {exc}") from None
     if cert is not None and (key is None or ca is None):
         raise fail("--cert needs --key and --ca (the files `fedge provision init` wrote for the server)")
+    for spec in filter(None, (codec, downlink_codec)):
+        UpdateCodec.from_spec(spec)  # a typo fails here, before a broker starts or a dataset loads
     console = Console()
     task = None
     if init is not None and data_dir is None:
