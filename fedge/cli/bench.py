@@ -2,8 +2,8 @@
 training step per mode, bytes per round and their projected transfer time on the profile's link) and
 write a JSON report with a Markdown table and a PNG chart beside it; the roofline estimate is kept apart.
 
-Exit codes: 0 measured; 2 usage error (bad option, unreadable checkpoint, report path); 3 device
-profile not found or invalid.
+Exit codes: 0 measured; 2 usage error (bad option, unreadable checkpoint, report path, invalid
+device profile); 3 checkpoint or device profile not found.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any, Optional
 
 import typer
 
-from fedge.cli.options import fail, resolve_profile
+from fedge.cli.options import fail, fail_with, resolve_profile
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -41,7 +41,7 @@ def bench(
 
     errors = Console(stderr=True)
     if report.suffix in (".md", ".png"):
-        raise fail(f"--report {report} would be overwritten by its own Markdown/PNG; name the JSON file, e.g. bench.json", 2)
+        raise fail(f"--report {report} would be overwritten by its own Markdown/PNG; name the JSON file, e.g. bench.json")
 
     from device_profiles.bench import BenchSettings, run_bench
     from device_profiles.bench_report import write_report
@@ -54,7 +54,7 @@ def bench(
             repeats=repeats, data_dir=data_dir, synthetic=synthetic, seed=seed,
         )  # fmt: skip
     except ValueError as exc:
-        raise fail(f"{exc}; see fedge bench --help", 2) from None
+        raise fail(f"{exc}; see fedge bench --help") from None
     # torch.onnx warns about optional torchvision ops on every export; none of them is used here.
     logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
 
@@ -68,7 +68,7 @@ def bench(
         try:
             result = run_bench(settings, on_step)
         except (ValueError, FileNotFoundError) as exc:
-            raise fail(str(exc), 2) from None
+            raise fail_with(exc) from None
     paths = write_report(result, report)
     _print_summary(Console(), result)
     errors.print(f"report: {paths['json']}  table: {paths['markdown']}  chart: {paths['png']}", markup=False, highlight=False, soft_wrap=True)
