@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable, Sequence
 from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Histogram
@@ -26,6 +26,7 @@ from fedge.metrics_http import MetricsEndpoint
 if TYPE_CHECKING:
     from edge_client.agent import Agent
     from edge_client.config import AgentConfig
+    from fedge.tasks import ClassificationTask
     from fedge.transport import SessionFactory
 
 TRAIN_BUCKETS = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800)
@@ -139,7 +140,7 @@ class AgentMetrics:
         )  # fmt: skip
         self.upload_bytes = Counter("fedge_agent_upload_bytes", "Update bytes uploaded (resends included)", registry=self.registry)
         self.registry.register(_AgentCollector(agent))
-        agent.task = _TimedTask(agent.task, self.train_seconds)
+        agent.task = cast("ClassificationTask", _TimedTask(agent.task, self.train_seconds))
 
     def transport(self, factory: SessionFactory) -> SessionFactory:
         """A session factory whose sessions time update uploads; pass it to `Agent.run(transport=...)`."""

@@ -12,7 +12,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from prometheus_client import CollectorRegistry, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -22,6 +22,7 @@ from fedge.metrics_http import MetricsEndpoint
 
 if TYPE_CHECKING:
     from server.rounds import RoundServer
+    from server.strategies import Strategy
 
 # Round records carry these numbers (anything else an evaluator adds stays off the operator's view).
 RECORD_NUMBERS = ("round", "uplink_bytes", "downlink_bytes", "rejected", "seconds", "auc", "accuracy")
@@ -194,7 +195,8 @@ class ServerMetrics:
                 previous(record)
 
         self.server.on_round = on_round
-        self.server.strategy = _TimedStrategy(self.server.strategy, self.aggregation)
+        # A proxy, not a subclass: `name`, `round_metrics` and any option read through to the configured rule.
+        self.server.strategy = cast("Strategy", _TimedStrategy(self.server.strategy, self.aggregation))
 
     def serve(self, port: int, host: str = "127.0.0.1") -> MetricsEndpoint:
         """`/metrics` on HOST:PORT until the endpoint is closed."""

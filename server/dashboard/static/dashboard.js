@@ -90,7 +90,11 @@ function drawChart(history) {
   }
 }
 
+let lastStatus = null;
+
 function render(state) {
+  lastStatus = state.status;
+  $("stopped").hidden = true;
   $("federation").textContent = state.federation;
   $("run").textContent = state.run.slice(0, 12);
   $("round").textContent = state.round;
@@ -158,7 +162,12 @@ async function poll() {
     showError("");
     render(await response.json());
   } catch (err) {
-    showError("Cannot reach the server: " + err.message + " (retrying)");
+    if (lastStatus === "finished") {
+      showError("");
+      $("stopped").hidden = false;  // the server exits when its federation ends: this is the final state
+    } else {
+      showError("Cannot reach the server: " + err.message + " (retrying)");
+    }
   }
 }
 
@@ -175,7 +184,9 @@ function start() {
     $("token").value = "";
     poll();
   });
-  const every = Number(document.body.dataset.pollMs) || 2000;
+  // Every 2 s (the page's data-poll-ms), or ?poll_ms=N (at least 250).
+  const asked = Number(new URLSearchParams(location.search).get("poll_ms"));
+  const every = Math.max(250, asked || Number(document.body.dataset.pollMs) || 2000);
   poll();
   setInterval(poll, every);
 }
