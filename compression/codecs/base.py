@@ -80,9 +80,9 @@ class TensorSpec:
         return cls(name=data["name"], shape=tuple(shape), dtype=data.get("dtype", "float32"))
 
 
-def validate_manifest(manifest: list[TensorSpec], max_output_bytes: int) -> None:
-    """Check names are unique and the decoded float32 output fits the bound, before any
-    allocation; linear in the manifest's length."""
+def validate_manifest(manifest: list[TensorSpec], max_output_bytes: int | None) -> None:
+    """Check names are unique and the decoded float32 output fits the bound (None: the caller
+    holds the manifest), before any allocation; linear in the manifest's length."""
     if not isinstance(manifest, list | tuple) or not all(isinstance(s, TensorSpec) for s in manifest):
         raise CodecError("manifest must be a list of TensorSpec (build entries with TensorSpec.from_json)")
     counts = Counter(s.name for s in manifest)
@@ -90,7 +90,7 @@ def validate_manifest(manifest: list[TensorSpec], max_output_bytes: int) -> None
         repeated = [describe(name, 40) for name, n in counts.items() if n > 1][:5]
         raise CodecError(f"manifest repeats tensor names: {', '.join(repeated)}")
     total = 4 * sum(s.numel for s in manifest)
-    if total > max_output_bytes:
+    if max_output_bytes is not None and total > max_output_bytes:
         raise CodecError(f"manifest describes {total} bytes of float32 output, over max_output_bytes={max_output_bytes}")
 
 

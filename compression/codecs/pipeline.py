@@ -233,13 +233,15 @@ class UpdateCodec:
         return 1 + sum(self._max_tensor_bytes(s.numel, kinds if keep_dense is None or s.name in keep_dense else dense_kinds) for s in manifest)
 
     def decode(
-        self, payload: bytes, manifest: list[TensorSpec], *, max_output_bytes: int = 1 << 31, keep_dense: Collection[str] | None = None
+        self, payload: bytes, manifest: list[TensorSpec], *, max_output_bytes: int | None = None, keep_dense: Collection[str] | None = None
     ) -> dict[str, np.ndarray | SparseTensor]:
         """Tensors by manifest name: float32 arrays (dense) or SparseTensor. Any defect is a CodecError.
 
-        `max_output_bytes` bounds the float32 output the manifest describes, densified; `keep_dense`
-        names the tensors the sender may send dense beside a lossy coder (None: any), so the zstd
-        frame is bounded by what this codec writes for each tensor of this manifest."""
+        What is inflated and allocated is bounded by the manifest, tensor by tensor, so the manifest
+        must come from something the caller trusts (the server's own model, an agent's announced
+        model). `max_output_bytes` bounds the float32 output it describes, densified (None: the
+        caller holds the manifest); `keep_dense` names the tensors the sender may send dense beside
+        a lossy coder (None: any), so the zstd frame is bounded by what this codec writes."""
         validate_manifest(manifest, max_output_bytes)
         if not isinstance(payload, bytes | bytearray | memoryview):
             raise CodecError(f"payload must be bytes, got {type(payload).__name__}")
