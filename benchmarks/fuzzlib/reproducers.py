@@ -40,6 +40,11 @@ class Target:
     model: dict  # the model config, as globals carry it
     server: Signer | None
     sites: dict[str, Signer | None]
+    victim: str = "site-2"  # the selected site whose name the update reproducers use
+
+    @property
+    def victim_key(self) -> Signer | None:
+        return self.sites.get(self.victim)
 
     @property
     def topics(self) -> Topics:
@@ -70,24 +75,24 @@ def _update_header(t: Target, site: str, **fields: object) -> dict:
 
 
 def nested_update(t: Target) -> list[Message]:
-    return _update_messages(t, "site-2", _raw_envelope(b"[" * NESTED))
+    return _update_messages(t, t.victim, _raw_envelope(b"[" * NESTED))
 
 
 def invalid_items_update(t: Target) -> list[Message]:
-    head = json.dumps(_update_header(t, "site-2"), separators=(",", ":"))[:-1].encode() + b',"manifest":[' + b",".join([b"1"] * INVALID_ITEMS) + b"]}"
-    return _update_messages(t, "site-2", _raw_envelope(head))
+    head = json.dumps(_update_header(t, t.victim), separators=(",", ":"))[:-1].encode() + b',"manifest":[' + b",".join([b"1"] * INVALID_ITEMS) + b"]}"
+    return _update_messages(t, t.victim, _raw_envelope(head))
 
 
 def same_name_update(t: Target) -> list[Message]:
-    header = _update_header(t, "site-2", manifest_sha256=None) | {"manifest": [{"name": "a", "shape": [1]}] * SAME_NAME}
-    return _update_messages(t, "site-2", _raw_envelope(json.dumps(header, separators=(",", ":")).encode()))
+    header = _update_header(t, t.victim, manifest_sha256=None) | {"manifest": [{"name": "a", "shape": [1]}] * SAME_NAME}
+    return _update_messages(t, t.victim, _raw_envelope(json.dumps(header, separators=(",", ":")).encode()))
 
 
 def bomb_update(t: Target) -> list[Message]:
     """A zstd frame of 64 MiB of zeros (2.5 KB) as a selected site's signed update payload."""
     frame = zstandard.ZstdCompressor(level=1).compress(bytes(64 << 20))
-    header = EnvelopeHeader(**_update_header(t, "site-2"))
-    return _update_messages(t, "site-2", encode_envelope(header, frame, t.sites.get("site-2")))
+    header = EnvelopeHeader(**_update_header(t, t.victim))
+    return _update_messages(t, t.victim, encode_envelope(header, frame, t.victim_key))
 
 
 # ---- the agent's side: announcements and globals ---------------------------------------------------
