@@ -137,3 +137,18 @@ def test_the_dashboard_listens_on_loopback_unless_told_otherwise(finished) -> No
     time.sleep(0.1)
     with pytest.raises(OSError):  # closed: nothing listens any more
         socket.create_connection(("127.0.0.1", port), timeout=1).close()
+
+
+def test_operator_options_are_checked_before_anything_starts() -> None:
+    from server.watch import WatchSettings
+
+    assert not WatchSettings().any
+    assert WatchSettings(dashboard="127.0.0.1:8080", dashboard_token=TOKEN, metrics_port=9100).any
+    for options, flag in (
+        ({"metrics_port": 70000}, "--metrics-port"),
+        ({"dashboard": "somewhere"}, "--dashboard"),
+        ({"dashboard_token": TOKEN}, "--dashboard-token"),  # a token without a dashboard
+        ({"dashboard": "8080", "dashboard_token": "two words"}, "--dashboard-token"),
+    ):
+        with pytest.raises(ValueError, match=flag):
+            WatchSettings(**options)

@@ -52,14 +52,19 @@ def parse_address(text: str) -> tuple[str, int]:
     return host, number
 
 
+def check_token(token: str) -> None:
+    if not token or any(c.isspace() or not c.isprintable() for c in token):
+        raise ValueError("--dashboard-token must be a non-empty string of printable characters without spaces")
+
+
 def _static(name: str) -> bytes:
     return resources.files("server.dashboard").joinpath("static", name).read_bytes()
 
 
 def make_app(state: Callable[[], dict[str, Any]], token: str | None = None) -> web.Application:
     """The dashboard app; `state()` returns the JSON document (called for every poll)."""
-    if token is not None and (not token or any(c.isspace() for c in token)):
-        raise ValueError("--dashboard-token must be a non-empty string without spaces")
+    if token is not None:
+        check_token(token)
     expected = f"Bearer {token}".encode() if token else None
     page = _static("index.html")
     files = {name: (_static(name), kind) for name, kind in STATIC_FILES.items()}
