@@ -52,9 +52,9 @@ class Checkpoint:
         unexpected = sorted(set(self.state) - set(expected))
         wrong = sorted(k for k in set(expected) & set(self.state) if expected[k].shape != self.state[k].shape)
         if missing or unexpected or wrong:
-            form = f"{self.mode.name} training form of " if self.prepared else ""
+            form = f" ({self.mode.name} training form)" if self.prepared else ""
             raise UsageError(
-                f"checkpoint does not match the {form}model config {self.config.arch!r}: "
+                f"checkpoint does not match model config {self.config.arch!r}{form}: "
                 f"missing {missing[:5]}, unexpected {unexpected[:5]}, wrong shapes {wrong[:5]}. "
                 "Pass the checkpoint written for this model, or rebuild it with the same --arch/options."
             )
