@@ -111,7 +111,8 @@ def site_model(mode_name: str, options: dict[str, Any], checkpoint: Path, task: 
     (the server prunes in the federation; pruning is deterministic, so this is the same model)."""
     import torch
 
-    from fedge.modes import get_mode, init_from_checkpoint
+    from fedge.checkpoint import init_from_checkpoint
+    from fedge.modes import get_mode
 
     splits = task.splits
     torch.manual_seed(seed)

@@ -20,7 +20,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import psutil
 import torch
@@ -226,14 +226,6 @@ class QatMode(TrainingMode):
                 "train at least one step or run compression.qat.calibrate(model, batches) before export"
             )
         return model.eval()
-
-
-def init_from_checkpoint(path: str, **kwargs: Any) -> tuple[nn.Module, ModelConfig]:
-    """Moved to `fedge.checkpoint.init_from_checkpoint` (fedge.checkpoint now imports this module).
-    Kept only until server/rounds.py and benchmarks/modes.py import it from there; then delete."""
-    from fedge.checkpoint import init_from_checkpoint as moved
-
-    return moved(path, **kwargs)
 
 
 @dataclass(frozen=True)

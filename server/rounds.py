@@ -17,9 +17,10 @@ import torch
 
 from compression import CodecError, ErrorFeedback, UpdateCodec
 from fedge import weights as W
+from fedge.checkpoint import init_from_checkpoint
 from fedge.files import atomic_write_bytes
 from fedge.models import ModelConfig, build_model
-from fedge.modes import get_mode, init_from_checkpoint
+from fedge.modes import get_mode
 from fedge.protocol import (
     Chunk,
     ControlMessage,
@@ -437,10 +438,7 @@ class RoundServer:
     def _save_final(self) -> Path:
         """The plain model for export: LoRA merged into the backbone, QAT fake-quant kept (as QDQ)."""
         plain = self.mode.export_model(self.global_model())
-        config = self.model_config
-        if self.mode.name == "qat":
-            config = config.replace(options={**config.options, "qat": {"momentum": self.mode.momentum}})
-        return self.store.save_final(plain, config, self.state.round, self.config.federation)
+        return self.store.save_final(plain, self.mode.final_config(self.model_config), self.state.round, self.config.federation)
 
     def _publish_final(self) -> None:
         """Tell agents the federation is over, and leave the final model as the retained snapshot."""
