@@ -18,6 +18,8 @@ from functools import cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
+from fedge.errors import UsageError
+
 if TYPE_CHECKING:
     from server.rounds import RoundServer
 
@@ -56,7 +58,7 @@ class Tracker(ABC):
     @classmethod
     def check(cls) -> None:
         if not cls.is_available():
-            raise RuntimeError(f"--{cls.name} needs the {cls.module} package: {INSTALL_HINT}")
+            raise UsageError(f"--{cls.name} needs the {cls.module} package: {INSTALL_HINT}")
 
     @abstractmethod
     def start(self, params: dict[str, str]) -> None: ...

@@ -13,6 +13,7 @@ import pytest
 from edge_client.agent import Agent
 from edge_client.config import AgentConfig
 from fedge.data import dirichlet_split, load_medmnist
+from fedge.errors import UsageError
 from fedge.memory_transport import MemoryBroker
 from fedge.models import ModelConfig
 from fedge.tasks import ClassificationTask
@@ -95,5 +96,5 @@ def test_mlflow_file_store_holds_every_rounds_numbers_params_and_the_final_model
 
 def test_a_missing_tracking_package_is_named_before_the_federation_starts(monkeypatch, tmp_path) -> None:
     monkeypatch.setattr(MlflowTracker, "is_available", classmethod(lambda cls: False))
-    with pytest.raises(RuntimeError, match=r"--mlflow needs the mlflow package: pip install 'fedge\[tracking\]'"):
+    with pytest.raises(UsageError, match=r"--mlflow needs the mlflow package: pip install 'fedge\[tracking\]'"):
         MlflowTracker(str(tmp_path), experiment=FED).check()
