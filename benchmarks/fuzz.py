@@ -4,7 +4,8 @@ Targets: the envelope, chunk, codec payload, manifest, codec spec and signed rec
 the agent's and the server's message handlers as they run (signed and unsigned deployments; the
 agent then decodes what was announced). Case i of seed S is generated from `Random(f"{S}/{i}")`, so
 any case replays alone (`--index I`). Per case: wall time and the `tracemalloc` traced peak
-(tracing slows Python code, so times are upper bounds; a case over 1 s is timed again untraced).
+(tracing slows Python code, so a case over 1 s is timed again untraced, best of three on this
+shared machine: that time is what "over 1 s" counts).
 
 Counted: unexpected exceptions (a decoder raising anything but its family's error type), handler
 escapes (anything leaving a handler), exceptions a handler's safety net caught (`handler-error`),
@@ -99,9 +100,9 @@ class Campaign:
                 small = minimize(target, case, result.signature) if result.outcome != "timeout" else case
                 self.unexpected.append(_entry(small, result, index, target.input_bytes(small), kind=result.outcome, exception=result.error, original_bytes=size))
         if result.ms > SLOW_MS:
-            again = run_case(target, case, trace=False)
-            stats["over_1s"] += again.ms > SLOW_MS
-            self.slow.append(_entry(case, result, index, size, untraced_ms=round(again.ms, 2)))
+            untraced = min(run_case(target, case, trace=False).ms for _ in range(3))  # best of 3: the machine is shared
+            stats["over_1s"] += untraced > SLOW_MS
+            self.slow.append(_entry(case, result, index, size, untraced_ms=round(untraced, 2)))
         ratio = result.traced_bytes / max(1, size)
         if ratio > MEMORY_RATIO and result.traced_bytes > MEMORY_FLOOR:
             stats["over_100x"] += 1
@@ -171,7 +172,7 @@ def _print_table(report: dict[str, Any]) -> None:
         table.add_column(column, justify="right")
     for name, stats in report["targets"].items():
         table.add_row(name, *(str(stats[c]) for c in columns))
-    Console().print(table)
+    Console(width=160).print(table)
     for finding, count in report["findings"].items():
         print(f"  {count:6d}  {finding}")
 

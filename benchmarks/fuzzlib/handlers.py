@@ -124,9 +124,9 @@ class AgentTarget(Target):
         swallowed: list[BaseException] = []
         read = agent._read_global
 
-        def watched(data: bytes, sha256: str):
+        def watched(*args: object, **kwargs: object):
             try:
-                return read(data, sha256)
+                return read(*args, **kwargs)
             except (ProtocolError, CodecError):
                 raise
             except Exception as exc:  # refused as "bad-global"; a defect unless the model config is what failed
