@@ -83,11 +83,12 @@ class Campaign:
         self.worst: dict[str, list[tuple[float, dict[str, Any]]]] = {t.name: [] for t in targets}
 
     def run(self, index: int) -> None:
-        from fuzzlib.runner import minimize, run_case
+        from fuzzlib.runner import minimize, run_prepared
 
         target, case = case_for(list(self.targets.values()), self.seed, index)
-        result = run_case(target, case)
-        size = target.input_bytes(case)
+        prepared = target.prepare(case)
+        size = target.input_bytes(prepared)
+        result = run_prepared(target, prepared)
         stats = self.stats[target.name]
         stats["cases"] += 1
         stats[result.outcome] += 1
@@ -98,9 +99,9 @@ class Campaign:
             self.signatures[key] += 1
             if self.signatures[key] <= PER_SIGNATURE:
                 small = minimize(target, case, result.signature) if result.outcome != "timeout" else case
-                self.unexpected.append(_entry(small, result, index, target.input_bytes(small), kind=result.outcome, exception=result.error, original_bytes=size))
+                self.unexpected.append(_entry(small, result, index, target.input_bytes(target.prepare(small)), kind=result.outcome, exception=result.error, original_bytes=size))
         if result.ms > SLOW_MS:
-            untraced = min(run_case(target, case, trace=False).ms for _ in range(3))  # best of 3: the machine is shared
+            untraced = min(run_prepared(target, prepared, trace=False).ms for _ in range(3))  # best of 3: the machine is shared
             stats["over_1s"] += untraced > SLOW_MS
             self.slow.append(_entry(case, result, index, size, untraced_ms=round(untraced, 2)))
         ratio = result.traced_bytes / max(1, size)

@@ -45,10 +45,14 @@ class Target(ABC):
     def generate(self, rng: random.Random) -> Case:
         """A new case from the seeded generator."""
 
-    @abstractmethod
-    def execute(self, case: Case) -> bool:
-        """Run the case: True when the input was accepted, False when it was refused."""
+    def prepare(self, case: Case) -> Any:
+        """What `execute` takes, built before the case is timed and traced (e.g. the messages)."""
+        return case
 
-    def input_bytes(self, case: Case) -> int:
+    @abstractmethod
+    def execute(self, prepared: Any) -> bool:
+        """Run the prepared case: True when the input was accepted, False when it was refused."""
+
+    def input_bytes(self, prepared: Any) -> int:
         """What an attacker sends for this case (memory is measured against it)."""
-        return case.size
+        return prepared.size

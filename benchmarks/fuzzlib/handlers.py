@@ -4,9 +4,11 @@ a case is "refused" when the handler counted a refusal."""
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import random
+from dataclasses import dataclass
 
 from fedge import weights as W
 from compression import CodecError
@@ -17,7 +19,7 @@ from fuzzlib.case import Case, Caught, Target
 from fuzzlib.decoders import frame, mutate_envelope, mutate_record, unframe
 from fuzzlib.mutate import Raw, hostile_value, mutate_bytes, mutate_json, to_json
 from fuzzlib.payloads import HOSTILE_MANIFESTS, SPECS, payload
-from fuzzlib.reproducers import REPRODUCERS, Reproducer
+from fuzzlib.reproducers import REPRODUCERS
 from fuzzlib.world import FULL_CODEC, SITES, World
 
 CHUNK_SIZES = (256 * 1024, 1024, 97)
@@ -29,8 +31,22 @@ def _chunk_size(rng: random.Random, blob: bytes) -> int:
     return rng.choice([size for size in CHUNK_SIZES if len(blob) // size <= 1024] or [CHUNK_SIZES[0]])
 
 
-def _reproducer(name: str) -> Reproducer:
-    return next(r for r in REPRODUCERS if r.name == name)
+@functools.lru_cache(maxsize=64)
+def _reproducer_messages(world: World, name: str, signed: bool) -> tuple[Message, ...]:
+    """Built once: a reproducer's bombs take longer to make than to refuse."""
+    return tuple(next(r for r in REPRODUCERS if r.name == name).build(world.attack_target(signed)))
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """A handler case and the messages derived from it, built before timing and tracing."""
+
+    case: Case
+    messages: list[Message]
+
+    @property
+    def size(self) -> int:
+        return sum(len(m.topic) + len(m.payload) for m in self.messages)
 
 
 class AgentTarget(Target):
@@ -100,7 +116,7 @@ class AgentTarget(Target):
         if "topic" in case.meta:
             return [Message(case.meta["topic"], case.blob, True)]
         if "reproducer" in case.meta:
-            return _reproducer(case.meta["reproducer"]).build(world.attack_target(self.signed))
+            return list(_reproducer_messages(world, case.meta["reproducer"], self.signed))
         meta = case.meta
         sha = self.delta_sha256 if meta["kind"] == "delta" else world.model_sha256
         ann = world.announcement(meta["round"], case.blob, meta["kind"], meta["chunk_size"], model_sha256=sha)
@@ -116,11 +132,14 @@ class AgentTarget(Target):
         chunks = split_chunks(case.blob, meta["chunk_size"], transfer=bytes.fromhex(ann.downlink.transfer))
         return [announce] + [Message(world.topics.global_chunk(meta["round"], c.index), c.encode(), True) for c in chunks]
 
-    def input_bytes(self, case: Case) -> int:
-        return sum(len(m.topic) + len(m.payload) for m in self.messages(case))
+    def prepare(self, case: Case) -> Prepared:
+        return Prepared(case, self.messages(case))
 
-    def execute(self, case: Case) -> bool:
-        agent = self.world.agent(self.signed, holding=case.meta.get("kind") == "delta")
+    def input_bytes(self, prepared: Prepared) -> int:
+        return prepared.size
+
+    def execute(self, prepared: Prepared) -> bool:
+        agent = self.world.agent(self.signed, holding=prepared.case.meta.get("kind") == "delta")
         swallowed: list[BaseException] = []
         read = agent._read_global
 
@@ -135,7 +154,7 @@ class AgentTarget(Target):
                 raise
 
         agent._read_global = watched  # type: ignore[method-assign]
-        for msg in self.messages(case):
+        for msg in prepared.messages:
             agent._handle(msg)
         agent._progress()
         _raise_caught(agent.refusals, 0, swallowed)
@@ -221,7 +240,7 @@ class ServerTarget(Target):
         if "topic" in case.meta:
             return [Message(case.meta["topic"], case.blob, False)]
         if "reproducer" in case.meta:
-            return _reproducer(case.meta["reproducer"]).build(world.attack_target(self.signed))
+            return list(_reproducer_messages(world, case.meta["reproducer"], self.signed))
         site = case.meta["site"]
         if case.scenario == "chunks":
             raws = unframe(case.blob)
@@ -230,13 +249,16 @@ class ServerTarget(Target):
             raws = [c.encode() for c in split_chunks(case.blob, case.meta["chunk_size"], transfer=transfer)]
         return [Message(world.topics.update_chunk(1, site, i), raw, False) for i, raw in enumerate(raws)]
 
-    def input_bytes(self, case: Case) -> int:
-        return sum(len(m.topic) + len(m.payload) for m in self.messages(case))
+    def prepare(self, case: Case) -> Prepared:
+        return Prepared(case, self.messages(case))
 
-    def execute(self, case: Case) -> bool:
+    def input_bytes(self, prepared: Prepared) -> int:
+        return prepared.size
+
+    def execute(self, prepared: Prepared) -> bool:
         server, current = self.world.open_round(self.signed)
         before, errors_before = server.refusals.total, server.refusals.counts.get("handler-error", 0)
-        for msg in self.messages(case):
+        for msg in prepared.messages:
             reason = server._accept(msg.topic)
             if reason is not None:
                 server.refusals("unexpected-topic", reason)
