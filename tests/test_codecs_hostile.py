@@ -172,3 +172,22 @@ def test_kind_byte_not_written_by_this_codec_is_rejected() -> None:
     dense_fp32 = b"\x01\x00" + np.ones(2, "<f4").tobytes()
     assert _decode_or_codec_error("fp32", dense_fp32, [TensorSpec("w", (2,))])
     assert not _decode_or_codec_error("topk:0.5|q8", dense_fp32, [TensorSpec("w", (2,))])
+
+
+@FAST
+@given(delta=deltas, spec=st.sampled_from(SPECS), data=st.data())
+def test_what_the_encoder_writes_fits_the_bound_the_decoder_enforces(delta: dict[str, np.ndarray], spec: str, data: st.DataObject) -> None:
+    """The per-tensor bound is tight: it must still admit every payload our encoder writes, with
+    the receiver naming the keep_dense tensors (as fedge does) or not (None)."""
+    keep = data.draw(st.lists(st.sampled_from(sorted(delta)), unique=True))
+    codec = UpdateCodec.from_spec(spec)
+    payload = codec.encode(delta, keep_dense=keep, seed=data.draw(st.integers(0, 99)))
+    plain = zstandard.ZstdDecompressor().decompress(payload) if codec.entropy is not None else payload
+    manifest = UpdateCodec.manifest(delta)
+    for names in (keep, None):
+        assert len(plain) <= codec.max_plaintext_bytes(manifest, names)
+        out = codec.decode(payload, manifest, keep_dense=names)
+        assert sorted(out) == sorted(delta)
+    if keep and codec.sparsifier is not None:  # a kept-dense tensor is refused (size or kind) when the receiver says none was kept
+        with pytest.raises(CodecError):
+            codec.decode(payload, manifest, keep_dense=())

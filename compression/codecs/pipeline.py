@@ -202,15 +202,13 @@ class UpdateCodec:
         plain = b"".join(parts)
         return (self.entropy.compress(plain) if self.entropy is not None else plain), received
 
-    def _kinds(self) -> set[int]:
-        """The tensor kinds this codec's encoder writes: DENSE without a sparsifier (or keep_dense
-        under fp32), an index coding with one, KEEP_DENSE (fp16) under a lossy value coder."""
-        kinds = set(INDEX_CODERS) if self.sparsifier is not None else set()
-        if self.sparsifier is None or self.values.lossless:
-            kinds.add(DENSE)
-        if not self.values.lossless:
-            kinds.add(KEEP_DENSE)
-        return kinds
+    def _kinds(self, kept_dense: bool | None) -> set[int]:
+        """The tensor kinds this codec's encoder writes for one tensor: without a sparsifier DENSE,
+        with one an index coding; a keep_dense tensor DENSE under a lossless coder, else KEEP_DENSE
+        (fp16). `kept_dense` None: not known, either."""
+        regular = set(INDEX_CODERS) if self.sparsifier is not None else {DENSE}
+        kept = {DENSE} if self.values.lossless else {KEEP_DENSE}
+        return regular | kept if kept_dense is None else kept if kept_dense else regular
 
     def _max_tensor_bytes(self, numel: int, kinds: set[int]) -> int:
         """The longest record (kind byte included) this codec writes for one tensor of `numel`."""
@@ -219,18 +217,16 @@ class UpdateCodec:
             longest = self.values.max_bytes(numel)
         if KEEP_DENSE in kinds:
             longest = max(longest, Fp16().max_bytes(numel))
-        if self.sparsifier is not None:
+        if kinds & set(INDEX_CODERS):
             k = self.sparsifier.max_count(numel)
             longest = max(longest, max(c.max_bytes(numel, k) for c in INDEX_CODERS.values()) + self.values.max_bytes(k))
         return 1 + longest
 
     def max_plaintext_bytes(self, manifest: list[TensorSpec], keep_dense: Collection[str] | None = None) -> int:
         """The longest payload (before zstd) this codec writes for `manifest`, tensor by tensor:
-        what a decoder inflates at most. `keep_dense` names the tensors that may travel dense
-        beside a lossy coder (None: any)."""
-        kinds = self._kinds()
-        dense_kinds = kinds if keep_dense is None else kinds - {KEEP_DENSE}
-        return 1 + sum(self._max_tensor_bytes(s.numel, kinds if keep_dense is None or s.name in keep_dense else dense_kinds) for s in manifest)
+        what a decoder inflates at most. `keep_dense` names the tensors sent with keep_dense
+        (None: not known, any may be)."""
+        return 1 + sum(self._max_tensor_bytes(s.numel, self._kinds(None if keep_dense is None else s.name in keep_dense)) for s in manifest)
 
     def decode(
         self, payload: bytes, manifest: list[TensorSpec], *, max_output_bytes: int | None = None, keep_dense: Collection[str] | None = None
@@ -240,8 +236,9 @@ class UpdateCodec:
         What is inflated and allocated is bounded by the manifest, tensor by tensor, so the manifest
         must come from something the caller trusts (the server's own model, an agent's announced
         model). `max_output_bytes` bounds the float32 output it describes, densified (None: the
-        caller holds the manifest); `keep_dense` names the tensors the sender may send dense beside
-        a lossy coder (None: any), so the zstd frame is bounded by what this codec writes."""
+        caller holds the manifest); `keep_dense` names the tensors the sender encoded with
+        keep_dense (None: not known), so each tensor's kind and the zstd frame are bounded by what
+        this codec writes for it."""
         validate_manifest(manifest, max_output_bytes)
         if not isinstance(payload, bytes | bytearray | memoryview):
             raise CodecError(f"payload must be bytes, got {type(payload).__name__}")
@@ -253,11 +250,10 @@ class UpdateCodec:
         version = reader.byte("format version")
         if version != FORMAT_VERSION:
             raise CodecError(f"payload format version {version}, this fedge reads {FORMAT_VERSION}; upgrade the older side")
-        kinds = self._kinds()
         out: dict[str, np.ndarray | SparseTensor] = {}
         for spec in manifest:
             what = f"tensor {describe(spec.name)}"
-            allowed = kinds if keep_dense is None or spec.name in keep_dense else kinds - {KEEP_DENSE}
+            allowed = self._kinds(None if keep_dense is None else spec.name in keep_dense)
             kind = reader.byte(f"{what} kind")
             if kind not in allowed:
                 raise CodecError(f"{what}: kind byte {kind} is not valid for codec {self.spec!r} (allowed {sorted(allowed)})")
