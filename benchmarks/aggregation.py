@@ -8,6 +8,13 @@ the baseline (which Flower receives already dense) happens outside its timer. Ea
 `--repeats` times, interleaved, and reports its best time. A second section quotes the size of a
 few specs on a random 1.2M-parameter delta.
 
+The robust section times every other registered strategy (`server.strategies`) on the same decoded
+11M-parameter updates of all K clients, beside its dense numpy equivalent on the same updates as
+one n x d float32 matrix (built off the clock, as a dense server would already hold it): median
+(`np.median` per layer, what Flower's FedMedian does), trimmed mean (`np.partition`, Flower's
+FedTrimmedAvg), Multi-Krum (pairwise distances from one Gram matrix product per layer, much faster
+than Flower's per-pair norms), norm clipping and centered clipping (matrix-vector products).
+
     python benchmarks/aggregation.py --report reports/aggregation.json
 """
 
@@ -24,6 +31,8 @@ from rich.table import Table
 
 from compression import SparseAccumulator, SparseTensor, TensorSpec, UpdateCodec
 from fedge.models import ModelConfig, build_model
+from server.strategies import STRATEGIES, ClientUpdate, get_strategy
+from server.strategies.multikrum import krum_scores
 
 MODELS = {
     "resnet-1.2M": {"widths": (32, 64, 128, 256), "blocks": (1, 1, 1, 1)},
@@ -79,9 +88,69 @@ def time_dense(updates: list, weights: list[float]) -> tuple[float, list[np.ndar
     return elapsed + time.perf_counter() - start, mean
 
 
-def aggregation_rows(clients: list[int], seed: int, repeats: int) -> list[dict[str, object]]:
-    """Best of `repeats` for both sides, so one noisy run (shared machine, cold pages) decides nothing."""
+def dense_matrix(updates: list, manifest: list[TensorSpec]) -> np.ndarray:
+    """All updates as one n x d float32 matrix (what a dense server holds after decoding)."""
+    out = np.zeros((len(updates), sum(s.numel for s in manifest)), dtype=np.float32)
+    for row, update in zip(out, updates):
+        row[:] = np.concatenate([layer.reshape(-1) for layer in densify(update)])
+    return out
+
+
+def dense_rule(name: str, x: np.ndarray, manifest: list[TensorSpec]) -> np.ndarray:
+    """The dense numpy equivalent of strategy `name` (registry defaults) on the n x d matrix `x`."""
+    n = len(x)
+    bounds = np.cumsum([0] + [s.numel for s in manifest])
+    layers = [slice(a, b) for a, b in zip(bounds[:-1], bounds[1:])]
+    if name == "median":
+        return np.concatenate([np.median(x[:, sl], axis=0) for sl in layers])
+    if name == "trimmed_mean":
+        b = int(np.floor(get_strategy(name).beta * n))
+        return np.concatenate([np.partition(x[:, sl], (b, n - b - 1), axis=0)[b : n - b].mean(axis=0) for sl in layers])
+    if name == "multikrum":
+        strategy = get_strategy(name)
+        gram = sum(np.asarray(x[:, sl] @ x[:, sl].T, dtype=np.float64) for sl in layers)
+        f = strategy.f if n >= 2 * strategy.f + 3 else max((n - 3) // 2, 0)
+        chosen = np.sort(np.argsort(krum_scores(gram, f), kind="stable")[: n - f])
+        return x[chosen].mean(axis=0)
+    norms = np.sqrt(sum(np.einsum("ij,ij->i", x[:, sl], x[:, sl], dtype=np.float64) for sl in layers))
+    if name == "clipping":
+        scale = np.minimum(1.0, np.median(norms) / norms).astype(np.float32)
+        return scale @ x / n
+    if name == "centered_clipping":
+        center = np.zeros(x.shape[1], dtype=np.float32)
+        for _ in range(get_strategy(name).iterations):
+            dist = np.sqrt(np.maximum(norms**2 - 2 * (x @ center).astype(np.float64) + float(center @ center), 0.0))
+            scale = np.where(dist > np.median(dist), np.median(dist) / dist, 1.0)
+            center = center * np.float32(1 - scale.mean()) + scale.astype(np.float32) @ x / n
+        return center
+    raise ValueError(f"no dense equivalent of strategy {name!r}")
+
+
+def robust_rows(model: str, manifest: list[TensorSpec], updates: list, names: list[str], repeats: int) -> list[dict[str, object]]:
+    """Each robust strategy on the decoded sparse updates vs its dense equivalent; best of `repeats` each."""
+    clients = [ClientUpdate(f"client-{i:03d}", 100, u, 0) for i, u in enumerate(updates)]
+    x = dense_matrix(updates, manifest)
     rows = []
+    for name in names:
+        strategy, fedge_times, dense_times = get_strategy(name), [], []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            fedge_result = strategy.aggregate(clients, manifest)
+            fedge_times.append(time.perf_counter() - start)
+            start = time.perf_counter()
+            dense_result = dense_rule(name, x, manifest)
+            dense_times.append(time.perf_counter() - start)
+        flat = np.concatenate([fedge_result[s.name].reshape(-1) for s in manifest])
+        rows.append({"strategy": name, "model": model, "clients": len(updates), "params": x.shape[1],
+                     "fedge_seconds": min(fedge_times), "dense_seconds": min(dense_times),
+                     "speedup": min(dense_times) / min(fedge_times), "max_abs_diff": float(np.abs(flat - dense_result).max())})
+    return rows
+
+
+def aggregation_rows(clients: list[int], seed: int, repeats: int, robust: list[str], robust_repeats: int) -> tuple[list, list]:
+    """Best of `repeats` for both sides, so one noisy run (shared machine, cold pages) decides nothing.
+    The robust rules run on the largest model's updates of all clients."""
+    rows, robust_results = [], []
     for model, options in MODELS.items():
         manifest = model_manifest(options)
         params = sum(s.numel for s in manifest)
@@ -98,8 +167,10 @@ def aggregation_rows(clients: list[int], seed: int, repeats: int) -> list[dict[s
             max_diff = max(float(np.abs(f.reshape(-1) - d.reshape(-1)).max()) for f, d in zip(fedge_mean.values(), dense_mean))
             rows.append({"model": model, "clients": k, "params": params, "fedge_seconds": fedge_s, "dense_seconds": dense_s,
                          "speedup": dense_s / fedge_s, "max_abs_diff": max_diff})
+        if model == list(MODELS)[-1] and robust:
+            robust_results = robust_rows(model, manifest, updates, robust, robust_repeats)
         del updates
-    return rows
+    return rows, robust_results
 
 
 def ratio_rows(seed: int) -> list[dict[str, object]]:
@@ -131,6 +202,14 @@ def print_tables(report: dict[str, list[dict[str, object]]]) -> None:
         table.add_row(str(r["model"]), str(r["clients"]), f"{r['params']:,}", f"{r['fedge_seconds']:.3f}",
                       f"{r['dense_seconds']:.3f}", f"{r['speedup']:.1f}x", f"{r['max_abs_diff']:.1e}")
     console.print(table)
+    if report.get("robust"):
+        first = report["robust"][0]
+        table = Table(title=f"Robust rules on {first['clients']} x {first['params']:,}-parameter {UPDATE_SPEC} updates: sparse vs dense numpy")
+        for col in ("strategy", "fedge s", "dense s", "speedup", "max |diff|"):
+            table.add_column(col, justify="right")
+        for r in report["robust"]:
+            table.add_row(str(r["strategy"]), f"{r['fedge_seconds']:.2f}", f"{r['dense_seconds']:.2f}", f"{r['speedup']:.1f}x", f"{r['max_abs_diff']:.1e}")
+        console.print(table)
     table = Table(title="Codec size on a random 1.2M-parameter delta")
     for col in ("codec", "bytes", "ratio vs fp32", "rel. L2 error", "encode ms", "decode ms"):
         table.add_column(col, justify="right")
@@ -146,8 +225,13 @@ def main() -> None:
     parser.add_argument("--clients", type=int, nargs="+", default=[10, 100], help="client counts K to aggregate")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--repeats", type=int, default=5, help="timed runs per side; the best is reported")
+    robust = [name for name in STRATEGIES if name != "fedavg"]
+    parser.add_argument("--robust", nargs="*", default=robust, choices=robust, help="robust strategies to time on the largest model (none: skip)")
+    parser.add_argument("--robust-repeats", type=int, default=2, help="timed runs per side for each robust rule; the best is reported")
     args = parser.parse_args()
-    report = {"update_spec": UPDATE_SPEC, "repeats": args.repeats, "results": aggregation_rows(args.clients, args.seed, args.repeats), "codec_ratios": ratio_rows(args.seed)}
+    results, robust_results = aggregation_rows(args.clients, args.seed, args.repeats, args.robust, args.robust_repeats)
+    report = {"update_spec": UPDATE_SPEC, "repeats": args.repeats, "robust_repeats": args.robust_repeats, "results": results,
+              "robust": robust_results, "codec_ratios": ratio_rows(args.seed)}
     args.report.parent.mkdir(parents=True, exist_ok=True)
     args.report.write_text(json.dumps(report, indent=2) + "\n")
     print_tables(report)

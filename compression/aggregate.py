@@ -126,38 +126,45 @@ def order_statistic_mean(column: Column, lo: int, hi: int) -> np.ndarray:
 def gram_matrix(updates: Sequence[Mapping[str, np.ndarray | SparseTensor]], manifest: list[TensorSpec]) -> np.ndarray:
     """G[i, j] = <update_i, update_j> in float64 over the whole manifest (distances follow from it).
 
-    Dense tensors: one n x numel matrix product. Sparse ones: each update in turn is scattered into a
-    float64 buffer and every later update's entries are gathered from it, O(n * K) for K explicit
-    entries in all, never an n x numel matrix.
+    Tensors every update sent dense: one n x numel matrix product. The rest: all explicit entries
+    sorted by coordinate once; a coordinate that m updates sent adds its m(m-1)/2 pairwise products,
+    so the cost is O(K log K + sum of m^2) for K entries, at most O(n K) and O(K) when the updates
+    touch different coordinates; nothing of size n x numel is built.
     """
     n = len(updates)
     gram = np.zeros((n, n))
-    offsets = dict(zip((s.name for s in manifest), np.cumsum([0] + [s.numel for s in manifest]).tolist()))
-    flat: list[list[np.ndarray]] = [[] for _ in range(n)]
-    vals: list[list[np.ndarray]] = [[] for _ in range(n)]
+    start = 0
+    idx, owner, val = [], [], []
     for spec in manifest:
         column = [u[spec.name] for u in updates]
         if not any(isinstance(u, SparseTensor) for u in column):
             stack = np.stack([np.asarray(u, dtype=np.float64).reshape(-1) for u in column])
             gram += stack @ stack.T
-            continue
-        for i, u in enumerate(column):
-            sparse = u if isinstance(u, SparseTensor) else SparseTensor(spec.shape, np.arange(spec.numel, dtype=np.int64), u.reshape(-1).astype(np.float32))
-            flat[i].append(sparse.indices + offsets[spec.name])
-            vals[i].append(sparse.values.astype(np.float64))
-    if not flat[0]:  # every tensor was dense in every update
-        return gram
-    idx = [np.concatenate(f) for f in flat]
-    val = [np.concatenate(v) for v in vals]
-    owner = np.repeat(np.arange(n), [len(i) for i in idx])
-    all_idx, all_val = np.concatenate(idx), np.concatenate(val)
-    bounds = np.cumsum([0] + [len(i) for i in idx])
-    buffer = np.zeros(sum(s.numel for s in manifest))
-    for i in range(n):
-        buffer[idx[i]] = val[i]
-        start = bounds[i]
-        products = buffer[all_idx[start:]] * all_val[start:]
-        gram[i, i:] += np.bincount(owner[start:] - i, weights=products, minlength=n - i)
-        buffer[idx[i]] = 0.0
-    upper = np.triu(gram, 1)
-    return np.triu(gram) + upper.T
+        else:
+            for i, u in enumerate(column):
+                sparse = u if isinstance(u, SparseTensor) else SparseTensor(spec.shape, np.arange(spec.numel, dtype=np.int64), u.reshape(-1).astype(np.float32))
+                idx.append(sparse.indices + start)
+                owner.append(np.full(len(sparse.indices), i, dtype=np.int64))
+                val.append(sparse.values.astype(np.float64))
+        start += spec.numel
+    if idx:
+        gram += _sparse_gram(np.concatenate(idx), np.concatenate(owner), np.concatenate(val), n)
+    return gram
+
+
+def _sparse_gram(idx: np.ndarray, owner: np.ndarray, val: np.ndarray, n: int, chunk: int = 1 << 23) -> np.ndarray:
+    gram = np.diag(np.bincount(owner, weights=val * val, minlength=n))
+    order = np.argsort(idx, kind="stable")
+    idx, owner, val = idx[order], owner[order], val[order]
+    starts = np.flatnonzero(np.r_[True, idx[1:] != idx[:-1]])
+    counts = np.diff(np.r_[starts, len(idx)])
+    pairs = np.zeros(n * n)
+    for m in np.unique(counts[counts > 1]).tolist():
+        first, second = np.triu_indices(m, 1)
+        group_starts = starts[counts == m]
+        for g in range(0, len(group_starts), max(chunk // len(first), 1)):  # bounded memory per step
+            pos = group_starts[g : g + max(chunk // len(first), 1), None] + np.arange(m)
+            v, c = val[pos], owner[pos]
+            pairs += np.bincount((c[:, first] * n + c[:, second]).reshape(-1), weights=(v[:, first] * v[:, second]).reshape(-1), minlength=n * n)
+    pairs = pairs.reshape(n, n)
+    return gram + pairs + pairs.T
