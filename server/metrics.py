@@ -87,7 +87,9 @@ class FederationView:
                 upload_seconds=float(sum(m.get("upload_seconds", 0) for m in reports)),
                 last_upload_seconds=float(reports[-1]["upload_seconds"]) if reports else None,
             ))  # fmt: skip
-        state_round = server.state.round
+        # The last round in the history, not state.round: the server sets that before it evaluates
+        # and records the round, and a view between the two would be "finished" with a round missing.
+        state_round = int(history[-1]["round"]) if history else 0
         return cls(
             federation=server.config.federation, run=server.run_id, round=state_round, rounds=server.config.rounds,
             running=server.session is not None and state_round < server.config.rounds, history=history, online=online,

@@ -6,6 +6,7 @@ dashboard and experiment tracking, started before its round loop and stopped aft
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
@@ -27,8 +28,12 @@ class WatchSettings:
     dashboard_token: str | None = None
     mlflow: str | None = None  # tracking URL, or a folder (MLflow's file store)
     tensorboard: Path | None = None  # folder for TensorBoard event files
+    linger: float = 0.0  # seconds the dashboard and metrics stay up after the last round
+
 
     def __post_init__(self) -> None:
+        if not 0 <= self.linger <= 86400:
+            raise ValueError(f"--linger must be 0..86400 seconds, not {self.linger}")
         if self.metrics_port is not None and not 0 <= self.metrics_port <= 65535:
             raise ValueError(f"--metrics-port must be 0..65535, not {self.metrics_port}")
         if self.dashboard is not None or self.dashboard_token is not None:
@@ -84,3 +89,7 @@ def watched(server: RoundServer, settings: WatchSettings, say: Callable[[str], N
             stack.enter_context(tracking(server, trackers))
             say("tracking rounds in " + ", ".join(t.name for t in trackers))
         yield
+        if settings.linger and (settings.metrics_port is not None or settings.dashboard is not None):
+            # The last round's numbers must reach a scrape (Prometheus asks every 15 s or so) and open pages.
+            say(f"federation finished: the dashboard and metrics stay up {settings.linger:g} s (--linger)")
+            time.sleep(settings.linger)
