@@ -10,13 +10,13 @@ import json
 import random
 from dataclasses import dataclass
 
-from fedge import weights as W
 from compression import CodecError
+from fedge import weights as W
 from fedge.protocol import ProtocolError, split_chunks
 from fedge.refusals import Refusals
 from fedge.transport import Message
 from fuzzlib.case import Case, Caught, Target
-from fuzzlib.decoders import frame, mutate_envelope, mutate_record, unframe
+from fuzzlib.decoders import frame, join_envelope, mutate_envelope, mutate_record, split_envelope, unframe
 from fuzzlib.mutate import Raw, hostile_value, mutate_bytes, mutate_json, to_json
 from fuzzlib.payloads import HOSTILE_MANIFESTS, SPECS, payload
 from fuzzlib.reproducers import REPRODUCERS
@@ -50,6 +50,10 @@ class Prepared:
 
 
 class AgentTarget(Target):
+    """Site-1's agent, holding the server's key (`signed`) or not: mutated records and chunks on
+    its topics, and mutated globals (full, delta, or through the snapshot) with the announcement
+    that names them, signed with the server's key when the agent checks signatures."""
+
     expected = ()
 
     def __init__(self, world: World, signed: bool):
@@ -98,9 +102,8 @@ class AgentTarget(Target):
         return Case(self.name, f"{kind}-{scenario}", blob, meta)
 
     def _mutate_global(self, rng: random.Random, genuine: bytes, kind: str, rnd: int) -> tuple[str, bytes]:
-        signer = self.world.signers["server"] if self.signed else None
         if rng.random() < 0.45:
-            return mutate_envelope(rng, genuine, signer or _NoSigner())
+            return mutate_envelope(rng, genuine, self.world.signers["server"])
         world = self.world
         spec = FULL_CODEC if kind == "full" and rng.random() < 0.5 else rng.choice(SPECS)
         real = [(t.name, t.shape) for t in (world.full_manifest if kind == "full" else world.uplink_manifest)]
@@ -178,14 +181,10 @@ def _raise_caught(refusals: Refusals, errors_before: int, swallowed: list[BaseEx
         raise Caught(f"{type(swallowed[0]).__name__}: {str(swallowed[0])[:300]} (decoding a global)")
 
 
-class _NoSigner:
-    """For unsigned envelopes: `mutate_envelope` re-signs only headers that say they are signed."""
-
-    def sign(self, data: bytes) -> bytes:
-        return hashlib.sha512(data).digest()
-
-
 class ServerTarget(Target):
+    """The server with round 1 open for two sites, holding their keys (`signed`) or not: mutated
+    update envelopes (re-signed with the site's key), chunk sequences, status records and topics."""
+
     expected = ()
 
     def __init__(self, world: World, signed: bool):
@@ -204,7 +203,7 @@ class ServerTarget(Target):
         if pick < 0.6:
             sub = rng.random()
             if sub < 0.45:
-                scenario, blob = mutate_envelope(rng, self.updates[site], world.signers[site] if self.signed else _NoSigner())
+                scenario, blob = mutate_envelope(rng, self.updates[site], world.signers[site])
             elif sub < 0.85:
                 server = world.servers[self.signed]
                 real = [(t.name, t.shape) for t in server.uplink_manifest]
@@ -229,8 +228,6 @@ class ServerTarget(Target):
 
     def _hostile_field(self, rng: random.Random, site: str) -> bytes:
         """The genuine update with one header field replaced by a hostile value and re-signed."""
-        from fuzzlib.decoders import join_envelope, split_envelope
-
         header, body, _ = split_envelope(self.updates[site])
         header[rng.choice(sorted(header))] = hostile_value(rng, 1 << 20)
         return join_envelope(to_json(header), body, self.world.signers[site] if self.signed else None)
