@@ -69,8 +69,9 @@ class Agent:
         )
         self.reassembler = Reassembler(max_open=8)
         self.refusals = Refusals(log)
-        self.run_id: str | None = None  # the server's run this agent takes part in
-        self.run_issued = 0.0  # newest issued_at seen from that run: an older run's records are replays
+        # The server's run this agent takes part in, and the newest issued_at seen from it: an older
+        # run's records are replays. Kept in the state folder across restarts.
+        self.run_id, self.run_issued = self.state.known_run(config.federation) or (None, 0.0)
         self.held: _Global | None = None
         self.model: torch.nn.Module | None = None
         self.mode: TrainingMode | None = None
@@ -232,6 +233,7 @@ class Agent:
             if self.run_id is not None:
                 log.warning("%s: the server started run %s (was %s)", self.config.site, record.run, self.run_id)
             self.run_id, self.run_issued = record.run, record.issued_at
+            self.state.remember_run(self.config.federation, record.run, record.issued_at)
             self.pending = self.answered = self.snapshot = None
             self.snapshot_envelope = None
             return True

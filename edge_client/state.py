@@ -1,4 +1,5 @@
-"""What an agent keeps across restarts: its error-feedback residual and its last sent update."""
+"""What an agent keeps across restarts: its error-feedback residual, its last sent update, and the
+server run it takes part in."""
 
 from __future__ import annotations
 
@@ -39,6 +40,25 @@ class AgentState:
     @property
     def _meta_file(self) -> Path:
         return self.folder / "agent.json"
+
+    @property
+    def _run_file(self) -> Path:
+        return self.folder / "run.json"
+
+    def remember_run(self, federation: str, run: str, issued_at: float) -> None:
+        """The run this agent follows, so that after a restart an older run's replayed records
+        (a retained `finished`, say) are still recognised as older."""
+        record = {"schema_version": SCHEMA_VERSION, "federation": federation, "run": run, "issued_at": issued_at}
+        atomic_write_bytes(self._run_file, json.dumps(record).encode())
+
+    def known_run(self, federation: str) -> tuple[str, float] | None:
+        try:
+            record = json.loads(self._run_file.read_text())
+            if record.get("schema_version") == SCHEMA_VERSION and record.get("federation") == federation:
+                return str(record["run"]), float(record["issued_at"])
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            pass  # none or unreadable: the next signed announcement tells
+        return None
 
     def save_residual(self) -> None:
         atomic_write_bytes(self._residual_file, self.residual.to_bytes())

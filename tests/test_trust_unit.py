@@ -329,3 +329,18 @@ def test_a_sample_count_registered_at_provisioning_binds_that_site(tmp_path) -> 
     _send(server, current, "site-1", _update(server, current, "site-1", num_samples=501))
     _send(server, current, "site-2", _update(server, current, "site-2", num_samples=501))
     assert server.refusals.counts["sample-count"] == 1 and sorted(current.updates) == ["site-2"]
+
+
+def test_a_restarted_agent_still_knows_its_run_and_refuses_an_older_runs_finished(tmp_path, keys) -> None:
+    _, signers = keys
+    topics = Topics(FED)
+    now = time.time()
+    agent = _agent(tmp_path, keys)
+    agent._handle(Message(topics.announce(3), sign_record(_announcement(3, issued_at=now), signers["server"]), retain=True))
+    restarted = _agent(tmp_path, keys)  # same state folder: nothing of the run is in memory any more
+    assert restarted.run_id == RUN
+    old_run = "b" * 32
+    restarted._handle(Message(topics.announce(9), sign_record(_announcement(9, run=old_run, issued_at=now - 60), signers["server"]), retain=True))
+    restarted._handle(Message(topics.control, sign_record(ControlMessage(command="finished", round=9, federation=FED, sender="server",
+                                                                        run=old_run, issued_at=now - 50), signers["server"]), retain=True))  # fmt: skip
+    assert not restarted.finished and restarted.pending is None and restarted.refusals.counts["wrong-run"] == 2
