@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 FEDGE_DATA_DIR ?= $(firstword $(abspath $(wildcard ../shared/data)) $(HOME)/.cache/fedge)
 export FEDGE_DATA_DIR
 
-.PHONY: install system-deps demo test clean
+.PHONY: install system-deps demo test test-fast clean
 
 $(BIN)/.installed: pyproject.toml constraints-cpu.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -25,6 +25,10 @@ system-deps:
 
 test: $(BIN)/.installed system-deps
 	$(BIN)/python -m pytest -q -p no:cacheprovider
+
+# The unit tests only (no broker, subprocess, federation or onnxruntime export): the inner loop.
+test-fast: $(BIN)/.installed
+	$(BIN)/python -m pytest -q -p no:cacheprovider -m "not integration"
 
 clean:
 	rm -rf runs .pytest_cache

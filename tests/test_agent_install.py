@@ -119,6 +119,7 @@ def unit(tmp_path: Path) -> tuple[Path, Path, str]:
     return out, config, result.output
 
 
+@pytest.mark.integration
 def test_unit_runs_the_config_as_an_unprivileged_user_and_restarts_on_failure(unit: tuple[Path, Path, str]) -> None:
     out, config, output = unit
 
@@ -150,6 +151,7 @@ def _verify(unit_path: Path) -> None:
     assert proc.returncode == 0 and not complaints, proc.stdout + proc.stderr
 
 
+@pytest.mark.integration
 def test_unit_passes_systemd_analyze_verify(unit: tuple[Path, Path, str]) -> None:
     _verify(unit[0])
 

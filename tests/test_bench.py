@@ -52,6 +52,7 @@ def bench_run(checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> tup
     return json.loads(report.read_text()), report, result.output
 
 
+@pytest.mark.integration
 def test_report_has_the_issue_schema(bench_run: tuple[dict[str, Any], Path, str]) -> None:
     report, _, _ = bench_run
 
@@ -68,6 +69,7 @@ def test_report_has_the_issue_schema(bench_run: tuple[dict[str, Any], Path, str]
     assert report["host"]["threads"] == 1 and report["host"]["torch"] == torch.__version__
 
 
+@pytest.mark.integration
 def test_cpu_backends_are_measured_at_batch_1_and_the_profile_batch(bench_run: tuple[dict[str, Any], Path, str]) -> None:
     report, _, _ = bench_run
 
@@ -78,6 +80,7 @@ def test_cpu_backends_are_measured_at_batch_1_and_the_profile_batch(bench_run: t
     assert all(e["passed"] for e in report["exports"].values()), report["exports"]
 
 
+@pytest.mark.integration
 def test_gpu_backends_are_measured_or_listed_with_a_reason(bench_run: tuple[dict[str, Any], Path, str]) -> None:
     report, _, output = bench_run
 
@@ -91,6 +94,7 @@ def test_gpu_backends_are_measured_or_listed_with_a_reason(bench_run: tuple[dict
         assert "not measured: tensorrt-fp16" in output
 
 
+@pytest.mark.integration
 def test_training_modes_run_in_their_own_process(bench_run: tuple[dict[str, Any], Path, str]) -> None:
     report, _, _ = bench_run
 
@@ -102,6 +106,7 @@ def test_training_modes_run_in_their_own_process(bench_run: tuple[dict[str, Any]
     assert report["settings"]["isolated_training"] is True
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("mode", ["lora", "pruned", "qat"])
 def test_other_modes_measure_a_step(mode: str) -> None:
     images = np.random.default_rng(0).integers(0, 256, size=(8, 28, 28, 1), dtype=np.uint8)
@@ -114,6 +119,7 @@ def test_other_modes_measure_a_step(mode: str) -> None:
     assert 0 < row["trainable_params"] <= full if mode == "qat" else 0 < row["trainable_params"] < full
 
 
+@pytest.mark.integration
 def test_bandwidth_is_a_real_delta_projected_on_the_profile_link(bench_run: tuple[dict[str, Any], Path, str]) -> None:
     report, _, _ = bench_run
     bw = report["bandwidth"]
@@ -126,6 +132,7 @@ def test_bandwidth_is_a_real_delta_projected_on_the_profile_link(bench_run: tupl
     assert bw["downlink_seconds"] == pytest.approx(bw["downlink_bytes"] * 8 / (link.downlink_mbps * 1e6))
 
 
+@pytest.mark.integration
 def test_estimate_is_labelled_and_names_what_the_profile_lacks(bench_run: tuple[dict[str, Any], Path, str]) -> None:
     report, _, _ = bench_run
     est = report["estimate"]
@@ -136,6 +143,7 @@ def test_estimate_is_labelled_and_names_what_the_profile_lacks(bench_run: tuple[
     assert all(r["flops"] > 0 for r in est["batches"])
 
 
+@pytest.mark.integration
 def test_data_comes_from_the_checkpoint_dataset_or_is_called_synthetic(bench_run: tuple[dict[str, Any], Path, str]) -> None:
     report, _, _ = bench_run
 
@@ -146,6 +154,7 @@ def test_data_comes_from_the_checkpoint_dataset_or_is_called_synthetic(bench_run
     assert report["model"]["source"].startswith("checkpoint ")
 
 
+@pytest.mark.integration
 def test_markdown_and_png_are_written_beside_the_json(bench_run: tuple[dict[str, Any], Path, str]) -> None:
     _, path, _ = bench_run
 

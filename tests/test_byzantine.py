@@ -73,6 +73,7 @@ def _tiny_task() -> ClassificationTask:
     return ClassificationTask(ImageSplits(images=images, labels=labels, name="tiny"))
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("attack", ["huge", "scaled", "sign_flip"])
 @pytest.mark.parametrize("name", sorted(STRATEGIES))
 def test_an_in_process_federation_never_applies_a_non_finite_model(name: str, attack: str) -> None:

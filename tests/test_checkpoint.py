@@ -19,8 +19,6 @@ from fedge.modes import MODES, TrainingMode, get_mode
 from fedge.weights import float_state
 from server.store import CheckpointStore, RoundState
 
-pytestmark = pytest.mark.unit
-
 CONFIG = ModelConfig("cnn", 1, 2, 28, {"widths": [4, 8]})
 # Non-default options, so a checkpoint that forgot them would not rebuild.
 OPTIONS: dict[str, dict[str, object]] = {"lora": {"r": 2, "alpha": 4.0}, "pruned": {"ratio": 0.5}, "qat": {"momentum": 0.8}}
@@ -75,6 +73,7 @@ def test_resume_refuses_a_folder_written_with_other_mode_options(tmp_path) -> No
         other.load_latest()
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("name", MODES.names())
 def test_fedge_export_takes_a_round_checkpoint_of_every_mode_without_a_dataset(name: str, tmp_path) -> None:
     from fedge.cli.export import export

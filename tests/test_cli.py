@@ -5,6 +5,10 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
+
+pytestmark = pytest.mark.integration  # each test starts a fedge process
+
 
 def test_help_imports_no_torch():
     code = "import sys; from fedge.cli.main import app; print('torch' in sys.modules)"

@@ -15,6 +15,7 @@ def bench():
     return load_benchmark("codec_bench")
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("script", sorted(p.name for p in BENCHMARKS.glob("*.py")))
 def test_every_benchmark_script_starts(script: str):
     """Run as a script, benchmarks/ is sys.path[0]: a file there named like a package (compression.py)

@@ -10,8 +10,6 @@ from fedge.cli.main import app
 from fedge.cli.options import exit_code_for, fail, fail_with
 from fedge.errors import EXIT_CODES, FedgeError, NotFoundError, ParityError, StorageError, UsageError
 
-pytestmark = pytest.mark.unit
-
 
 def test_fedge_help_documents_every_exit_code() -> None:
     result = CliRunner().invoke(app, ["--help"], env={"COLUMNS": "200"})

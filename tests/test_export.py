@@ -47,6 +47,7 @@ def _spec(precision: str, calib: np.ndarray | None = None) -> ExportSpec:
     return ExportSpec(precision=precision, calib=calib, **FAST)  # type: ignore[arg-type]
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("fmt", sorted(EXPORTERS))
 def test_every_format_exports_and_passes_parity(trained, tmp_path, fmt):
     model, config, calib, test = trained
@@ -66,6 +67,7 @@ def test_every_format_exports_and_passes_parity(trained, tmp_path, fmt):
     assert result.passed, written["checks"]
 
 
+@pytest.mark.integration
 def test_onnx_fp32_matches_torch_and_loads_fresh(trained, tmp_path):
     model, config, _, test = trained
 
@@ -83,6 +85,7 @@ def test_onnx_fp32_matches_torch_and_loads_fresh(trained, tmp_path):
             np.testing.assert_allclose(fresh.run(x.numpy()), model(x).numpy(), atol=1e-4)
 
 
+@pytest.mark.integration
 def test_onnx_fp16_keeps_fp32_io_and_metric(trained, tmp_path):
     model, config, _, test = trained
 
@@ -94,6 +97,7 @@ def test_onnx_fp16_keeps_fp32_io_and_metric(trained, tmp_path):
     assert abs(result.report["metric"]["delta"]) <= 0.01
 
 
+@pytest.mark.integration
 def test_int8_is_symmetric_per_channel_qdq(trained, tmp_path):
     model, config, calib, test = trained
 
@@ -109,6 +113,7 @@ def test_int8_is_symmetric_per_channel_qdq(trained, tmp_path):
     assert abs(result.report["metric"]["delta"]) <= 0.01
 
 
+@pytest.mark.integration
 def test_int8_resnet_runs_every_conv_in_int8_on_the_cpu(trained, tmp_path):
     """Residual blocks fan a tensor out to conv1 and the shortcut; each consumer gets its own Q->DQ
     pair and the session skips CSE (metadata), so onnxruntime turns every Conv into QLinearConv
@@ -153,6 +158,7 @@ def test_checkpoint_that_does_not_match_its_config(trained, tmp_path):
         export_artifact(path, "onnx", tmp_path / "out", test_set=test)
 
 
+@pytest.mark.integration
 def test_checkpoint_round_trip_through_export_artifact(trained, tmp_path, medmnist_root):
     model, config, _, test = trained
     path = save_checkpoint(tmp_path / "ok.safetensors", model.state_dict(), config)
@@ -167,6 +173,7 @@ class _Eig(torch.nn.Module):
         return torch.linalg.eig(x[:, 0, :2, :2])[0].real
 
 
+@pytest.mark.integration
 def test_unsupported_op_is_named(trained, tmp_path):
     _, config, _, test = trained
 
@@ -215,6 +222,7 @@ def test_trtexec_command_flags_per_precision(precision, present, absent):
     assert present <= flags and not (absent & flags)
 
 
+@pytest.mark.integration
 def test_tensorrt_export_writes_the_build_script_for_the_profile(trained, tmp_path):
     model, config, calib, test = trained
     spec = ExportSpec(precision="int8", calib=calib, profile="jetson-orin-nano-8gb", batch_sizes=(1, 4), **FAST)
@@ -230,6 +238,7 @@ def test_tensorrt_export_writes_the_build_script_for_the_profile(trained, tmp_pa
     assert meta["precision"] == "int8" and meta["shapes"]["max"] == [4, 1, 28, 28]
 
 
+@pytest.mark.integration
 @pytest.mark.skipif(not tensorrt_available(), reason="tensorrt not installed")
 def test_tensorrt_builds_an_engine(trained, tmp_path):  # pragma: no cover - needs a GPU with TensorRT
     model, config, _, test = trained
@@ -241,6 +250,7 @@ def test_tensorrt_builds_an_engine(trained, tmp_path):  # pragma: no cover - nee
     assert result.report["runtime"].startswith("tensorrt") and result.passed
 
 
+@pytest.mark.integration
 def test_triton_config_matches_the_onnx_graph(trained, tmp_path):
     model, config, _, test = trained
 
@@ -259,6 +269,7 @@ def test_triton_config_matches_the_onnx_graph(trained, tmp_path):
             assert entry["data_type"] == ["TYPE_FP32"] and value.type.tensor_type.elem_type == onnx.TensorProto.FLOAT
 
 
+@pytest.mark.integration
 def test_triton_check_catches_a_config_that_disagrees(trained, tmp_path):
     model, config, _, test = trained
     export_model(model, config, "triton", tmp_path, _spec("fp32"), test)

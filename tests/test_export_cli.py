@@ -23,6 +23,7 @@ def checkpoint(trained_cnn, tmp_path_factory):
     return save_checkpoint(tmp_path_factory.mktemp("ckpt") / "model.safetensors", model.state_dict(), config, dataset="pneumoniamnist")
 
 
+@pytest.mark.integration
 def test_export_onnx_writes_report_and_exits_zero(checkpoint, medmnist_root, tmp_path):
     result = runner.invoke(app, [str(checkpoint), "--format", "onnx", "--out", str(tmp_path), "--data-dir", str(medmnist_root)])
 
@@ -32,6 +33,7 @@ def test_export_onnx_writes_report_and_exits_zero(checkpoint, medmnist_root, tmp
     assert report["threads"] == 1 and report["test_samples"] == 624
 
 
+@pytest.mark.integration
 def test_int8_without_calib_calibrates_on_the_train_split(checkpoint, medmnist_root, tmp_path):
     result = runner.invoke(app, [str(checkpoint), "--format", "onnx-int8", "--out", str(tmp_path), "--data-dir", str(medmnist_root)])
 
@@ -91,6 +93,7 @@ def test_option_errors_come_before_the_checkpoint_and_dataset_are_read(args, mes
     assert message in result.output
 
 
+@pytest.mark.integration
 def test_profile_supplies_the_precision_and_names_the_engine_target(checkpoint, medmnist_root, tmp_path):
     npz = medmnist_root / "medmnist" / "pneumoniamnist.npz"
     args = [str(checkpoint), "--format", "tensorrt", "--out", str(tmp_path), "--profile", "jetson-orin-nano-8gb", "--calib", str(npz)]

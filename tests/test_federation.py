@@ -21,6 +21,8 @@ from safetensors.numpy import load_file
 from fedge.checkpoint import load_checkpoint
 from fedge.cli.federation import FederationSettings, run_federation
 
+pytestmark = pytest.mark.integration
+
 FEDGE = [sys.executable, "-m", "fedge.cli.main"]
 
 

@@ -104,6 +104,7 @@ def test_fsync_dir_on_a_missing_folder_is_silent(tmp_path: Path) -> None:
     fsync_dir(tmp_path / "gone")  # nothing to sync, nothing raised
 
 
+@pytest.mark.integration
 @pytest.mark.skipif(shutil.which("strace") is None, reason="strace is not installed (apt-get install -y strace)")
 def test_strace_sees_the_folder_fsync_after_the_rename(tmp_path: Path) -> None:
     """The same check from outside: the kernel is asked to sync the folder after the rename."""

@@ -28,6 +28,7 @@ def report(fuzz, tmp_path_factory) -> dict:
     return json.loads(path.read_text())
 
 
+@pytest.mark.integration
 def test_a_seeded_slice_finds_no_unexpected_exception_escape_slow_or_bloated_case(report: dict) -> None:
     assert report["cases"] == SLICE and sum(t["cases"] for t in report["targets"].values()) == SLICE
     assert len(report["targets"]) == 10 and all(t["cases"] > 0 for t in report["targets"].values()), report["targets"]

@@ -24,7 +24,7 @@ from fedge.transport import MqttSession
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 from fuzzlib.reproducers import REPRODUCERS, Target  # noqa: E402
 
-pytestmark = pytest.mark.mosquitto
+pytestmark = [pytest.mark.integration, pytest.mark.mosquitto]
 
 FEDGE = [sys.executable, "-m", "fedge.cli.main"]
 FED = "fuzzfed"

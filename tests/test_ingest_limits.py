@@ -96,6 +96,7 @@ def test_file_over_the_size_cap_is_refused_before_it_is_read(tmp_path: Path, dat
     assert read_dataset(load_dataset(ct), ReadConfig()).images.shape == (1, 28, 28)  # the default cap takes it
 
 
+@pytest.mark.integration
 def test_a_2_gib_file_costs_no_memory_to_refuse(tmp_path: Path) -> None:
     """A real header whose 2.7 GB of pixel data is a sparse hole: before the cap, dcmread pulled all
     of it into memory. Measured in a child process so its peak RSS is its own."""

@@ -19,7 +19,7 @@ from edge_client.ingest.reader import ReadConfig
 from edge_client.ingest.scp import ScpConfig, StorageSCP
 from edge_client.ingest.store import DatasetStore
 
-pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+pytestmark = [pytest.mark.integration, pytest.mark.filterwarnings("ignore::UserWarning")]
 
 
 @pytest.fixture

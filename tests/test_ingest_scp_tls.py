@@ -28,7 +28,7 @@ from edge_client.ingest.scp import ScpConfig, ScpTls, StorageSCP
 from edge_client.ingest.store import DatasetStore
 from fedge.cli.ingest import ingest
 
-pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+pytestmark = [pytest.mark.integration, pytest.mark.filterwarnings("ignore::UserWarning")]
 
 
 @dataclass(frozen=True)

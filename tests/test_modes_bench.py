@@ -20,6 +20,7 @@ def bench():
     return load_benchmark("modes")
 
 
+@pytest.mark.integration
 def test_script_runs_from_its_folder_without_shadowing_packages():
     out = subprocess.run([sys.executable, str(SCRIPT), "--help"], check=False, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr

@@ -13,6 +13,7 @@ from fedge.cli.main import app
 from fedge.modes import get_mode
 
 
+@pytest.mark.integration
 def test_pretrain_writes_a_checkpoint_that_lora_fine_tunes_on_another_dataset(medmnist_root: Path, tmp_path: Path) -> None:
     out = tmp_path / "vit.safetensors"
     args = ["pretrain", "--dataset", "pneumoniamnist", "--data-dir", str(medmnist_root), "--preset", "tiny", "--epochs", "1"]

@@ -14,6 +14,7 @@ from fedge.modes import get_mode
 ort = pytest.importorskip("onnxruntime")
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize(
     "config",
     [ModelConfig("vit", 1, 2, 28, {"preset": "tiny"}), ModelConfig("cnn", 3, 2, 28, {"widths": [8, 16]})],

@@ -9,8 +9,6 @@ from typer.testing import CliRunner
 
 from fedge.cli.bench import bench
 
-pytestmark = pytest.mark.unit
-
 
 def _never(*_args: object, **_kwargs: object) -> None:
     raise AssertionError("data was read before the options were checked")

@@ -7,8 +7,6 @@ import pytest
 from fedge.errors import UsageError
 from fedge.registry import Registry, UnknownNameError
 
-pytestmark = pytest.mark.unit
-
 
 def test_register_lists_names_in_registration_order_and_gets_them() -> None:
     family: Registry[int] = Registry("widget")

@@ -12,8 +12,6 @@ from fedge.checkpoint import save_checkpoint
 from fedge.cli.server import server
 from fedge.models import ModelConfig, build_model
 
-pytestmark = pytest.mark.unit
-
 CONFIG = ModelConfig("cnn", 1, 2, 28, {"widths": [4, 8]})
 
 

@@ -25,6 +25,7 @@ def _write_rgb_npz(folder, name="rgbmnist", classes=4, n=160):
     return name
 
 
+@pytest.mark.integration
 def test_rgb_multiclass_file_trains_with_no_code_change(tmp_path):
     name = _write_rgb_npz(tmp_path)
     splits = load_medmnist(name, tmp_path)
