@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Histogram, ProcessCollector
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -140,6 +140,7 @@ class AgentMetrics:
         )  # fmt: skip
         self.upload_bytes = Counter("fedge_agent_upload_bytes", "Update bytes uploaded (resends included)", registry=self.registry)
         self.registry.register(_AgentCollector(agent))
+        ProcessCollector(registry=self.registry)  # process_resident_memory_bytes, process_cpu_seconds_total, ...
         agent.task = cast("ClassificationTask", _TimedTask(agent.task, self.train_seconds))
 
     def transport(self, factory: SessionFactory) -> SessionFactory:

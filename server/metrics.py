@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, cast
 
-from prometheus_client import CollectorRegistry, Histogram
+from prometheus_client import CollectorRegistry, Histogram, ProcessCollector
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -184,6 +184,7 @@ class ServerMetrics:
             buckets=AGGREGATION_BUCKETS, registry=self.registry,
         )  # fmt: skip
         self.registry.register(_ServerCollector(server))
+        ProcessCollector(registry=self.registry)  # process_resident_memory_bytes, process_cpu_seconds_total, ...
         for record in server.state.history:  # a resumed federation: its earlier rounds count too
             self.round_duration.observe(float(record.get("seconds", 0.0)))
         self._attach()

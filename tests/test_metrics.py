@@ -126,6 +126,7 @@ def test_a_scrape_after_three_rounds_matches_the_servers_own_history(task, tmp_p
     assert got[("fedge_last_accuracy", ())] == pytest.approx(history[-1]["accuracy"])
     assert got[("fedge_sites_online", ())] == len(server.online)
     assert got[("fedge_federation_info", (("federation", FED), ("run", server.run_id)))] == 1
+    assert got[("process_resident_memory_bytes", ())] > 0  # the process' own, in the same private registry
     rejected = {dict(labels)["reason"]: value for (name, labels), value in got.items() if name == "fedge_updates_rejected_total"}
     assert rejected == dict(server.refusals.counts)
     assert rejected["bad-status"] >= 1 and rejected["unexpected-topic"] >= 1
