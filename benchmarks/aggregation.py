@@ -225,7 +225,7 @@ def main() -> None:
     parser.add_argument("--clients", type=int, nargs="+", default=[10, 100], help="client counts K to aggregate")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--repeats", type=int, default=5, help="timed runs per side; the best is reported")
-    robust = [name for name in STRATEGIES if name != "fedavg"]
+    robust = [name for name in STRATEGIES if name not in ("fedavg", "dp_fedavg")]  # dp_fedavg: clipping plus noise
     parser.add_argument("--robust", nargs="*", default=robust, choices=robust, help="robust strategies to time on the largest model (none: skip)")
     parser.add_argument("--robust-repeats", type=int, default=2, help="timed runs per side for each robust rule; the best is reported")
     args = parser.parse_args()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -12,6 +13,9 @@ from torch import nn
 from fedge.data import ImageSplits
 from fedge.models import ModelConfig
 from fedge.tasks.metrics import classification_metrics
+
+if TYPE_CHECKING:
+    from fedge.tasks.dp import DPSettings
 
 
 def preprocess(images: np.ndarray) -> torch.Tensor:
@@ -75,6 +79,8 @@ class TrainResult:
     loss: float
     accuracy: float
     seconds: float
+    dp_sample_rate: float = 0.0  # DP-SGD only: Poisson sampling rate and noisy steps, for the privacy ledger
+    dp_steps: int = 0
 
 
 class ClassificationTask:
@@ -105,12 +111,19 @@ class ClassificationTask:
         seed: int = 0,
         weight_decay: float = 0.0,
         device: str = "cpu",
+        dp: DPSettings | None = None,
     ) -> TrainResult:
-        """Train in place on the train split (or its `indices`); deterministic for a given seed on CPU."""
+        """Train in place on the train split (or its `indices`); deterministic for a given seed on CPU.
+        With `dp`, DP-SGD (`fedge.tasks.dp.train_dp`: Poisson batches, per-sample clipping, noise)."""
         images = self.splits.images["train"]
         labels = self.splits.labels["train"]
         if indices is not None:
             images, labels = images[indices], labels[indices]
+        if dp is not None:
+            from fedge.tasks.dp import train_dp
+
+            y = torch.from_numpy(np.asarray(labels, dtype=np.int64))
+            return train_dp(model, preprocess(images), y, dp, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed, device=device)
         trainer = LocalTrainer(model, lr=lr, weight_decay=weight_decay, device=device)
         x_all, y_all = trainer.batch(images, labels)
         generator = torch.Generator().manual_seed(seed)

@@ -3,7 +3,7 @@
 Importing the package registers every built-in rule; `STRATEGIES` maps names to classes.
 """
 
-from server.strategies import centered_clipping, clipping, fedavg, median, multikrum, trimmed_mean
+from server.strategies import centered_clipping, clipping, dp_fedavg, fedavg, median, multikrum, trimmed_mean
 from server.strategies.base import STRATEGIES, ClientUpdate, Strategy, get_strategy, register_strategy, strategy_options
 
 __all__ = [
@@ -12,6 +12,7 @@ __all__ = [
     "Strategy",
     "centered_clipping",
     "clipping",
+    "dp_fedavg",
     "fedavg",
     "get_strategy",
     "median",

@@ -45,6 +45,9 @@ class Strategy(ABC):
         """Numbers the last `aggregate` produced that belong in the round's record (e.g. privacy spent)."""
         return {}
 
+    def resume(self, rounds_done: int) -> None:
+        """Called once by a server that resumes after `rounds_done` rounds (stateful rules catch up)."""
+
 
 def register_strategy(name: str) -> Callable[[S], S]:
     """Class decorator: registers the strategy under `name`; a second class with the same name is an error."""
