@@ -56,3 +56,15 @@ def test_training_modes_are_exactly_the_wire_protocol_mode_names() -> None:
     assert MODES.names() == MODE_NAMES
     with pytest.raises(ValueError, match="not in fedge.protocol.messages.ModeName"):
         register_mode("sparse")
+
+
+def test_a_model_config_checks_its_fields_where_it_is_made() -> None:
+    import numpy as np
+
+    from fedge.models import ModelConfig
+
+    assert ModelConfig("cnn", np.int64(3), 2, 28).in_channels == 3
+    for bad, field in [({"arch": ""}, "arch"), ({"image_size": {"a": 1}}, "image_size"), ({"num_classes": 0}, "num_classes"),
+                       ({"in_channels": True}, "in_channels"), ({"options": [1]}, "options")]:  # fmt: skip
+        with pytest.raises(UsageError, match=f"model config field '{field}'"):
+            ModelConfig(**{"arch": "cnn", **bad})  # type: ignore[arg-type]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import numbers
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -31,6 +32,18 @@ class ModelConfig:
     num_classes: int = 2
     image_size: int = 28
     options: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        # It arrives from the wire (a global's header) and from files: check types and ranges here, once.
+        if not isinstance(self.arch, str) or not self.arch:
+            raise UsageError(f"model config field 'arch' must be a non-empty string, got {self.arch!r}")
+        for name in ("in_channels", "num_classes", "image_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or not 1 <= value <= 1 << 16:
+                raise UsageError(f"model config field {name!r} must be an integer in [1, 65536], got {value!r}")
+            object.__setattr__(self, name, int(value))  # numpy integers too, so the JSON form is plain
+        if not isinstance(self.options, dict) or not all(isinstance(k, str) for k in self.options):
+            raise UsageError(f"model config field 'options' must be a mapping of names to values, got {type(self.options).__name__}")
 
     def to_json(self) -> str:
         return json.dumps({"schema_version": SCHEMA_VERSION, **dataclasses.asdict(self)}, sort_keys=True)
