@@ -9,9 +9,8 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from device_profiles.schema import PEAK_FIELDS, Precision, Profile
-
-BYTES_PER_ELEMENT: dict[str, int] = {"fp32": 4, "fp16": 2, "int8": 1}
+from device_profiles.schema import PEAK_FIELDS, Profile
+from fedge.precision import BYTES_PER_ELEMENT, Precision
 
 
 def count_flops_and_bytes(model: nn.Module, input_shape: tuple[int, ...], precision: Precision) -> tuple[int, int]:

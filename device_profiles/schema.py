@@ -13,16 +13,18 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from compression.codecs import CodecSpecError, UpdateCodec
+from fedge.precision import Precision
+from fedge.protocol.chunks import DEFAULT_CHUNK_SIZE
+from fedge.protocol.messages import ModeName
 
 SCHEMA_VERSION = 1
-DEFAULT_CHUNK_SIZE = 256 * 1024
 # MQTT's largest packet (remaining length field) bounds one chunk.
 MAX_CHUNK_SIZE = 268_435_455
 
 DeviceKind = Literal["jetson", "gpu", "cpu"]
-TrainingMode = Literal["full", "lora", "pruned", "qat"]
 ExportFormat = Literal["onnx", "onnx-int8", "tensorrt"]
-Precision = Literal["fp32", "fp16", "int8"]
+# What each exporter writes (exporters.EXPORTERS, which imports torch: tests keep the two equal).
+EXPORT_PRECISIONS: dict[str, tuple[Precision, ...]] = {"onnx": ("fp32", "fp16"), "onnx-int8": ("int8",), "tensorrt": ("fp32", "fp16", "int8")}
 # Which Device field holds the peak for each precision.
 PEAK_FIELDS: dict[str, str] = {"fp32": "fp32_tflops", "fp16": "fp16_tflops", "int8": "int8_tops"}
 
@@ -76,7 +78,7 @@ class Link(_Strict):
 class Defaults(_Strict):
     """What an agent on this device starts from; every value can be overridden in the agent config."""
 
-    training_mode: TrainingMode
+    training_mode: ModeName
     codec: str = Field(description='codec spec string, e.g. "topk:0.01,ef|q8|zstd:3"')
     chunk_size: int = Field(default=DEFAULT_CHUNK_SIZE, ge=1024, le=MAX_CHUNK_SIZE, description="bytes per MQTT chunk")
     batch_size: int = Field(ge=1)
@@ -95,7 +97,7 @@ class Defaults(_Strict):
 
     @model_validator(mode="after")
     def _precision_fits_format(self) -> "Defaults":
-        allowed = {"onnx": ("fp32", "fp16"), "onnx-int8": ("int8",), "tensorrt": ("fp32", "fp16", "int8")}[self.export_format]
+        allowed = EXPORT_PRECISIONS[self.export_format]
         if self.export_precision not in allowed:
             raise ValueError(
                 f"export_precision {self.export_precision} does not fit export_format {self.export_format}; "

@@ -6,25 +6,21 @@ dicom/, ct/ and bad_inputs/ (see SOURCES.md there). Fixtures skip with the fix w
 
 from __future__ import annotations
 
-import os
 import shutil
 from pathlib import Path
 
 import pytest
 
-from fedge.data.medmnist import SHARED_DATA
-
+from fedge.data.medmnist import data_root
 
 
 def find_data_root(marker: str) -> Path | None:
-    """The first candidate root that holds `marker` (a relative path such as 'dicom').
+    """The data root (fedge.data.data_root) when it holds `marker` (a relative path such as 'dicom').
 
     Absolute, so that symlinks the tests make to data files resolve wherever they are made.
     """
-    for candidate in (os.environ.get("FEDGE_DATA_DIR"), SHARED_DATA):
-        if candidate and (Path(candidate) / marker).exists():
-            return Path(candidate).absolute()
-    return None
+    root = data_root()
+    return root.absolute() if root is not None and (root / marker).exists() else None
 
 
 def find_medmnist_root() -> Path | None:

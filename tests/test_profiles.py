@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 
 from device_profiles import Profile, ProfileError, ProfileNotFoundError, load_profile, load_profile_file, resolve_profile_path, shipped_names
 from device_profiles.loader import SHIPPED_DIR
-from device_profiles.schema import DEFAULT_CHUNK_SIZE
+from fedge.protocol.chunks import DEFAULT_CHUNK_SIZE
 from fedge.cli.profiles import app
 
 REQUIRED = {
@@ -227,3 +227,15 @@ def test_cli_show_malformed_file_names_the_field_and_exits_2(tmp_path: Path) -> 
 
     assert result.exit_code == ProfileError.exit_code == 2
     assert "defaults.batch_size: Input should be greater than or equal to 1 (got 0)" in result.output
+
+
+def test_profile_export_formats_and_precisions_are_the_exporters_own() -> None:
+    from typing import get_args
+
+    from device_profiles.schema import EXPORT_PRECISIONS, ExportFormat
+    from exporters import EXPORTERS
+    from fedge.cli.export import Format
+
+    assert set(get_args(ExportFormat)) == set(EXPORT_PRECISIONS) <= set(EXPORTERS.names())
+    assert all(EXPORTERS.get(fmt).precisions == precisions for fmt, precisions in EXPORT_PRECISIONS.items())
+    assert tuple(f.value for f in Format) == EXPORTERS.names()

@@ -68,16 +68,26 @@ class ImageSplits:
 SHARED_DATA = Path(__file__).resolve().parents[3] / "shared" / "data"
 
 
-def default_data_dir() -> str | None:
-    """FEDGE_DATA_DIR, else ../shared/data beside a source checkout, else None (the loader downloads)."""
-    if os.environ.get("FEDGE_DATA_DIR"):
-        return os.environ["FEDGE_DATA_DIR"]
-    return str(SHARED_DATA) if SHARED_DATA.is_dir() else None
-
-
-def resolve_data_dir(data_dir: str | os.PathLike | None) -> Path | None:
+def data_root(data_dir: str | os.PathLike | None = None) -> Path | None:
+    """The data root: `data_dir` (--data-dir), else FEDGE_DATA_DIR, else ../shared/data beside a
+    source checkout, else None (the loader then downloads). The one lookup every command,
+    benchmark and test uses."""
     value = data_dir or os.environ.get("FEDGE_DATA_DIR")
-    return Path(value).expanduser() if value else None
+    if value:
+        return Path(value).expanduser()
+    return SHARED_DATA if SHARED_DATA.is_dir() else None
+
+
+def default_data_dir() -> str | None:
+    """`data_root()` as a --data-dir default."""
+    root = data_root()
+    return None if root is None else str(root)
+
+
+def find_medmnist(name: str, data_dir: str | os.PathLike | None = None) -> Path | None:
+    """`<name>.npz` (or `medmnist/<name>.npz`) under the data root; never downloads."""
+    root = data_root(data_dir)
+    return None if root is None else _find_local(name, root)
 
 
 def _find_local(name: str, data_dir: Path) -> Path | None:
@@ -116,10 +126,10 @@ def _download(name: str, cache_dir: Path) -> Path:
 
 
 def load_medmnist(name: str, data_dir: str | os.PathLike | None = None, cache_dir: str | os.PathLike | None = None) -> ImageSplits:
-    """Load `<name>.npz` from `data_dir` (or FEDGE_DATA_DIR), else download into the cache."""
+    """Load `<name>.npz` from the data root (`data_root`), else download into the cache."""
     name = name.lower().removesuffix(".npz")
-    folder = resolve_data_dir(data_dir)
-    path = _find_local(name, folder) if folder else None
+    path = find_medmnist(name, data_dir)
+    folder = data_root(data_dir)
     if path is None:
         if folder is not None and folder.exists() and name not in MEDMNIST_MD5:
             raise FileNotFoundError(
