@@ -19,12 +19,12 @@ def compress(
     import json
     import time
 
-    import numpy as np
     from rich.console import Console
     from rich.table import Table
 
-    from compression import CodecSpecError, SparseTensor, UpdateCodec
+    from compression import CodecSpecError, UpdateCodec
     from fedge.checkpoint import load_checkpoint
+    from fedge.reconstruction import reconstruction_error
 
     try:
         spec = UpdateCodec.from_spec(codec)
@@ -57,17 +57,12 @@ def compress(
     decoded = spec.decode(payload, UpdateCodec.manifest(delta))
     decode_ms = 1e3 * (time.perf_counter() - start)
 
-    err_sq = ref_sq = max_abs = 0.0
-    for name, value in decoded.items():
-        recon = value.to_dense() if isinstance(value, SparseTensor) else value
-        diff = recon.astype(np.float64) - delta[name]
-        err_sq += float(np.sum(diff**2))
-        ref_sq += float(np.sum(delta[name].astype(np.float64) ** 2))
-        max_abs = max(max_abs, float(np.abs(diff).max()))
+    error = reconstruction_error(delta, decoded)
+    max_abs = error.max_abs
     params = sum(x.size for x in delta.values())
     result = {
         "codec": spec.spec, "tensors": len(delta), "params": params, "fp32_bytes": 4 * params, "bytes": len(payload),
-        "ratio_vs_fp32": 4 * params / len(payload), "relative_l2_error": (err_sq / ref_sq) ** 0.5 if ref_sq else (0.0 if err_sq == 0 else float("inf")),
+        "ratio_vs_fp32": 4 * params / len(payload), "relative_l2_error": error.relative_l2,
         "max_abs_error": max_abs, "encode_ms": encode_ms, "decode_ms": decode_ms, "keep_dense": keep,
     }
     table = Table(title=f"{checkpoint_a.name} -> {checkpoint_b.name} with {spec.spec}")
