@@ -1,4 +1,6 @@
-"""Pure numpy/bytes compression for fedge: update codecs, error feedback and sparse aggregation.
+"""Compression for fedge. Update codecs, error feedback and sparse aggregation are numpy and
+bytes (imported here); model compression, `compression.lora` (peft), `compression.pruning`
+(torch-pruning) and `compression.qat` (torch), is imported by the training modes that use it.
 
 Imports nothing else of fedge, so the agent, the server and the benchmarks share one implementation.
 """
