@@ -39,7 +39,7 @@ class Checkpoint:
     config: ModelConfig
     state: dict[str, torch.Tensor]
     meta: dict[str, Any] = field(default_factory=dict)
-    mode: TrainingMode = FullMode()
+    mode: TrainingMode = field(default_factory=FullMode)
     prepared: bool = False
 
     def build(self) -> torch.nn.Module:

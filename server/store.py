@@ -45,7 +45,7 @@ class CheckpointStore:
         self.config = config
         # A bare name means the mode's default options (until every caller passes the mode itself).
         self.mode = get_mode(mode) if isinstance(mode, str) else mode
-        self.meta = {"dataset": dataset} if dataset else {}
+        self.meta: dict[str, Any] = {"dataset": dataset} if dataset else {}
         self.folder.mkdir(parents=True, exist_ok=True)
         self._order = [k for k, v in template.state_dict().items() if v.is_floating_point()]  # names only, no copy
         self._buffers = {k: v for k, v in template.state_dict().items() if not v.is_floating_point()}

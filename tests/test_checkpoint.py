@@ -8,6 +8,7 @@ import json
 import pytest
 import torch
 import typer
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 from typer.testing import CliRunner
@@ -97,9 +98,8 @@ def test_fedge_export_takes_a_round_checkpoint_of_every_mode_without_a_dataset(n
 
 def test_every_file_records_its_schema_version_and_a_newer_one_is_refused(tmp_path) -> None:
     path = save_checkpoint(tmp_path / "m.safetensors", build_model(CONFIG).state_dict(), CONFIG, dataset="x")
-    with open(path, "rb") as fh:
-        header = json.loads(fh.read(8 + int.from_bytes(open(path, "rb").read(8), "little"))[8:])
-    meta = json.loads(header["__metadata__"]["fedge"])
+    with safe_open(str(path), framework="pt") as fh:
+        meta = json.loads(fh.metadata()["fedge"])
     assert meta["schema_version"] == SCHEMA_VERSION and meta["config"]["schema_version"] == 1
 
     for key in ("schema_version", "config"):

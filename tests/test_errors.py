@@ -8,7 +8,14 @@ from typer.testing import CliRunner
 
 from fedge.cli.main import app
 from fedge.cli.options import exit_code_for, fail, fail_with
-from fedge.errors import EXIT_CODES, FedgeError, NotFoundError, ParityError, StorageError, UsageError
+from fedge.errors import (
+    EXIT_CODES,
+    FedgeError,
+    NotFoundError,
+    ParityError,
+    StorageError,
+    UsageError,
+)
 
 
 def test_fedge_help_documents_every_exit_code() -> None:

@@ -39,7 +39,7 @@ class ModelConfig:
             raise UsageError(f"model config field 'arch' must be a non-empty string, got {self.arch!r}")
         for name in ("in_channels", "num_classes", "image_size"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or not 1 <= value <= 1 << 16:
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or not 1 <= int(value) <= 1 << 16:
                 raise UsageError(f"model config field {name!r} must be an integer in [1, 65536], got {value!r}")
             object.__setattr__(self, name, int(value))  # numpy integers too, so the JSON form is plain
         if not isinstance(self.options, dict) or not all(isinstance(k, str) for k in self.options):
