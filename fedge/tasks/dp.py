@@ -111,9 +111,10 @@ def train_dp(model: nn.Module, x: torch.Tensor, y: torch.Tensor, dp: DPSettings,
     from opacus import PrivacyEngine
     from opacus.validators import ModuleValidator
 
-    errors = ModuleValidator.validate(model, strict=False)
+    errors = ModuleValidator.validate(model.train(), strict=False)
     if errors:
-        raise ValueError(f"DP-SGD cannot train this model: {errors[0]}; build it with GroupNorm (cnn option norm=group)")
+        hint = "; build it with GroupNorm (cnn option norm=group)" if any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()) else ""
+        raise ValueError(f"DP-SGD cannot train this model: {errors[0]}{hint}")
     n = len(y)
     sample_rate = min(1.0, batch_size / n)
     model.to(device)
@@ -121,7 +122,7 @@ def train_dp(model: nn.Module, x: torch.Tensor, y: torch.Tensor, dp: DPSettings,
                                          generator=torch.Generator().manual_seed(seed))
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr)
     engine = PrivacyEngine(accountant="rdp", secure_mode=False)
-    private, optimizer, loader = engine.make_private(module=model.train(), optimizer=optimizer, data_loader=loader,
+    private, optimizer, loader = engine.make_private(module=model, optimizer=optimizer, data_loader=loader,
                                                      noise_multiplier=dp.noise_multiplier, max_grad_norm=dp.max_grad_norm,
                                                      poisson_sampling=True, noise_generator=torch.Generator().manual_seed(seed + 1))
     loss_fn = nn.CrossEntropyLoss()

@@ -27,7 +27,7 @@ from server.strategies import ClientUpdate, Strategy
 from server.validation import RejectedUpdate, check_update
 
 Dense = dict[str, np.ndarray]
-SiteTrainer = Callable[[ClassificationTask, torch.nn.Module, np.ndarray, int], int]  # -> samples trained on
+SiteTrainer = Callable[[ClassificationTask, torch.nn.Module, str, np.ndarray, int], int]  # (task, model, site, indices, seed) -> samples
 
 
 @dataclass(frozen=True)
@@ -86,7 +86,7 @@ def finite_aggregate(strategy: Strategy, updates: list[ClientUpdate], weights: D
 
 
 def default_trainer(settings: SimulationSettings) -> SiteTrainer:
-    def train(task: ClassificationTask, model: torch.nn.Module, indices: np.ndarray, seed: int) -> int:
+    def train(task: ClassificationTask, model: torch.nn.Module, site: str, indices: np.ndarray, seed: int) -> int:
         return task.train_local(model, indices, epochs=settings.epochs, lr=settings.lr, batch_size=settings.batch_size, seed=seed).num_samples
 
     return train
@@ -128,7 +128,7 @@ class InProcessFederation:
         W.load_float_state(self.model, self.weights)
         seed = site_seed(self.settings.seed, site, rnd)
         torch.manual_seed(seed)
-        samples = self.trainer(task, self.model, self.shards[site], seed)
+        samples = self.trainer(task, self.model, site, self.shards[site], seed)
         return W.subtract(W.float_state(self.model), self.weights), samples
 
     def _receive(self, site: str, delta: Dense, samples: int, seed: int, residual: ErrorFeedback | None) -> ClientUpdate:

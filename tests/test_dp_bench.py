@@ -1,0 +1,44 @@
+"""benchmarks/privacy.py: the grid it runs and the summary arithmetic (no federation)."""
+
+from __future__ import annotations
+
+import argparse
+
+import pytest
+from model_fixtures import load_benchmark
+
+
+@pytest.fixture(scope="module")
+def bench():
+    return load_benchmark("privacy")
+
+
+def _args(**kw) -> argparse.Namespace:
+    defaults = dict(epochs_list=[1.0, 8.0], local_epsilons=[8.0], seeds=[0, 1], rounds=15, sites=10, alpha=0.5, epochs=1,
+                    large_sites=100, large_alpha=2.0, large_epochs=3, clip=1.0, codec="topk:0.02,ef|ternary|zstd", widths=[8],
+                    dataset="pneumoniamnist")
+    return argparse.Namespace(**(defaults | kw))
+
+
+def test_grid_covers_every_arm_and_seed(bench) -> None:
+    jobs = bench.jobs_for(_args())
+    arms = {(j["dp"], j["sites"], j["epsilon"]) for j in jobs}
+    assert ("none", 10, None) in arms and ("none", 100, None) in arms and ("record", 100, 8.0) not in arms
+    assert {("record", 10, 1.0), ("client-central", 100, 1.0), ("client-local", 100, 8.0)} <= arms
+    assert len(jobs) == 2 * len(arms) and all(j["epochs"] == (3 if j["sites"] == 100 else 1) for j in jobs)
+    assert not any(j["sites"] == 100 for j in bench.jobs_for(_args(large_sites=0)))
+
+
+def test_summary_deltas_and_acceptance(bench) -> None:
+    def run(dp, sites, eps, seed, auc):
+        return {"dp": dp, "sites": sites, "epsilon": eps, "seed": seed, "final_auc": auc, "epsilon_spent": eps,
+                "noise_multiplier": None, "seconds_per_round": 1.0}
+
+    runs = [run("none", 10, None, 0, 0.90), run("none", 10, None, 1, 0.92), run("record", 10, 8.0, 0, 0.88), run("record", 10, 8.0, 1, 0.86),
+            run("client-central", 10, 8.0, 0, 0.6), run("client-central", 10, 8.0, 1, 0.62),
+            run("none", 100, None, 0, 0.9), run("client-central", 100, 8.0, 0, 0.87)]
+    report = bench.summarize(runs, _args())
+    rows = {(r["dp"], r["sites"], r["epsilon"]): r for r in report["results"]}
+    assert rows[("record", 10, 8.0)]["auc_delta_vs_no_dp"] == pytest.approx(0.87 - 0.91)
+    assert rows[("none", 10, None)]["delta"] is None and rows[("record", 10, 8.0)]["delta"] == 1e-5
+    assert report["acceptance"]["record_met"] and report["acceptance"]["client_central_within_0.05_at_epsilon_8"] == [100]
