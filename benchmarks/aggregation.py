@@ -21,6 +21,7 @@ than Flower's per-pair norms), norm clipping and centered clipping (matrix-vecto
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import time
 from pathlib import Path
@@ -101,7 +102,7 @@ def dense_rule(name: str, x: np.ndarray, manifest: list[TensorSpec]) -> np.ndarr
     """The dense numpy equivalent of strategy `name` (registry defaults) on the n x d matrix `x`."""
     n = len(x)
     bounds = np.cumsum([0] + [s.numel for s in manifest])
-    layers = [slice(a, b) for a, b in zip(bounds[:-1], bounds[1:])]
+    layers = [slice(a, b) for a, b in itertools.pairwise(bounds)]
     if name == "median":
         return np.concatenate([np.median(x[:, sl], axis=0) for sl in layers])
     if name == "trimmed_mean":

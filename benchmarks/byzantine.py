@@ -51,7 +51,12 @@ def _init_worker(dataset: str, data_dir: str | None, threads: int) -> None:
 
 
 def run_one(job: dict[str, Any]) -> dict[str, Any]:
-    from server.simulation import Adversary, InProcessFederation, SimulationSettings, get_attack
+    from server.simulation import (
+        Adversary,
+        InProcessFederation,
+        SimulationSettings,
+        get_attack,
+    )
     from server.strategies import get_strategy
 
     settings = SimulationSettings(sites=job["sites"], rounds=job["rounds"], alpha=job["alpha"], codec=job["codec"],

@@ -66,7 +66,12 @@ def run_one(job: dict[str, Any]) -> dict[str, Any]:
 
     import numpy as np
 
-    from fedge.tasks.dp import DPSettings, PrivacyLedger, gaussian_release, noise_multiplier_for
+    from fedge.tasks.dp import (
+        DPSettings,
+        PrivacyLedger,
+        gaussian_release,
+        noise_multiplier_for,
+    )
     from server.simulation import InProcessFederation, SimulationSettings
     from server.strategies import get_strategy
 
@@ -80,9 +85,9 @@ def run_one(job: dict[str, Any]) -> dict[str, Any]:
     if dp == "client-central":
         strategy = get_strategy("dp_fedavg", noise_multiplier=sigma, max_norm=job["clip"], delta=DELTA, seed=seed)
     elif dp == "client-local":
-        local_noise = lambda delta, rng: gaussian_release(delta, job["clip"], sigma, rng)  # noqa: E731
+        local_noise = lambda delta, rng: gaussian_release(delta, job["clip"], sigma, rng)
     elif dp == "record":
-        def trainer(task, model, site, indices, site_seed):  # noqa: ANN001 - the SiteTrainer signature
+        def trainer(task, model, site, indices, site_seed):
             q = min(1.0, settings.batch_size / len(indices))
             steps = settings.rounds * settings.epochs * math.ceil(1 / q)
             noise = noise_multiplier_for(eps, DELTA, q, steps)

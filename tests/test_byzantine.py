@@ -12,7 +12,15 @@ from model_fixtures import load_benchmark
 from compression import UpdateCodec
 from fedge.data import ImageSplits
 from fedge.tasks import ClassificationTask
-from server.simulation import ATTACKS, Adversary, Attack, AttackContext, InProcessFederation, SimulationSettings, get_attack
+from server.simulation import (
+    ATTACKS,
+    Adversary,
+    Attack,
+    AttackContext,
+    InProcessFederation,
+    SimulationSettings,
+    get_attack,
+)
 from server.simulation.federation import finite_aggregate, flipped_task
 from server.strategies import STRATEGIES, ClientUpdate, get_strategy
 from server.validation import update_norm

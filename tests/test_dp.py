@@ -13,7 +13,12 @@ from compression import SparseTensor, TensorSpec
 from fedge.data import ImageSplits
 from fedge.models import ModelConfig, build_model
 from fedge.tasks import ClassificationTask
-from fedge.tasks.dp import DPSettings, PrivacyLedger, gaussian_release, noise_multiplier_for
+from fedge.tasks.dp import (
+    DPSettings,
+    PrivacyLedger,
+    gaussian_release,
+    noise_multiplier_for,
+)
 from server.strategies import ClientUpdate, get_strategy
 from server.validation import update_norm
 

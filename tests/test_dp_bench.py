@@ -14,9 +14,9 @@ def bench():
 
 
 def _args(**kw) -> argparse.Namespace:
-    defaults = dict(epochs_list=[1.0, 8.0], local_epsilons=[8.0], seeds=[0, 1], rounds=15, sites=10, alpha=0.5, epochs=1,
-                    large_sites=100, large_alpha=2.0, large_epochs=3, clip=1.0, codec="topk:0.02,ef|ternary|zstd", widths=[8],
-                    dataset="pneumoniamnist")
+    defaults = {"epochs_list": [1.0, 8.0], "local_epsilons": [8.0], "seeds": [0, 1], "rounds": 15, "sites": 10, "alpha": 0.5,
+                "epochs": 1, "large_sites": 100, "large_alpha": 2.0, "large_epochs": 3, "clip": 1.0,
+                "codec": "topk:0.02,ef|ternary|zstd", "widths": [8], "dataset": "pneumoniamnist"}
     return argparse.Namespace(**(defaults | kw))
 
 

@@ -7,8 +7,20 @@ import dataclasses
 import numpy as np
 import pytest
 
-from compression import SparseTensor, TensorSpec, UpdateCodec, gram_matrix, order_statistic_mean
-from server.strategies import STRATEGIES, ClientUpdate, Strategy, get_strategy, register_strategy
+from compression import (
+    SparseTensor,
+    TensorSpec,
+    UpdateCodec,
+    gram_matrix,
+    order_statistic_mean,
+)
+from server.strategies import (
+    STRATEGIES,
+    ClientUpdate,
+    Strategy,
+    get_strategy,
+    register_strategy,
+)
 from server.strategies.multikrum import krum_scores
 
 MANIFEST = [TensorSpec("w", (4, 5)), TensorSpec("b", (5,))]

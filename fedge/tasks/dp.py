@@ -65,7 +65,7 @@ class PrivacyLedger:
         (default: opacus's grid, 1.1 to 63)."""
         if not self.history:
             return 0.0
-        from opacus.accountants import RDPAccountant
+        from opacus.accountants import RDPAccountant  # type: ignore[import-untyped]
 
         accountant = RDPAccountant()
         accountant.history = list(self.history)
@@ -86,7 +86,7 @@ class PrivacyLedger:
 
 def noise_multiplier_for(epsilon: float, delta: float, sample_rate: float, steps: int) -> float:
     """The smallest noise multiplier whose `steps` releases at `sample_rate` spend at most `epsilon`."""
-    from opacus.accountants.utils import get_noise_multiplier
+    from opacus.accountants.utils import get_noise_multiplier  # type: ignore[import-untyped]
 
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Optimal order")  # the search tries tiny multipliers on the way
@@ -108,8 +108,8 @@ def train_dp(model: nn.Module, x: torch.Tensor, y: torch.Tensor, dp: DPSettings,
     expected size `batch_size`, per-sample clipping, Gaussian noise. The model must hold no
     BatchNorm (its batch statistics mix samples; use a GroupNorm architecture, e.g. cnn norm=group).
     The result carries what the accountant needs: sample rate and steps."""
-    from opacus import PrivacyEngine
-    from opacus.validators import ModuleValidator
+    from opacus import PrivacyEngine  # type: ignore[import-untyped]
+    from opacus.validators import ModuleValidator  # type: ignore[import-untyped]
 
     errors = ModuleValidator.validate(model.train(), strict=False)
     if errors:

@@ -3,8 +3,23 @@
 Importing the package registers every built-in rule; `STRATEGIES` maps names to classes.
 """
 
-from server.strategies import centered_clipping, clipping, dp_fedavg, fedavg, median, multikrum, trimmed_mean
-from server.strategies.base import STRATEGIES, ClientUpdate, Strategy, get_strategy, register_strategy, strategy_options
+from server.strategies import (
+    centered_clipping,
+    clipping,
+    dp_fedavg,
+    fedavg,
+    median,
+    multikrum,
+    trimmed_mean,
+)
+from server.strategies.base import (
+    STRATEGIES,
+    ClientUpdate,
+    Strategy,
+    get_strategy,
+    register_strategy,
+    strategy_options,
+)
 
 __all__ = [
     "STRATEGIES",

@@ -2,7 +2,8 @@
 
 Strategies are frozen dataclasses whose fields are their options, so `get_strategy(name, **options)`
 can name every valid option when one is wrong (as training modes do), and a configured rule is a
-value that cannot drift during a federation.
+value that cannot drift during a federation. Every mistake in a name or option is a UsageError
+(exit code 2 from the CLI).
 """
 
 from __future__ import annotations
@@ -16,9 +17,11 @@ from typing import ClassVar, TypeVar
 import numpy as np
 
 from compression import SparseAccumulator, SparseTensor, TensorSpec
+from fedge.errors import UsageError
+from fedge.registry import Registry
 
 Delta = dict[str, np.ndarray | SparseTensor]
-STRATEGIES: dict[str, type[Strategy]] = {}
+STRATEGIES: Registry[type[Strategy]] = Registry("strategy")
 S = TypeVar("S", bound="type[Strategy]")
 
 
@@ -53,10 +56,8 @@ def register_strategy(name: str) -> Callable[[S], S]:
     """Class decorator: registers the strategy under `name`; a second class with the same name is an error."""
 
     def wrap(cls: S) -> S:
-        if name in STRATEGIES:
-            raise ValueError(f"strategy {name!r} is already registered by {STRATEGIES[name].__qualname__}")
+        STRATEGIES.register(name)(cls)
         cls.name = name
-        STRATEGIES[name] = cls
         return cls
 
     return wrap
@@ -64,19 +65,18 @@ def register_strategy(name: str) -> Callable[[S], S]:
 
 def strategy_options(name: str) -> dict[str, object]:
     """The options of strategy `name` with their defaults (for errors and `--help`)."""
-    return {f.name: f.default for f in dataclasses.fields(STRATEGIES[name]) if f.init}
+    return {f.name: f.default for f in dataclasses.fields(STRATEGIES.get(name)) if f.init}
 
 
 def get_strategy(name: str, **options: object) -> Strategy:
-    """The strategy `name` configured with `options`; a wrong name or option says what is valid."""
-    if name not in STRATEGIES:
-        raise ValueError(f"unknown strategy {name!r}; choose one of {', '.join(sorted(STRATEGIES))}")
+    """The strategy `name` configured with `options`; a wrong name or option says what is valid (UsageError)."""
+    cls = STRATEGIES.get(name)
     valid = strategy_options(name)
     unknown = sorted(set(options) - set(valid))
     if unknown:
         listed = ", ".join(f"{k} (default {v!r})" for k, v in valid.items()) or "none"
-        raise ValueError(f"strategy {name!r} has no option {', '.join(unknown)}; its options: {listed}")
-    return STRATEGIES[name](**options)
+        raise UsageError(f"strategy {name!r} has no option {', '.join(unknown)}; its options: {listed}")
+    return cls(**options)
 
 
 def weighted_mean(deltas: Sequence[Delta], weights: Sequence[float], manifest: list[TensorSpec]) -> dict[str, np.ndarray]:
@@ -99,8 +99,8 @@ def scaled(delta: Delta, factor: float) -> Delta:
     return {name: SparseTensor(v.shape, v.indices, v.values * f) if isinstance(v, SparseTensor) else v * f for name, v in delta.items()}
 
 
-def check_positive(owner: str, **values: float | int | None) -> None:
+def check_positive(owner: str, **values: float | None) -> None:
     """Config check in __post_init__: each named value, when set, must be a positive finite number."""
     for field_name, value in values.items():
         if value is not None and not (isinstance(value, int | float) and not isinstance(value, bool) and np.isfinite(value) and value > 0):
-            raise ValueError(f"strategy {owner!r}: option {field_name} must be a positive number, got {value!r}")
+            raise UsageError(f"strategy {owner!r}: option {field_name} must be a positive number, got {value!r}")

@@ -8,7 +8,13 @@ from dataclasses import dataclass
 import numpy as np
 
 from compression import SparseTensor, TensorSpec
-from server.strategies.base import ClientUpdate, Strategy, check_positive, register_strategy
+from fedge.errors import UsageError
+from server.strategies.base import (
+    ClientUpdate,
+    Strategy,
+    check_positive,
+    register_strategy,
+)
 
 
 @register_strategy("centered_clipping")
@@ -35,7 +41,7 @@ class CenteredClipping(Strategy):
 
     def __post_init__(self) -> None:
         if not (type(self.iterations) is int and 1 <= self.iterations <= 100):
-            raise ValueError(f"strategy 'centered_clipping': option iterations must be an int in [1, 100], got {self.iterations!r}")
+            raise UsageError(f"strategy 'centered_clipping': option iterations must be an int in [1, 100], got {self.iterations!r}")
         check_positive(self.name, tau=self.tau)
 
     def aggregate(self, updates: Sequence[ClientUpdate], manifest: list[TensorSpec]) -> dict[str, np.ndarray]:

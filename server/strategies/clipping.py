@@ -8,7 +8,15 @@ from dataclasses import dataclass
 import numpy as np
 
 from compression import TensorSpec
-from server.strategies.base import ClientUpdate, Strategy, check_positive, register_strategy, scaled, weighted_mean
+from fedge.errors import UsageError
+from server.strategies.base import (
+    ClientUpdate,
+    Strategy,
+    check_positive,
+    register_strategy,
+    scaled,
+    weighted_mean,
+)
 from server.validation import update_norm
 
 
@@ -33,7 +41,7 @@ class NormClipping(Strategy):
     def __post_init__(self) -> None:
         check_positive(self.name, max_norm=self.max_norm, multiplier=self.multiplier)
         if self.max_norm is not None and self.multiplier != 1.0:
-            raise ValueError("strategy 'clipping': multiplier scales the adaptive (median) bound; leave it out with max_norm")
+            raise UsageError("strategy 'clipping': multiplier scales the adaptive (median) bound; leave it out with max_norm")
 
     def bound(self, norms: Sequence[float]) -> float:
         return float(self.max_norm) if self.max_norm is not None else self.multiplier * float(np.median(norms))

@@ -8,8 +8,16 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from compression import TensorSpec
+from fedge.errors import UsageError
 from fedge.tasks.dp import DEFAULT_DELTA, PrivacyLedger
-from server.strategies.base import ClientUpdate, Strategy, check_positive, register_strategy, scaled, weighted_mean
+from server.strategies.base import (
+    ClientUpdate,
+    Strategy,
+    check_positive,
+    register_strategy,
+    scaled,
+    weighted_mean,
+)
 from server.validation import update_norm
 
 
@@ -48,7 +56,7 @@ class DPFedAvg(Strategy):
     def __post_init__(self) -> None:
         check_positive(self.name, noise_multiplier=self.noise_multiplier, max_norm=self.max_norm)
         if not (0 < self.delta < 1 and 0 < self.sample_rate <= 1):
-            raise ValueError(f"strategy 'dp_fedavg': delta must be in (0, 1) and sample_rate in (0, 1], got {self.delta!r}, {self.sample_rate!r}")
+            raise UsageError(f"strategy 'dp_fedavg': delta must be in (0, 1) and sample_rate in (0, 1], got {self.delta!r}, {self.sample_rate!r}")
         object.__setattr__(self, "_rng", np.random.default_rng(self.seed))  # frozen options, one noise stream
 
     def resume(self, rounds_done: int) -> None:

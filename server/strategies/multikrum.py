@@ -9,7 +9,13 @@ from dataclasses import dataclass
 import numpy as np
 
 from compression import TensorSpec, gram_matrix
-from server.strategies.base import ClientUpdate, Strategy, register_strategy, weighted_mean
+from fedge.errors import UsageError
+from server.strategies.base import (
+    ClientUpdate,
+    Strategy,
+    register_strategy,
+    weighted_mean,
+)
 
 log = logging.getLogger("fedge.server")
 
@@ -44,9 +50,9 @@ class MultiKrum(Strategy):
 
     def __post_init__(self) -> None:
         if not (type(self.f) is int and self.f >= 0):
-            raise ValueError(f"strategy 'multikrum': option f (attackers tolerated) must be an int >= 0, got {self.f!r}")
+            raise UsageError(f"strategy 'multikrum': option f (attackers tolerated) must be an int >= 0, got {self.f!r}")
         if self.selected is not None and not (type(self.selected) is int and self.selected >= 1):
-            raise ValueError(f"strategy 'multikrum': option selected (updates averaged) must be an int >= 1, got {self.selected!r}")
+            raise UsageError(f"strategy 'multikrum': option selected (updates averaged) must be an int >= 1, got {self.selected!r}")
 
     def choose(self, updates: Sequence[ClientUpdate], manifest: list[TensorSpec]) -> list[int]:
         """Indices (into `updates`) of the chosen updates, lowest score first."""

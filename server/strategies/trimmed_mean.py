@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from compression import TensorSpec, order_statistic_mean
+from fedge.errors import UsageError
 from server.strategies.base import ClientUpdate, Strategy, register_strategy
 
 
@@ -27,7 +28,7 @@ class TrimmedMean(Strategy):
 
     def __post_init__(self) -> None:
         if not (isinstance(self.beta, int | float) and 0 <= self.beta < 0.5):
-            raise ValueError(f"strategy 'trimmed_mean': option beta (fraction trimmed at each end) must be in [0, 0.5), got {self.beta!r}")
+            raise UsageError(f"strategy 'trimmed_mean': option beta (fraction trimmed at each end) must be in [0, 0.5), got {self.beta!r}")
 
     def aggregate(self, updates: Sequence[ClientUpdate], manifest: list[TensorSpec]) -> dict[str, np.ndarray]:
         n = len(updates)
