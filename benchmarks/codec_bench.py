@@ -40,8 +40,9 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
-from compression import ErrorFeedback, SparseTensor, UpdateCodec
+from compression import ErrorFeedback, UpdateCodec
 from fedge.data.medmnist import default_data_dir
+from fedge.reconstruction import reconstruction_error
 
 REPO = Path(__file__).resolve().parents[1]
 BASELINE = "fp32"
@@ -97,10 +98,10 @@ def real_update(args: argparse.Namespace, checkpoint: Path, seed: int) -> tuple[
     """What site-1's agent would encode in the round after `checkpoint`: its local training delta."""
     import torch
 
+    from edge_client.agent import train_seed
     from fedge import weights as W
     from fedge.checkpoint import load_checkpoint
     from fedge.data import dirichlet_split, load_medmnist
-    from edge_client.agent import train_seed
     from fedge.tasks import ClassificationTask
 
     ckpt = load_checkpoint(checkpoint)
@@ -133,16 +134,10 @@ def time_codec(spec: str, delta: dict[str, np.ndarray], keep: list[str], repeats
     # Reconstruction error of a first-round encode (no residual yet) over the tensors the codec compresses:
     # the dense BatchNorm statistics hold most of an update's L2 norm and would hide the weights' error.
     decoded = codec.decode(codec.encode(delta, residual=ErrorFeedback(), keep_dense=keep, seed=0), manifest)
-    err = ref = 0.0
-    for name, value in decoded.items():
-        if name in keep:
-            continue
-        recon = value.to_dense() if isinstance(value, SparseTensor) else value
-        err += float(np.sum((recon.astype(np.float64) - delta[name]) ** 2))
-        ref += float(np.sum(delta[name].astype(np.float64) ** 2))
+    relative_l2 = reconstruction_error(delta, decoded, skip=keep).relative_l2
     return {
         "encode_ms": 1e3 * statistics.median(enc), "decode_ms": 1e3 * statistics.median(dec),
-        "payload_bytes_real_update": len(payload), "relative_l2_error": (err / ref) ** 0.5 if ref else 0.0,
+        "payload_bytes_real_update": len(payload), "relative_l2_error": relative_l2,
     }
 
 

@@ -51,10 +51,11 @@ import typer
 
 from fedge.cli.options import parse_mode_options
 from fedge.data.medmnist import default_data_dir
+from fedge.protocol import MODE_NAMES
 
 REPO = Path(__file__).resolve().parents[1]
 
-MODES = ("full", "lora", "pruned", "qat")
+MODES = MODE_NAMES
 # LoRA adapters start at zero (B = 0) and need a larger step than dense fine-tuning (standard practice).
 DEFAULT_LR = {"full": 5e-4, "lora": 3e-3, "pruned": 5e-4, "qat": 5e-4}
 MIN_BACKBONE_PARAMS = 5_000_000

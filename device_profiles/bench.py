@@ -25,9 +25,15 @@ import numpy as np
 import torch
 
 from device_profiles.bench_backends import BACKENDS, BackendUnavailable, BenchContext
-from device_profiles.bench_train import ModelSource, TrainJob, TrainJobError, available_modes, local_delta, run_train_job
+from device_profiles.bench_train import (
+    ModelSource,
+    TrainJob,
+    TrainJobError,
+    available_modes,
+    local_delta,
+    run_train_job,
+)
 from device_profiles.schema import Profile
-from fedge.data.medmnist import SHARED_DATA
 from fedge.models import ModelConfig
 
 DEFAULT_MODEL = ModelConfig(arch="cnn", in_channels=1, num_classes=2, image_size=28)
@@ -100,17 +106,13 @@ def load_data(config: ModelConfig, dataset: str, settings: BenchSettings) -> Ben
     a bench must not need the network), else synthetic images of the model's input shape."""
     reason = "--synthetic was given"
     if not settings.synthetic:
-        from fedge.data.medmnist import _find_local  # the loader's own lookup (<dir>/<name>.npz, <dir>/medmnist/<name>.npz)
+        from fedge.data import data_root, find_medmnist, load_medmnist
 
-        folders = [Path(p).expanduser() for p in (settings.data_dir, os.environ.get("FEDGE_DATA_DIR"), SHARED_DATA) if p]
-        folder = next((f for f in folders if _find_local(dataset, f) is not None), None)
-        if folder is None:
-            reason = f"no {dataset}.npz in {', '.join(str(p) for p in folders)} (pass --data-dir or set FEDGE_DATA_DIR)"
+        path = find_medmnist(dataset, settings.data_dir)  # the loader's own lookup: --data-dir, FEDGE_DATA_DIR, ../shared/data
+        if path is None:
+            reason = f"no {dataset}.npz under {data_root(settings.data_dir) or 'any data folder'} (pass --data-dir or set FEDGE_DATA_DIR)"
         else:
-            from fedge.data import load_medmnist
-
-            path = _find_local(dataset, folder)
-            splits = load_medmnist(dataset, folder)
+            splits = load_medmnist(dataset, path.parent)
             if (splits.channels, splits.image_size) != (config.in_channels, config.image_size) or splits.num_classes > config.num_classes:
                 reason = (
                     f"{path} holds {splits.channels}-channel {splits.image_size}px images with {splits.num_classes} classes; "
@@ -307,8 +309,8 @@ def _estimate(ctx: BenchContext, input_chw: tuple[int, int, int]) -> dict[str, A
 def run_bench(settings: BenchSettings, on_step: StepCallback | None = None) -> dict[str, Any]:
     """Measure everything `fedge bench` reports; `on_step(label, done, total)` before each stage."""
     notify = on_step or (lambda _label, _done, _total: None)
-    modes, modes_missing = available_modes()
-    wanted = (list(settings.modes) if settings.modes is not None else modes) if modes_missing is None else []
+    modes = available_modes()
+    wanted = list(settings.modes) if settings.modes is not None else modes
     unknown = sorted(set(wanted) - set(modes))
     if unknown:
         raise ValueError(f"unknown training modes {unknown}; choose from {', '.join(modes)}")
@@ -371,8 +373,6 @@ def run_bench(settings: BenchSettings, on_step: StepCallback | None = None) -> d
                 _inference(backend_cls, ctx, inputs, report)
             report["exports"] = ctx.exports
 
-            if modes_missing is not None:
-                report["unavailable"] += [{"kind": "training", "mode": m, "reason": modes_missing} for m in ("full", "lora", "pruned", "qat")]
             images, labels = _take(data.train_images, settings.large_batch), _take(data.train_labels, settings.large_batch)
             for mode in wanted:
                 stage(f"training step: {mode}")
@@ -380,10 +380,7 @@ def run_bench(settings: BenchSettings, on_step: StepCallback | None = None) -> d
                 _training(mode, job, settings.isolate, report)
 
             stage(f"bandwidth: {settings.profile.defaults.codec}")
-            report["bandwidth"] = _bandwidth(settings, source, data, train_device) if modes_missing is None else {
-                "codec": settings.profile.defaults.codec, "uplink_bytes": None, "downlink_bytes": None,
-                "uplink_seconds": None, "downlink_seconds": None, "note": f"no delta to encode: {modes_missing}",
-            }  # fmt: skip
+            report["bandwidth"] = _bandwidth(settings, source, data, train_device)
             stage("roofline estimate")
             report["estimate"] = _estimate(ctx, (config.in_channels, config.image_size, config.image_size))
     finally:

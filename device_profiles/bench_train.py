@@ -65,13 +65,11 @@ class TrainJob:
     repeats: int
 
 
-def available_modes() -> tuple[list[str], str | None]:
-    """Registered training mode names, or ([], reason) when fedge.modes cannot be imported here."""
-    try:
-        from fedge.modes import MODES
-    except ImportError as exc:
-        return [], f"fedge.modes cannot be imported here ({exc}); install fedge with its training-mode dependencies (peft, torch-pruning)"
-    return sorted(MODES, key=lambda m: (m != "full", m)), None
+def available_modes() -> list[str]:
+    """Registered training mode names, `full` (the baseline) first."""
+    from fedge.modes import MODES
+
+    return sorted(MODES, key=lambda m: (m != "full", m))
 
 
 def site_model(mode_name: str, source: ModelSource) -> tuple[Any, nn.Module, dict[str, np.ndarray], ModelConfig]:

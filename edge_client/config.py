@@ -8,6 +8,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from fedge.protocol.chunks import DEFAULT_CHUNK_SIZE
+from fedge.protocol.envelope import NAME_PATTERN
 from fedge.protocol.messages import ModeName
 
 
@@ -15,8 +16,8 @@ class AgentConfig(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     broker: str
-    site: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")
-    federation: str = Field(default="demo", pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    site: str = Field(pattern=NAME_PATTERN)
+    federation: str = Field(default="demo", pattern=NAME_PATTERN)
     dataset: str = "pneumoniamnist"
     data_dir: Path | None = None
     shard: int | None = Field(default=None, ge=0)  # simulation: this site's Dirichlet shard of a public dataset

@@ -78,7 +78,7 @@ class RoundServer:
         self.mode = get_mode(config.train.mode, **config.train.mode_options)
         self.model_config, template = self._initial_model()
         self.template = template
-        self.store = CheckpointStore(config.checkpoint_dir, self.model_config, template, self.mode.name, config.dataset)
+        self.store = CheckpointStore(config.checkpoint_dir, self.model_config, template, self.mode, config.dataset)
         self.strategy = get_strategy(config.strategy)
         self.uplink = codec_for(config.uplink_codec)
         self.downlink = codec_for(config.downlink_codec) if config.downlink_codec else None

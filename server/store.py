@@ -22,7 +22,7 @@ from fedge.checkpoint import load_checkpoint, save_checkpoint
 from fedge.errors import UsageError, check_schema_version
 from fedge.files import atomic_write_bytes
 from fedge.models import ModelConfig
-from fedge.modes import TrainingMode, get_mode
+from fedge.modes import TrainingMode
 
 # Of state.json and run.json; a newer one is refused, not misread.
 SCHEMA_VERSION = 1
@@ -40,11 +40,10 @@ class CheckpointStore:
     `final.safetensors` holds the plain exported model. Both record the mode and its options, so
     `fedge export` and `fedge bench` take either (fedge.checkpoint.Checkpoint.build)."""
 
-    def __init__(self, folder: Path, config: ModelConfig, template: nn.Module, mode: TrainingMode | str, dataset: str | None):
+    def __init__(self, folder: Path, config: ModelConfig, template: nn.Module, mode: TrainingMode, dataset: str | None):
         self.folder = Path(folder)
         self.config = config
-        # A bare name means the mode's default options (until every caller passes the mode itself).
-        self.mode = get_mode(mode) if isinstance(mode, str) else mode
+        self.mode = mode
         self.meta: dict[str, Any] = {"dataset": dataset} if dataset else {}
         self.folder.mkdir(parents=True, exist_ok=True)
         self._order = [k for k, v in template.state_dict().items() if v.is_floating_point()]  # names only, no copy

@@ -170,7 +170,7 @@ def test_markdown_and_png_are_written_beside_the_json(bench_run: tuple[dict[str,
 
 def test_synthetic_data_says_why(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("FEDGE_DATA_DIR", raising=False)
-    monkeypatch.setattr("device_profiles.bench.SHARED_DATA", tmp_path / "nowhere")
+    monkeypatch.setattr("fedge.data.medmnist.SHARED_DATA", tmp_path / "nowhere")
     settings = BenchSettings(profile=load_profile("cpu-console"), data_dir=tmp_path)
 
     data = load_data(DEFAULT_MODEL, "pneumoniamnist", settings)

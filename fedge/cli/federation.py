@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from fedge.protocol.messages import ModeName
+
 
 @dataclass(frozen=True)
 class FederationSettings:
@@ -36,7 +38,7 @@ class FederationSettings:
     workdir: Path = Path("runs/demo")
     round_timeout: float = 300.0
     model_options: dict[str, Any] = field(default_factory=dict)
-    mode: str = "full"  # full | lora | pruned | qat
+    mode: ModeName = "full"
     mode_options: dict[str, Any] = field(default_factory=dict)
     init: Path | None = None  # pretrained checkpoint (head re-initialised if the class count differs)
     emulate_link: str | None = None  # device profile name/path: pace each agent's MQTT traffic to its link

@@ -5,7 +5,9 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-NAME_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+from fedge.protocol.envelope import NAME_PATTERN
+
+NAME_RE = re.compile(NAME_PATTERN)
 
 
 def check_name(kind: str, value: str) -> str:
