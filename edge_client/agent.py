@@ -36,6 +36,7 @@ from fedge.protocol.signing import SignatureError, Signer, Verifier
 from fedge.refusals import Refusals
 from fedge.rounds import GlobalPayload, codec_for, make_update, read_global
 from fedge.tasks import ClassificationTask, default_device
+from fedge.tasks.dp import DPSettings
 from fedge.transport import Message, MqttSession, Session, SessionFactory, TlsFiles
 
 log = logging.getLogger("fedge.agent")
@@ -173,8 +174,11 @@ class Agent:
         self.session.publish_chunked(
             lambda i: self.topics.update_chunk(ann.round, self.config.site, i), cached, chunk_size=self.config.chunk_size
         )
-        # Measured upload time (until the broker acknowledged every chunk), for link planning.
-        status = self._status("online", round=ann.round, metrics={"upload_seconds": time.perf_counter() - started, "upload_bytes": float(len(cached))})
+        # Measured upload time (until the broker acknowledged every chunk), for link planning; the site's DP-SGD spend.
+        metrics = {"upload_seconds": time.perf_counter() - started, "upload_bytes": float(len(cached))}
+        if self.state.privacy.history:
+            metrics["dp_epsilon"] = self.state.privacy.epsilon(ann.train.dp_delta)
+        status = self._status("online", round=ann.round, metrics=metrics)
         self.session.publish(self.topics.status(self.config.site), status, retain=True)
         self.answered = ann
         if ann.round not in self.rounds_done:
@@ -186,6 +190,7 @@ class Agent:
         seed = train_seed(self.config.seed, self.config.site, ann.round)
         torch.manual_seed(seed)
         train = ann.train
+        dp = DPSettings(train.dp_noise_multiplier, train.dp_max_grad_norm, train.dp_delta) if train.dp_noise_multiplier else None
         result = self.task.train_local(
             self.model,
             self.indices,
@@ -194,7 +199,11 @@ class Agent:
             batch_size=train.batch_size,
             seed=seed,
             device=default_device() if self.config.device == "auto" else self.config.device,
+            dp=dp,
         )
+        if dp is not None:  # counted once trained, before anything is sent: a crash can only over-count
+            self.state.privacy.record(dp.noise_multiplier, result.dp_sample_rate, result.dp_steps)
+            self.state.save_privacy()
         # Only what travels (e.g. LoRA adapters + head): no copy of the frozen rest of the model.
         delta = {k: v.cpu().numpy() - self.held.weights[k] for k, v in self.mode.trainable_state(self.model).items()}
         envelope = make_update(

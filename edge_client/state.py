@@ -1,5 +1,5 @@
-"""What an agent keeps across restarts: its error-feedback residual, its last sent update, and the
-server run it takes part in."""
+"""What an agent keeps across restarts: its error-feedback residual, its last sent update, the
+server run it takes part in, and its privacy ledger (every DP-SGD release it made)."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from pathlib import Path
 from compression import ErrorFeedback
 from fedge.errors import check_schema_version
 from fedge.files import atomic_write_bytes
+from fedge.tasks.dp import PrivacyLedger
 
 # Of agent.json. An older or damaged file is a cache miss (the round is retrained, never sent); a
 # newer one stops the agent at start: its residual and cache belong to a newer fedge.
@@ -24,6 +25,8 @@ class AgentState:
         self.residual = ErrorFeedback()
         if self._residual_file.exists():
             self.residual.load_bytes(self._residual_file.read_bytes(), str(self._residual_file))
+        # Never reset: a site's epsilon covers all its rounds, across restarts (a damaged file stops the agent).
+        self.privacy = PrivacyLedger.from_json(self._privacy_file.read_text()) if self._privacy_file.exists() else PrivacyLedger()
 
     def _refuse_newer(self) -> None:
         try:
@@ -44,6 +47,13 @@ class AgentState:
     @property
     def _run_file(self) -> Path:
         return self.folder / "run.json"
+
+    @property
+    def _privacy_file(self) -> Path:
+        return self.folder / "privacy.json"
+
+    def save_privacy(self) -> None:
+        atomic_write_bytes(self._privacy_file, self.privacy.to_json().encode())
 
     def remember_run(self, federation: str, run: str, issued_at: float) -> None:
         """The run this agent follows, so that after a restart an older run's replayed records

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from fedge.models import ModelConfig
 from fedge.protocol import TrainSettings
 from fedge.protocol.chunks import DEFAULT_CHUNK_SIZE
+from server.strategies import get_strategy
 
 
 @dataclass(frozen=True)
@@ -23,6 +25,7 @@ class ServerConfig:
     uplink_codec: str = "fp32"
     downlink_codec: str | None = None  # None: full model each round; else a delta codec spec
     strategy: str = "fedavg"
+    strategy_options: dict[str, Any] = field(default_factory=dict)  # checked here against the strategy's options
     train: TrainSettings = field(default_factory=TrainSettings)  # announced to the sites each round (mode included)
     seed: int = 0
     chunk_size: int = DEFAULT_CHUNK_SIZE
@@ -49,3 +52,4 @@ class ServerConfig:
             raise ValueError("max_samples must be >= 1 and max_update_norm > 0")
         if self.round_timeout <= 0 or self.chunk_size < 1024:
             raise ValueError("round_timeout must be positive and chunk_size at least 1024 bytes")
+        get_strategy(self.strategy, **self.strategy_options)  # a wrong name or option fails before anything starts

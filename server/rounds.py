@@ -79,7 +79,7 @@ class RoundServer:
         self.model_config, template = self._initial_model()
         self.template = template
         self.store = CheckpointStore(config.checkpoint_dir, self.model_config, template, self.mode, config.dataset)
-        self.strategy = get_strategy(config.strategy)
+        self.strategy = get_strategy(config.strategy, **config.strategy_options)
         self.uplink = codec_for(config.uplink_codec)
         self.downlink = codec_for(config.downlink_codec) if config.downlink_codec else None
         self.downlink_residual = ErrorFeedback()
@@ -94,6 +94,7 @@ class RoundServer:
         self.uploads: dict[tuple[int, str], dict[str, float]] = {}  # sites' measured upload time and bytes
         self.session: Session | None = None
         self.state = self._initial_state()
+        self.strategy.resume(self.state.round)  # e.g. DP-FedAvg's accountant counts the rounds already published
         self.run_id = self.store.run_id()
         self.manifest = Manifest.of(self.state.weights)
         # What travels up (and as downlink deltas): the mode's trainable tensors only, e.g. LoRA adapters + head.
@@ -375,6 +376,7 @@ class RoundServer:
             "downlink_bytes": int(current.downlink_bytes * len(current.selected)),
             "rejected": len(current.rejected),
             "seconds": round(time.monotonic() - current.started, 3),
+            **self.strategy.round_metrics(),  # e.g. dp_epsilon, dp_delta of DP-FedAvg
         }
         if self.evaluator is not None:
             record.update(self.evaluator(self.global_model()))

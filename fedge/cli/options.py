@@ -44,6 +44,23 @@ def parse_mode_options(text: str | None) -> dict[str, Any]:
     return parse_key_values(_split(text or ""), "--mode-options r=8,alpha=16")
 
 
+STRATEGY_HELP = (
+    "Aggregation rule: fedavg, clipping, median, trimmed_mean, multikrum, centered_clipping (robust), "
+    "dp_fedavg (client-level central DP); see --strategy-options"
+)
+STRATEGY_OPTIONS_HELP = (
+    "Strategy options as KEY=VALUE pairs. clipping: max_norm (default: median norm x multiplier), multiplier, weighted; "
+    "trimmed_mean: beta; multikrum: f, selected; centered_clipping: iterations, tau; dp_fedavg: noise_multiplier, "
+    "max_norm, delta, sample_rate. E.g. 'beta=0.1' or 'noise_multiplier=1.1,max_norm=1.0'"
+)
+DP_HELP = "Record-level DP: DP-SGD at every site with this noise multiplier (opacus; the cnn is then built with GroupNorm)"
+
+
+def parse_strategy_options(text: str | None) -> dict[str, Any]:
+    """`beta=0.1` -> {"beta": 0.1}; the strategy checks names and values (get_strategy)."""
+    return parse_key_values(_split(text or ""), "--strategy-options beta=0.1")
+
+
 def _split(text: str) -> list[str]:
     """Split on commas outside brackets, so list values survive."""
     parts, depth, current = [], 0, ""

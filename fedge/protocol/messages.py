@@ -22,7 +22,7 @@ from fedge.protocol.signing import SignatureError, Signer, Verifier
 MAX_RECORD_BYTES = 64 * 1024
 ModeName = Literal["full", "lora", "pruned", "qat"]
 MODE_NAMES: tuple[str, ...] = get_args(ModeName)
-STATUS_METRICS = frozenset({"upload_seconds", "upload_bytes"})
+STATUS_METRICS = frozenset({"upload_seconds", "upload_bytes", "dp_epsilon"})  # dp_epsilon: the site's DP-SGD spend so far
 
 OptionValue = bool | int | float | str | tuple[str, ...]
 
@@ -50,6 +50,10 @@ class TrainSettings(_Message):
     batch_size: int = Field(default=32, ge=1, le=65536)
     mode: ModeName = "full"
     mode_options: dict[str, OptionValue] = Field(default_factory=dict, max_length=32)
+    # Record-level DP (DP-SGD at every site, fedge.tasks.dp): off unless a noise multiplier is announced.
+    dp_noise_multiplier: float | None = Field(default=None, gt=0, le=100)
+    dp_max_grad_norm: float = Field(default=1.0, gt=0, le=1e4)
+    dp_delta: float = Field(default=1e-5, gt=0, lt=1)
 
 
 class Record(_Message):
