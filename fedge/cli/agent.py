@@ -34,6 +34,8 @@ def agent(
     ca: Path = typer.Option(None, help="Federation CA certificate (from the site's `fedge provision site` kit)"),
     cert: Path = typer.Option(None, help="This site's client certificate; its identity becomes the MQTT client id"),
     key: Path = typer.Option(None, help="Private key of --cert"),
+    metrics_port: int = typer.Option(None, min=0, max=65535, help="Serve this agent's Prometheus metrics on http://METRICS_HOST:PORT/metrics"),
+    metrics_host: str = typer.Option("127.0.0.1", help="Address the metrics endpoint listens on (0.0.0.0: every interface)"),
     verbose: bool = typer.Option(True, "--verbose/--quiet"),
 ) -> None:
     """Join a federation and train each round until the server finishes it."""
@@ -57,12 +59,22 @@ def agent(
         )
     except ValueError as exc:  # pydantic's ValidationError names the field and the allowed values
         raise fail(f"invalid agent settings: {exc}") from None
-    rounds = run_agent(config, logging.INFO if verbose else logging.WARNING)
+    level = logging.INFO if verbose else logging.WARNING
+    if metrics_port is not None:
+        from edge_client.metrics import run_agent_with_metrics
+
+        rounds = run_agent_with_metrics(config, metrics_port, metrics_host, level)
+    else:
+        rounds = run_agent(config, level)
     typer.echo(f"{site}: took part in rounds {rounds}")
 
 
 @app.command("run")
-def run(config: Path = typer.Option(..., help="Agent YAML written by `fedge agent init`")) -> None:
+def run(
+    config: Path = typer.Option(..., help="Agent YAML written by `fedge agent init`"),
+    metrics_port: int = typer.Option(None, min=0, max=65535, help="Serve this agent's Prometheus metrics on http://METRICS_HOST:PORT/metrics"),
+    metrics_host: str = typer.Option("127.0.0.1", help="Address the metrics endpoint listens on (0.0.0.0: every interface)"),
+) -> None:
     """Run the agent from a config file (what the systemd unit calls)."""
     import logging
 
@@ -73,7 +85,12 @@ def run(config: Path = typer.Option(..., help="Agent YAML written by `fedge agen
         cfg = AgentConfig.from_yaml(config)
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from None
-    run_agent(cfg, logging.INFO)
+    if metrics_port is not None:
+        from edge_client.metrics import run_agent_with_metrics
+
+        run_agent_with_metrics(cfg, metrics_port, metrics_host, logging.INFO)
+    else:
+        run_agent(cfg, logging.INFO)
 
 
 # ---- installing the agent on a device: `fedge agent init` and `fedge agent install-service` ----------

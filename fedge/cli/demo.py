@@ -29,6 +29,12 @@ def demo(
     secure: bool = typer.Option(False, "--secure", help="Provision a CA, certificates and ACLs (as `fedge provision` does) into WORKDIR/pki and run the demo over a Mosquitto started with them (needs mosquitto)"),
     workdir: Path = typer.Option(Path("runs/demo"), help="Where checkpoints and agent state go (wiped first)"),
     report: Path = typer.Option(None, help="Write the JSON report here (and a PNG plot beside it)"),
+    metrics_port: int = typer.Option(None, min=0, max=65535, help="Serve the server's Prometheus metrics on http://127.0.0.1:PORT/metrics"),
+    dashboard: str = typer.Option(None, help="Serve the read-only live dashboard on HOST:PORT or PORT (host 127.0.0.1)"),
+    dashboard_token: str = typer.Option(None, envvar="FEDGE_DASHBOARD_TOKEN", help="Bearer token the dashboard requires for its data (open http://HOST:PORT/#token=TOKEN)"),
+    mlflow: str = typer.Option(None, help="Log each round and the final model to MLflow: a tracking URL or a folder (file store); needs fedge[tracking]"),
+    tensorboard: Path = typer.Option(None, help="Write each round's numbers as TensorBoard event files under this folder; needs fedge[tracking]"),
+    linger: float = typer.Option(0.0, min=0, max=86400, help="After the last round, keep the dashboard and metrics up this many seconds"),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Log server events"),
 ) -> None:
     """Run a federation on one machine: embedded broker, aggregation server and N site agents."""
@@ -51,7 +57,10 @@ def demo(
             dataset=dataset, data_dir=data_dir, clients=clients, rounds=rounds, codec=codec, downlink_codec=downlink_codec,
             arch=arch, broker=broker, seed=seed, alpha=alpha, epochs=epochs, lr=lr, workdir=workdir,
             mode=mode, mode_options=parse_mode_options(mode_options), init=init, emulate_link=emulate_link, secure=secure,
+            metrics_port=metrics_port, dashboard=dashboard, dashboard_token=dashboard_token, mlflow=mlflow, tensorboard=tensorboard,
+            linger=linger,
         )
+        settings.watch()  # a bad --dashboard, token or tracking option fails before anything starts
     except ValueError as exc:
         raise fail_with(exc) from None
     with Progress(TextColumn("[bold]rounds"), BarColumn(), TextColumn("{task.completed}/{task.total}"), TimeElapsedColumn(), console=console) as progress:

@@ -14,9 +14,12 @@ from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fedge.protocol.messages import ModeName
+
+if TYPE_CHECKING:
+    from server.watch import WatchSettings
 
 
 @dataclass(frozen=True)
@@ -44,6 +47,25 @@ class FederationSettings:
     emulate_link: str | None = None  # device profile name/path: pace each agent's MQTT traffic to its link
     signed: bool = True  # fresh Ed25519 keys for the server and every site, in <workdir>/keys
     secure: bool = False  # provision a CA, certificates and ACLs into <workdir>/pki and run Mosquitto with them
+    strategy: str = "fedavg"  # server.strategies: a robust rule, or dp_fedavg (client-level central DP)
+    strategy_options: dict[str, Any] = field(default_factory=dict)
+    dp_noise_multiplier: float | None = None  # record-level DP: DP-SGD at every site (the cnn is then built with GroupNorm)
+    dp_max_grad_norm: float = 1.0
+    dp_delta: float = 1e-5
+    # The operator's view of the server (server.watch): Prometheus metrics, live dashboard, experiment tracking.
+    metrics_port: int | None = None
+    dashboard: str | None = None  # HOST:PORT or PORT (host 127.0.0.1)
+    dashboard_token: str | None = None
+    mlflow: str | None = None
+    tensorboard: Path | None = None
+    linger: float = 0.0  # seconds the dashboard and metrics stay up after the last round
+
+    def watch(self) -> WatchSettings:
+        """The server.watch.WatchSettings of these settings (checked: a bad one raises ValueError)."""
+        from server.watch import WatchSettings
+
+        return WatchSettings(metrics_port=self.metrics_port, dashboard=self.dashboard, dashboard_token=self.dashboard_token,
+                             mlflow=self.mlflow, tensorboard=self.tensorboard, linger=self.linger)  # fmt: skip
 
 
 def _check(settings: FederationSettings) -> None:
@@ -63,6 +85,10 @@ def _check(settings: FederationSettings) -> None:
         raise ValueError(f"--mode-options for mode {settings.mode}: {exc}") from None
     for spec in filter(None, (settings.codec, settings.downlink_codec)):
         codec_for(spec)  # CodecSpecError (a ValueError) names the valid stages
+    from server.strategies import get_strategy
+
+    get_strategy(settings.strategy, **settings.strategy_options)  # UsageError names the strategies or their options
+    settings.watch()  # metrics port, dashboard address and token, tracking packages
 
 
 def _plot(report: dict[str, Any], path: Path) -> None:
@@ -100,6 +126,7 @@ def run_federation(
     from fedge.broker import EmbeddedBroker
     from fedge.cli.options import profile_link_rates
     from fedge.data import load_medmnist
+    from fedge.models import build_model
     from fedge.protocol import TrainSettings
     from fedge.tasks import ClassificationTask
     from server.config import ServerConfig
@@ -108,10 +135,16 @@ def run_federation(
     _check(settings)
     link = profile_link_rates(settings.emulate_link) if settings.emulate_link else {}
     # Every setting is checked before anything is deleted: a typo must not cost the last run's folder.
-    train = TrainSettings(epochs=settings.epochs, lr=settings.lr, batch_size=settings.batch_size, mode=settings.mode, mode_options=settings.mode_options)
+    train = TrainSettings(epochs=settings.epochs, lr=settings.lr, batch_size=settings.batch_size, mode=settings.mode, mode_options=settings.mode_options,
+                          dp_noise_multiplier=settings.dp_noise_multiplier, dp_max_grad_norm=settings.dp_max_grad_norm, dp_delta=settings.dp_delta)
     splits = load_medmnist(settings.dataset, settings.data_dir)  # fail fast, before any process starts
     task = ClassificationTask(splits)
-    model_config = task.model_config(settings.arch, **settings.model_options)
+    model_options = dict(settings.model_options)
+    if settings.dp_noise_multiplier is not None and settings.arch == "cnn":
+        model_options.setdefault("norm", "group")  # DP-SGD cannot train BatchNorm (--dp-noise-multiplier's help says so)
+    model_config = task.model_config(settings.arch, **model_options)
+    if settings.dp_noise_multiplier is not None and any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in build_model(model_config).modules()):
+        raise ValueError(f"DP-SGD cannot train the BatchNorm layers of {settings.arch!r}: use --arch cnn (built with GroupNorm under DP)")
     workdir = Path(settings.workdir)
     if workdir.exists():
         shutil.rmtree(workdir)  # a demo starts fresh; `fedge server` is the command that resumes
@@ -139,6 +172,8 @@ def run_federation(
                 uplink_codec=settings.codec,
                 downlink_codec=settings.downlink_codec,
                 train=train,
+                strategy=settings.strategy,
+                strategy_options=settings.strategy_options,
                 seed=settings.seed,
                 wait_for_clients=120.0,
                 init_checkpoint=settings.init,
@@ -174,7 +209,10 @@ def run_federation(
             procs.append(proc)
         stack.callback(_reap, procs)
         torch.set_num_threads(1)
-        state = server.run()
+        from server.watch import watched
+
+        with watched(server, settings.watch(), say=print):  # says only what was switched on: where to look
+            state = server.run()
         for proc in procs:
             proc.join(timeout=60)
     history = state.history
@@ -188,8 +226,9 @@ def run_federation(
         "downlink_codec": settings.downlink_codec or "full fp32 snapshot",
         "seed": settings.seed,
         "rounds": [
-            {k: r[k] for k in ("round", "auc", "accuracy", "uplink_bytes", "downlink_bytes", "seconds")} for r in history
+            {k: r[k] for k in ("round", "auc", "accuracy", "uplink_bytes", "downlink_bytes", "seconds", "dp_epsilon") if k in r} for r in history
         ],
+        "strategy": {"name": settings.strategy, "options": settings.strategy_options},
         "final": {"auc": history[-1]["auc"], "accuracy": history[-1]["accuracy"]},
         "dense_update_bytes": W.dense_bytes(state.weights),
         "checkpoint": str(server.store.final_path.resolve()),
@@ -197,12 +236,24 @@ def run_federation(
         "seconds": round(time.monotonic() - started, 2),
     }
     report["uplink_transfer"] = _uplink_transfer(server.uploads, link)
+    report["privacy"] = _privacy(server.uploads, history, settings)
     if report_path is not None:
         report_path = Path(report_path)
         report_path.parent.mkdir(parents=True, exist_ok=True)
         report_path.write_text(json.dumps(report, indent=2))
         _plot(report, report_path.with_suffix(".png"))
     return report
+
+
+def _privacy(uploads: dict, history: list[dict[str, Any]], settings: FederationSettings) -> dict[str, Any]:
+    """(epsilon, delta) spent: per site by DP-SGD (the latest its status reported) and by the server's DP-FedAvg."""
+    sites: dict[str, float] = {}
+    for (_, site), metrics in sorted(uploads.items()):
+        if "dp_epsilon" in metrics:
+            sites[site] = metrics["dp_epsilon"]
+    record = {"sites_epsilon": sites, "delta": settings.dp_delta} if sites else None
+    central = {"epsilon": history[-1]["dp_epsilon"], "delta": history[-1]["dp_delta"]} if history and "dp_epsilon" in history[-1] else None
+    return {"record_level": record, "client_level_central": central}
 
 
 def _uplink_transfer(uploads: dict, link: dict) -> dict[str, Any]:

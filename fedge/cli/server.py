@@ -36,6 +36,13 @@ def server(
     key: Path = typer.Option(None, help="Private key of --cert"),
     max_samples: int = typer.Option(1_000_000, min=1, help="Refuse updates claiming more training samples (their FedAvg weight)"),
     max_update_norm: float = typer.Option(1e4, help="Refuse updates whose decoded delta has a larger L2 norm (NaN/Inf always refused)"),
+    metrics_port: int = typer.Option(None, min=0, max=65535, help="Serve Prometheus metrics on http://METRICS_HOST:PORT/metrics"),
+    metrics_host: str = typer.Option("127.0.0.1", help="Address the metrics endpoint listens on (0.0.0.0: every interface, for a remote Prometheus)"),
+    dashboard: str = typer.Option(None, help="Serve the read-only live dashboard on HOST:PORT or PORT (host 127.0.0.1)"),
+    dashboard_token: str = typer.Option(None, envvar="FEDGE_DASHBOARD_TOKEN", help="Bearer token the dashboard requires for its data (open the page as http://HOST:PORT/#token=TOKEN)"),
+    mlflow: str = typer.Option(None, help="Log each round's numbers and the final model to MLflow: a tracking URL or a folder (file store); needs fedge[tracking]"),
+    tensorboard: Path = typer.Option(None, help="Write each round's numbers as TensorBoard event files under this folder; needs fedge[tracking]"),
+    linger: float = typer.Option(0.0, min=0, max=86400, help="After the last round, keep the dashboard and metrics up this many seconds (a last scrape, open pages)"),
     verbose: bool = typer.Option(True, "--verbose/--quiet"),
 ) -> None:
     """Aggregate rounds of site updates over MQTT (FedAvg), checkpoint each round, resume after a crash.
@@ -56,6 +63,7 @@ def server(
     from fedge.tasks import ClassificationTask
     from server.config import ServerConfig
     from server.rounds import RoundServer
+    from server.watch import WatchSettings, watched
 
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
@@ -66,6 +74,8 @@ def server(
         raise fail("--cert needs --key and --ca (the files `fedge provision init` wrote for the server)")
     for spec in filter(None, (codec, downlink_codec)):
         UpdateCodec.from_spec(spec)  # a typo fails here, before a broker starts or a dataset loads
+    watch = WatchSettings(metrics_port=metrics_port, metrics_host=metrics_host, dashboard=dashboard, dashboard_token=dashboard_token,
+                          mlflow=mlflow, tensorboard=tensorboard, linger=linger)  # fmt: skip
     console = Console()
     task = None
     if init is not None and data_dir is None:
@@ -89,5 +99,7 @@ def server(
             trusted_keys=trusted_keys, signing_key=signing_key, ca=ca, cert=cert, key=key,
             max_samples=max_samples, max_update_norm=max_update_norm,
         )
-        state = RoundServer(config, evaluator=evaluator, on_round=lambda r: console.print(r)).run()
+        round_server = RoundServer(config, evaluator=evaluator, on_round=lambda r: console.print(r))
+        with watched(round_server, watch, say=console.print):
+            state = round_server.run()
     console.print(f"federation {federation} finished after round {state.round}; model: {checkpoint_dir / 'final.safetensors'}")
