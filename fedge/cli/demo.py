@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from fedge.cli.options import MODE_OPTIONS_HELP
+from fedge.cli.options import DP_HELP, MODE_OPTIONS_HELP, STRATEGY_HELP, STRATEGY_OPTIONS_HELP
 
 
 def demo(
@@ -24,6 +24,11 @@ def demo(
     lr: float = typer.Option(1e-3, help="Local learning rate (Adam)"),
     mode: str = typer.Option("full", help="Local training mode: full | lora | pruned | qat"),
     mode_options: str = typer.Option(None, help=MODE_OPTIONS_HELP),
+    strategy: str = typer.Option("fedavg", help=STRATEGY_HELP),
+    strategy_options: str = typer.Option(None, help=STRATEGY_OPTIONS_HELP),
+    dp_noise_multiplier: float = typer.Option(None, help=DP_HELP),
+    dp_max_grad_norm: float = typer.Option(1.0, help="DP-SGD: per-sample gradient clip"),
+    dp_delta: float = typer.Option(1e-5, help="DP-SGD: the delta each site's epsilon is reported at"),
     init: Path = typer.Option(None, help="Pretrained checkpoint to federate from (`fedge pretrain`)"),
     emulate_link: str = typer.Option(None, help="Device profile (name or YAML path) whose uplink/downlink paces each agent"),
     secure: bool = typer.Option(False, "--secure", help="Provision a CA, certificates and ACLs (as `fedge provision` does) into WORKDIR/pki and run the demo over a Mosquitto started with them (needs mosquitto)"),
@@ -45,7 +50,7 @@ def demo(
     from rich.table import Table
 
     from fedge.cli.federation import FederationSettings, run_federation
-    from fedge.cli.options import fail_with, parse_mode_options
+    from fedge.cli.options import fail_with, parse_mode_options, parse_strategy_options
 
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     console = Console()
@@ -57,6 +62,8 @@ def demo(
             dataset=dataset, data_dir=data_dir, clients=clients, rounds=rounds, codec=codec, downlink_codec=downlink_codec,
             arch=arch, broker=broker, seed=seed, alpha=alpha, epochs=epochs, lr=lr, workdir=workdir,
             mode=mode, mode_options=parse_mode_options(mode_options), init=init, emulate_link=emulate_link, secure=secure,
+            strategy=strategy, strategy_options=parse_strategy_options(strategy_options), dp_noise_multiplier=dp_noise_multiplier,
+            dp_max_grad_norm=dp_max_grad_norm, dp_delta=dp_delta,
             metrics_port=metrics_port, dashboard=dashboard, dashboard_token=dashboard_token, mlflow=mlflow, tensorboard=tensorboard,
             linger=linger,
         )
@@ -83,5 +90,11 @@ def demo(
         f"final AUC {result['final']['auc']:.4f}, accuracy {result['final']['accuracy']:.4f} in {result['seconds']:.0f}s; "
         f"model: {result['checkpoint']}"
     )
+    privacy = result["privacy"]
+    if privacy["record_level"]:
+        worst = max(privacy["record_level"]["sites_epsilon"].values())
+        console.print(f"DP-SGD: every site spent epsilon <= {worst:.2f} at delta {privacy['record_level']['delta']:g}")
+    if privacy["client_level_central"]:
+        console.print(f"DP-FedAvg: epsilon {privacy['client_level_central']['epsilon']:.2f} at delta {privacy['client_level_central']['delta']:g}")
     if report:
         console.print(f"report: {report} (plot: {Path(report).with_suffix('.png')})")

@@ -62,6 +62,7 @@ def server(
     from fedge.data import load_medmnist
     from fedge.tasks import ClassificationTask
     from server.config import ServerConfig
+    from server.strategies import get_strategy
     from server.rounds import RoundServer
     from server.watch import WatchSettings, watched
 
@@ -74,6 +75,7 @@ def server(
         raise fail("--cert needs --key and --ca (the files `fedge provision init` wrote for the server)")
     for spec in filter(None, (codec, downlink_codec)):
         UpdateCodec.from_spec(spec)  # a typo fails here, before a broker starts or a dataset loads
+    get_strategy(strategy, **parse_strategy_options(strategy_options))  # so does a wrong strategy or option
     watch = WatchSettings(metrics_port=metrics_port, metrics_host=metrics_host, dashboard=dashboard, dashboard_token=dashboard_token,
                           mlflow=mlflow, tensorboard=tensorboard, linger=linger)  # fmt: skip
     console = Console()
