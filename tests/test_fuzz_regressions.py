@@ -4,16 +4,23 @@ failed on the code before its fix; the handlers' reproducers are the messages of
 
 from __future__ import annotations
 
+import sys
 import time
 import tracemalloc
+from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
 import pytest
 import zstandard
+from model_fixtures import BENCHMARKS
 
 from compression import CodecError, TensorSpec, UpdateCodec
 from compression.codecs.base import validate_manifest
+
+sys.path.insert(0, str(BENCHMARKS))
+from fuzzlib.reproducers import REPRODUCERS  # noqa: E402
+from fuzzlib.world import World  # noqa: E402
 
 
 def _traced(fn: Callable[[], Any]) -> tuple[Any, float, int]:
@@ -97,3 +104,67 @@ def test_a_sparse_tensor_with_more_entries_than_its_fraction_keeps_is_refused() 
     assert len(payload) <= codec.max_plaintext_bytes(manifest)
     out, _, _ = _traced(lambda: codec.decode(payload, manifest, max_output_bytes=8000))
     assert isinstance(out, CodecError) and "entries" in str(out), out
+
+
+# ---- the envelope header ------------------------------------------------------------------------------
+def _envelope(head: bytes) -> bytes:
+    return b"FDG1" + len(head).to_bytes(4, "big") + head
+
+
+@pytest.mark.parametrize(
+    "field",
+    [
+        b'"manifest":[' + b",".join([b"1"] * 520_000) + b"]",  # the issue's 520,000 invalid items
+        b'"manifest":[{"name":"w","shape":[' + b",".join([b'"x"'] * 200_000) + b"]}]",  # one entry, a 200,000-item shape
+        b'"metrics":{' + b",".join(b'"m%d":"x"' % i for i in range(60_000)) + b"}",  # 60,000 bad metrics
+    ],
+    ids=["invalid-manifest-items", "long-shape", "many-metrics"],
+)
+def test_a_header_of_many_invalid_items_is_one_cheap_error(field: bytes) -> None:
+    """pydantic collected (and rendered) an error per item: 285 MiB and seconds for a 1 MiB header."""
+    from fedge.protocol import ProtocolError, decode_envelope
+
+    head = b'{"kind":"update","federation":"f","round":1,"sender":"s","codec":"fp32",' + field + b"}"
+    assert len(head) <= 1 << 20
+    out, seconds, peak = _traced(lambda: decode_envelope(_envelope(head)))
+    assert isinstance(out, ProtocolError) and "invalid header" in str(out), out
+    assert peak < 16 * len(head), f"{peak / 2**20:.1f} MiB traced"
+    assert seconds < 1.0, seconds
+
+
+# ---- the handlers: every reproducer, as the agent and the server receive it --------------------------
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    return World(tmp_path_factory.mktemp("world"))
+
+
+def _feed(world, side: str, signed: bool, messages: list) -> Counter:
+    """The refusals the handler counted for `messages` (the agent then decodes what was announced)."""
+    if side == "agent":
+        agent = world.agent(signed)
+        for msg in messages:
+            agent._handle(msg)
+        agent._progress()  # outside the handler's safety net: an escape here ends the agent
+        return Counter(agent.refusals.counts)
+    server, current = world.open_round(signed)
+    before = Counter(server.refusals.counts)
+    for msg in messages:
+        if server._accept(msg.topic) is None:
+            server._handle(msg, current)
+    return Counter(server.refusals.counts) - before
+
+
+@pytest.mark.parametrize("signed", [True, False], ids=["signed", "unsigned"])
+@pytest.mark.parametrize("reproducer", REPRODUCERS, ids=lambda r: r.name)
+def test_each_reproducer_is_refused_by_its_handler_in_bounded_time_and_memory(world, reproducer, signed: bool) -> None:
+    """Refused and counted, never the safety net (`handler-error`); under 2 s (1 s in the campaign,
+    with slack for a shared machine) and under 100x the bytes sent in traced memory (1 MiB floor)."""
+    messages = reproducer.build(world.attack_target(signed))
+    sent = sum(len(m.topic) + len(m.payload) for m in messages)
+    refusals, _, peak = _traced(lambda: _feed(world, reproducer.side, signed, messages))
+    assert isinstance(refusals, Counter), refusals
+    assert sum(refusals.values()) >= 1 and "handler-error" not in refusals, refusals
+    assert peak <= max(100 * sent, 1 << 20), f"{peak / 2**20:.1f} MiB traced for {sent} bytes sent"
+    started = time.perf_counter()
+    _feed(world, reproducer.side, signed, messages)
+    assert time.perf_counter() - started < 2.0

@@ -74,7 +74,7 @@ class RoundAnnouncement(ServerRecord):
     kind: Literal["announce"] = "announce"
     round: int = Field(ge=1, le=10**9)
     deadline: float
-    selected: tuple[str, ...] = Field(default=(), max_length=100_000)
+    selected: tuple[str, ...] = Field(default=(), max_length=100_000, fail_fast=True)  # one error, not one per item
     model_sha256: str = Field(pattern=SHA256_PATTERN)  # of the global weights the round starts from
     downlink: TransferInfo
     downlink_kind: Literal["full", "delta"]
