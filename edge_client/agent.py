@@ -34,7 +34,7 @@ from fedge.protocol import (
 from fedge.protocol.messages import ServerRecord
 from fedge.protocol.signing import SignatureError, Signer, Verifier
 from fedge.refusals import Refusals
-from fedge.rounds import GlobalPayload, codec_for, make_update, read_global
+from fedge.rounds import GlobalPayload, Manifest, codec_for, make_update, read_global
 from fedge.tasks import ClassificationTask, default_device
 from fedge.tasks.dp import DPSettings
 from fedge.transport import Message, MqttSession, Session, SessionFactory, TlsFiles
@@ -76,6 +76,7 @@ class Agent:
         self.held: _Global | None = None
         self.model: torch.nn.Module | None = None
         self.mode: TrainingMode | None = None
+        self._built: tuple[ModelConfig, TrainingMode, torch.nn.Module] | None = None  # for a global not yet installed
         self.pending: RoundAnnouncement | None = None
         self.round_envelopes: dict[int, bytes] = {}
         self.snapshot: SnapshotAnnouncement | None = None
@@ -87,20 +88,42 @@ class Agent:
         self.session: Session | None = None
 
     # ---- decoding the downlink -------------------------------------------------------------------
-    def _read_global(self, data: bytes, sha256: str) -> GlobalPayload:
-        """`sha256` comes from the signed record that announced these bytes."""
-        return read_global(data, sha256=sha256, federation=self.config.federation, run=self.run_id, verifier=self.server_verifier)
+    def _read_global(self, data: bytes, sha256: str, ann: RoundAnnouncement) -> GlobalPayload:
+        """`sha256` comes from the signed record that announced these bytes; the global must carry
+        exactly the tensors of the model its config builds in the announced mode."""
+        return read_global(
+            data, sha256=sha256, federation=self.config.federation, run=self.run_id, verifier=self.server_verifier,
+            expect=lambda header, config: self._expected_manifest(header.base_round is not None, config, ann),
+        )  # fmt: skip
+
+    def _model_for(self, config: ModelConfig, ann: RoundAnnouncement) -> tuple[torch.nn.Module, TrainingMode]:
+        """The model `config` builds in the announced mode: the one held when neither changed. Any
+        failure to build what the wire named is a refusal, never an exception out of the loop."""
+        try:
+            mode = get_mode(ann.train.mode, **ann.train.mode_options)
+            if self.model is not None and self.held is not None and (self.held.config, self.mode) == (config, mode):
+                return self.model, mode
+            if self._built is not None and self._built[:2] == (config, mode):
+                return self._built[2], mode
+            model = mode.prepare(build_model(config), config)
+        except Exception as exc:  # mode and config come from the wire: wrong types, impossible sizes
+            raise ProtocolError(f"the announced mode and the global's model config do not build: {type(exc).__name__}: {exc}"[:300]) from None
+        self._built = (config, mode, model)
+        return model, mode
+
+    def _expected_manifest(self, delta: bool, config: ModelConfig, ann: RoundAnnouncement) -> Manifest:
+        """What a global for this config may carry: every float tensor of the model, or for a delta the ones that travel."""
+        model, mode = self._model_for(config, ann)
+        full = Manifest.of(W.float_state(model))
+        return full.only(mode.trainable_state(model)) if delta else full
 
     def _install(self, glob: GlobalPayload, weights: dict[str, np.ndarray], rnd: int, ann: RoundAnnouncement) -> None:
-        config = glob.config
-        mode = get_mode(ann.train.mode, **ann.train.mode_options)
-        if self.model is None or self.held is None or (self.held.config, self.mode) != (config, mode):
-            self.model = mode.prepare(build_model(config), config)
-            self.mode = mode
-        ours = W.float_state(self.model)
+        model, mode = self._model_for(glob.config, ann)
+        ours = W.float_state(model)
         if [(k, v.shape) for k, v in ours.items()] != [(k, v.shape) for k, v in weights.items()]:
             raise ProtocolError("global tensors do not match the announced architecture and training mode")
-        self.held = _Global(rnd, config, weights, W.state_sha256(weights))
+        self.model, self.mode, self._built = model, mode, None
+        self.held = _Global(rnd, glob.config, weights, W.state_sha256(weights))
 
     def _try_obtain(self, ann: RoundAnnouncement) -> bool:
         """Bring `held` to the model announced for round r, from the round's envelope or a snapshot."""
@@ -109,7 +132,7 @@ class Agent:
         data = self.round_envelopes.get(ann.round)
         if data is not None:
             try:
-                glob = self._read_global(data, ann.downlink.sha256)
+                glob = self._read_global(data, ann.downlink.sha256, ann)
                 if ann.downlink_kind == "full" and not glob.is_delta:
                     self._install(glob, glob.tensors, ann.round - 1, ann)
                 elif glob.is_delta and self.held is not None and self.held.round == ann.base_round == glob.header.base_round:
@@ -121,7 +144,7 @@ class Agent:
                 return True
         if self.snapshot is not None and self.snapshot_envelope is not None and self.snapshot.model_sha256 == ann.model_sha256:
             try:
-                glob = self._read_global(self.snapshot_envelope, self.snapshot.transfer.sha256)
+                glob = self._read_global(self.snapshot_envelope, self.snapshot.transfer.sha256, ann)
                 if glob.is_delta:
                     raise ProtocolError("a snapshot must carry the whole model")
                 self._install(glob, glob.tensors, self.snapshot.round, ann)

@@ -108,6 +108,19 @@ def _wait_for_refusal(log: Path, before: int, timeout: float = 90.0) -> None:
         time.sleep(0.1)
 
 
+def _wait_all_succeed(processes: list[subprocess.Popen], logs: list[Path], timeout: float) -> None:
+    """Until every process exits 0; fails as soon as one exits otherwise (an agent killed by an
+    input would leave the server waiting for it round after round)."""
+    deadline = time.monotonic() + timeout
+    while any(p.poll() is None for p in processes):
+        for proc, log in zip(processes, logs):
+            assert proc.poll() in (None, 0), f"{log.name}: exit {proc.returncode}\n{log.read_text(errors='replace')[-3000:]}"
+        assert time.monotonic() < deadline, "the federation did not finish"
+        time.sleep(0.5)
+    for proc, log in zip(processes, logs):
+        assert proc.returncode == 0, f"{log.name}: exit {proc.returncode}\n{log.read_text(errors='replace')[-3000:]}"
+
+
 def _current_round(recorder: Recorder) -> int:
     prefix = f"fedge/{FED}/round/"
     return max(int(t[len(prefix) :].split("/")[0]) for t, p in list(recorder.messages) if t.startswith(prefix) and t.endswith("/global") and p)
@@ -155,10 +168,7 @@ def test_every_reproducer_over_mosquitto_is_refused_and_the_federation_finishes(
             for msg in reproducer.build(replace(target, round=_current_round(recorder))):
                 mallory.publish(msg.topic, msg.payload)
             time.sleep(1)  # one at a time: an agent decodes the global it was announced last
-        assert [p.poll() for p in processes] == [None, None, None], "a process ended under the reproducers"
-        assert server.wait(timeout=400) == 0, server_log.read_text()[-3000:]
-        for site, agent in zip(SITES, processes[1:]):
-            assert agent.wait(timeout=60) == 0, (tmp_path / f"{site}.log").read_text()[-3000:]
+        _wait_all_succeed(processes, [server_log] + [tmp_path / f"{site}.log" for site in SITES], timeout=400)
     finally:
         mallory.close()
         for proc in processes:

@@ -40,14 +40,18 @@ def test_a_global_keeps_exactly_what_its_receivers_decode(codec: str) -> None:
     import hashlib
 
     verifier = Verifier.from_pems({"server": signer.public_pem()})
-    glob = read_global(envelope, sha256=hashlib.sha256(envelope).hexdigest(), federation="f", run=RUN, verifier=verifier)
+    sha = hashlib.sha256(envelope).hexdigest()
+    ours = lambda header, config: Manifest.of(DELTA)  # noqa: E731  (what the receiver's model holds)
+    glob = read_global(envelope, sha256=sha, federation="f", run=RUN, verifier=verifier, expect=ours)
     assert glob.is_delta and glob.config == CONFIG
     for name, value in kept.items():
         np.testing.assert_array_equal(glob.tensors[name], value, err_msg=f"{codec} {name}")
     with pytest.raises(ProtocolError, match="SHA-256"):
-        read_global(envelope, sha256="0" * 64, federation="f", run=RUN, verifier=verifier)
+        read_global(envelope, sha256="0" * 64, federation="f", run=RUN, verifier=verifier, expect=ours)
     with pytest.raises(ProtocolError, match="run"):
-        read_global(envelope, sha256=hashlib.sha256(envelope).hexdigest(), federation="f", run="b" * 32, verifier=verifier)
+        read_global(envelope, sha256=sha, federation="f", run="b" * 32, verifier=verifier, expect=ours)
+    with pytest.raises(ProtocolError, match="manifest"):  # another model's tensors are refused before decoding
+        read_global(envelope, sha256=sha, federation="f", run=RUN, verifier=verifier, expect=lambda h, c: Manifest.of({"w": np.zeros(4, np.float32)}))
 
 
 def test_an_update_is_read_only_in_the_round_run_and_model_it_was_made_for() -> None:

@@ -121,11 +121,11 @@ def _global_messages(t: Target, envelope: bytes, **train: object) -> list[Messag
     ]
 
 
-def _global(t: Target, codec: str, manifest: list[dict], payload: bytes) -> bytes:
+def _global(t: Target, codec: str, manifest: list[dict], payload: bytes, model: dict | None = None) -> bytes:
     """A global envelope around `payload`, its header written compactly (entries without dtype, as
     an attacker would, to fit more of them in the 1 MiB header) and signed with the server's key if held."""
     header = json.loads(EnvelopeHeader(kind="global", federation=t.federation, round=t.round, sender="server", codec=codec,
-                                       model=t.model, run=t.run).model_dump_json())  # fmt: skip
+                                       model=model or t.model, run=t.run).model_dump_json())  # fmt: skip
     header |= {"manifest": manifest, "payload_sha256": hashlib.sha256(payload).hexdigest(), "payload_len": len(payload), "signed": t.server is not None}
     body = _raw_envelope(json.dumps(header, separators=(",", ":")).encode(), payload)
     return body + t.server.sign(body) if t.server is not None else body
@@ -172,6 +172,25 @@ def densify_global(t: Target) -> list[Message]:
     return _global_messages(t, _global(t, "topk:0.1|fp32", [{"name": "w", "shape": [DENSIFY_ELEMENTS]}], b"\x01\x01\x00"))
 
 
+def _model_config_global(t: Target, widths: object) -> list[Message]:
+    """A global of zeros for the announced manifest, whose model config names other widths."""
+    plain = b"\x01" + b"".join(b"\x00" + bytes(4 * spec.numel) for spec in t.uplink_manifest)
+    manifest = [{"name": spec.name, "shape": list(spec.shape)} for spec in t.uplink_manifest]
+    model = t.model | {"options": t.model.get("options", {}) | {"widths": widths}}
+    return _global_messages(t, _global(t, "fp32|zstd:1", manifest, zstandard.ZstdCompressor(level=1).compress(plain), model))
+
+
+def model_config_wrong_type(t: Target) -> list[Message]:
+    """Found by the campaign: widths that are not numbers made building the model raise TypeError,
+    which escaped the agent's loop (only ProtocolError, CodecError and ValueError were refused)."""
+    return _model_config_global(t, [{"a": 1}])
+
+
+def model_config_impossible(t: Target) -> list[Message]:
+    """Found by the campaign: a layer of 2^40 channels made torch raise RuntimeError (cannot allocate)."""
+    return _model_config_global(t, [1 << 40])
+
+
 REPRODUCERS = (
     Reproducer("nested-header-update", "server", "RecursionError escapes decode_envelope", nested_update),
     Reproducer("invalid-manifest-items-update", "server", "validation errors cost more than the input", invalid_items_update),
@@ -185,4 +204,6 @@ REPRODUCERS = (
     Reproducer("same-name-manifest-global", "agent", "quadratic manifest validation", same_name_global),
     Reproducer("zstd-bomb-global", "agent", "decompression bomb", bomb_global),
     Reproducer("densify-global", "agent", "densify of a declared shape", densify_global),
+    Reproducer("model-config-wrong-type", "agent", "TypeError from the model config escaped the agent (campaign)", model_config_wrong_type),
+    Reproducer("model-config-impossible", "agent", "RuntimeError from the model config escaped the agent (campaign)", model_config_impossible),
 )

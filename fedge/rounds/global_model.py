@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -63,9 +63,22 @@ def make_global(
     return encode_envelope(header, payload, signer), received
 
 
-def read_global(data: bytes, *, sha256: str, federation: str, run: str | None, verifier: Verifier | None) -> GlobalPayload:
+def read_global(
+    data: bytes,
+    *,
+    sha256: str,
+    federation: str,
+    run: str | None,
+    verifier: Verifier | None,
+    expect: Callable[[EnvelopeHeader, ModelConfig], Manifest],
+) -> GlobalPayload:
     """`sha256` comes from the signed record that announced these bytes: checked before parsing.
+    `expect` names the tensors the receiver holds for this header and model config (its model in
+    the announced mode; for a delta, the tensors that travel): the manifest must be exactly that
+    before a byte is decoded, so decoding and densifying allocate no more than that model.
     ProtocolError, CodecError or ValueError (model config) with the reason."""
+    from fedge.weights import densify, norm_stat_names
+
     if hashlib.sha256(data).hexdigest() != sha256:
         raise ProtocolError("downlink bytes do not match the SHA-256 of the signed announcement")
     env = decode_envelope(data, verifier)
@@ -73,8 +86,10 @@ def read_global(data: bytes, *, sha256: str, federation: str, run: str | None, v
         raise ProtocolError("downlink envelope is not a global model")
     if env.header.federation != federation or env.header.run != run:
         raise ProtocolError(f"global of federation {env.header.federation!r} run {env.header.run!r}, not {federation!r} run {run!r}")
-    manifest = Manifest.from_entries(env.header.manifest)
-    decoded = codec_for(env.header.codec).decode(env.payload, list(manifest.specs))
-    from fedge.weights import densify
-
-    return GlobalPayload(env.header, ModelConfig.from_json(json.dumps(env.header.model)), densify(decoded))
+    config = ModelConfig.from_json(json.dumps(env.header.model))
+    expected = expect(env.header, config)
+    if not Manifest.from_entries(env.header.manifest).same_shapes(expected):
+        raise ProtocolError("the global's manifest is not the model its config builds in the announced mode")
+    kept = norm_stat_names(dict.fromkeys(t.name for t in expected)) if env.header.base_round is not None else ()
+    decoded = codec_for(env.header.codec).decode(env.payload, list(expected.specs), max_output_bytes=4 * expected.numel, keep_dense=kept)
+    return GlobalPayload(env.header, config, densify(decoded))

@@ -106,5 +106,10 @@ def read_update(data: bytes, *, topic_client: str, expected: Expected, verifier:
     Raises ProtocolError (SignatureError), RejectedUpdate or CodecError with the reason."""
     env = decode_envelope(data, verifier)
     validate_header(env.header, topic_client=topic_client, expected=expected)
-    delta = codec_for(expected.codec).decode(env.payload, list(expected.manifest.specs))
+    from fedge.weights import norm_stat_names
+
+    # The server holds the manifest; only BatchNorm statistics travel dense beside a sparsifier or
+    # lossy coder (make_update), so each tensor's kind and the zstd frame are bounded per tensor.
+    kept = norm_stat_names(dict.fromkeys(t.name for t in expected.manifest))
+    delta = codec_for(expected.codec).decode(env.payload, list(expected.manifest.specs), keep_dense=kept)
     return Update(env.header, delta, len(data))
