@@ -211,3 +211,24 @@ def test_registry_refuses_a_duplicate_name_and_strategies_are_frozen() -> None:
 
     with pytest.raises(dataclasses.FrozenInstanceError):
         get_strategy("trimmed_mean").beta = 0.3  # type: ignore[misc]
+
+
+@pytest.mark.parametrize("name", ["clipping", "trimmed_mean", "multikrum", "centered_clipping"])
+def test_vector_rules_take_the_median_of_batchnorm_statistics(name: str) -> None:
+    """Two sites push running_var down by 100 (every output NaN once it is negative); seven honest
+    ones raise it by 0.01. The statistics' median ignores the two, and the rule itself sees weights only."""
+    manifest = [TensorSpec("conv.weight", (4, 3)), TensorSpec("bn.running_var", (4,)), TensorSpec("bn.running_mean", (4,))]
+    rng = np.random.default_rng(13)
+    updates = []
+    for i in range(9):
+        bad = i >= 7
+        delta = {"conv.weight": rng.normal(size=(4, 3)).astype(np.float32) * np.float32(0.01),
+                 "bn.running_var": np.full(4, -100.0 if bad else 0.01, np.float32), "bn.running_mean": np.full(4, 0.02 * i, np.float32)}
+        updates.append(ClientUpdate(f"s{i}", 10, delta, 0))
+    result = get_strategy(name).aggregate(updates, manifest)
+    np.testing.assert_allclose(result["bn.running_var"], 0.01)
+    np.testing.assert_allclose(result["bn.running_mean"], 0.08, rtol=1e-6)
+    weights_only = [TensorSpec("conv.weight", (4, 3))]
+    alone = get_strategy(name).aggregate([ClientUpdate(u.client, 10, {"conv.weight": u.delta["conv.weight"]}, 0) for u in updates], weights_only)
+    np.testing.assert_array_equal(result["conv.weight"], alone["conv.weight"])
+    assert list(result) == [s.name for s in manifest]

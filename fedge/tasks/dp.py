@@ -14,6 +14,7 @@ opacus is imported lazily: `import fedge` stays light and a site without DP neve
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import time
@@ -84,8 +85,10 @@ class PrivacyLedger:
         return cls([(float(s), float(q), int(n)) for s, q, n in data["history"]])
 
 
+@functools.lru_cache(maxsize=1024)
 def noise_multiplier_for(epsilon: float, delta: float, sample_rate: float, steps: int) -> float:
-    """The smallest noise multiplier whose `steps` releases at `sample_rate` spend at most `epsilon`."""
+    """The smallest noise multiplier whose `steps` releases at `sample_rate` spend at most `epsilon`
+    (a binary search over the accountant, seconds per call: cached)."""
     from opacus.accountants.utils import get_noise_multiplier  # type: ignore[import-untyped]
 
     with warnings.catch_warnings():

@@ -16,9 +16,15 @@ from typing import ClassVar, TypeVar
 
 import numpy as np
 
-from compression import SparseAccumulator, SparseTensor, TensorSpec
+from compression import (
+    SparseAccumulator,
+    SparseTensor,
+    TensorSpec,
+    order_statistic_mean,
+)
 from fedge.errors import UsageError
 from fedge.registry import Registry
+from fedge.weights import NORM_STAT_SUFFIXES
 
 Delta = dict[str, np.ndarray | SparseTensor]
 STRATEGIES: Registry[type[Strategy]] = Registry("strategy")
@@ -50,6 +56,36 @@ class Strategy(ABC):
 
     def resume(self, rounds_done: int) -> None:
         """Called once by a server that resumes after `rounds_done` rounds (stateful rules catch up)."""
+
+
+@dataclass(frozen=True)
+class WeightRule(Strategy):
+    """Base of the rules that treat an update as a vector (clipping, trimmed mean, Multi-Krum,
+    centered clipping): they see the trainable tensors only, and normalisation statistics
+    (BatchNorm running_mean/running_var) are aggregated by the coordinate-wise median.
+
+    Those statistics are not gradients, and they dominate an update's norm (measured: 5.09 of a
+    5.12 norm on the demo's CNN), so norms and distances would be about them. Averaged, even after
+    clipping, they let a few sites drive a running_var negative: every weight stays finite and every
+    output is NaN. Their median stays inside the honest sites' values while attackers are fewer
+    than half.
+    """
+
+    @abstractmethod
+    def aggregate_weights(self, updates: Sequence[ClientUpdate], manifest: list[TensorSpec]) -> dict[str, np.ndarray]:
+        """The rule on `updates` restricted to the trainable tensors of `manifest`."""
+
+    def aggregate(self, updates: Sequence[ClientUpdate], manifest: list[TensorSpec]) -> dict[str, np.ndarray]:
+        stats = [s for s in manifest if s.name.endswith(NORM_STAT_SUFFIXES)]
+        weights = [s for s in manifest if not s.name.endswith(NORM_STAT_SUFFIXES)]
+        if not stats:
+            return self.aggregate_weights(updates, manifest)
+        names = {s.name for s in weights}
+        restricted = [dataclasses.replace(u, delta={k: v for k, v in u.delta.items() if k in names}) for u in updates]
+        out = self.aggregate_weights(restricted, weights) if weights else {}
+        n = len(updates)
+        out.update({s.name: order_statistic_mean([u.delta[s.name] for u in updates], (n - 1) // 2, n // 2 + 1) for s in stats})
+        return {s.name: out[s.name] for s in manifest}
 
 
 def register_strategy(name: str) -> Callable[[S], S]:

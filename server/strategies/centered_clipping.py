@@ -11,7 +11,7 @@ from compression import SparseTensor, TensorSpec
 from fedge.errors import UsageError
 from server.strategies.base import (
     ClientUpdate,
-    Strategy,
+    WeightRule,
     check_positive,
     register_strategy,
 )
@@ -19,7 +19,7 @@ from server.strategies.base import (
 
 @register_strategy("centered_clipping")
 @dataclass(frozen=True)
-class CenteredClipping(Strategy):
+class CenteredClipping(WeightRule):
     """Trust each update only up to a radius around a running center:
     v <- v + mean_i clip(x_i - v, tau), repeated `iterations` times from v = 0 (no change).
 
@@ -44,7 +44,7 @@ class CenteredClipping(Strategy):
             raise UsageError(f"strategy 'centered_clipping': option iterations must be an int in [1, 100], got {self.iterations!r}")
         check_positive(self.name, tau=self.tau)
 
-    def aggregate(self, updates: Sequence[ClientUpdate], manifest: list[TensorSpec]) -> dict[str, np.ndarray]:
+    def aggregate_weights(self, updates: Sequence[ClientUpdate], manifest: list[TensorSpec]) -> dict[str, np.ndarray]:
         ordered = sorted(updates, key=lambda u: u.client)
         n = len(ordered)
         offsets = np.cumsum([0] + [s.numel for s in manifest])

@@ -11,7 +11,7 @@ from compression import TensorSpec
 from fedge.errors import UsageError
 from server.strategies.base import (
     ClientUpdate,
-    Strategy,
+    WeightRule,
     check_positive,
     register_strategy,
     scaled,
@@ -22,7 +22,7 @@ from server.validation import update_norm
 
 @register_strategy("clipping")
 @dataclass(frozen=True)
-class NormClipping(Strategy):
+class NormClipping(WeightRule):
     """Mean of updates clipped to an L2 bound (Sun et al., 2019, "Can you really backdoor FL?").
 
     The bound is `max_norm` when given, else `multiplier` x the median norm of the round's updates
@@ -46,7 +46,7 @@ class NormClipping(Strategy):
     def bound(self, norms: Sequence[float]) -> float:
         return float(self.max_norm) if self.max_norm is not None else self.multiplier * float(np.median(norms))
 
-    def aggregate(self, updates: Sequence[ClientUpdate], manifest: list[TensorSpec]) -> dict[str, np.ndarray]:
+    def aggregate_weights(self, updates: Sequence[ClientUpdate], manifest: list[TensorSpec]) -> dict[str, np.ndarray]:
         ordered = sorted(updates, key=lambda u: u.client)
         norms = [update_norm(u.delta) for u in ordered]
         bound = self.bound(norms)

@@ -12,7 +12,7 @@ from compression import TensorSpec, gram_matrix
 from fedge.errors import UsageError
 from server.strategies.base import (
     ClientUpdate,
-    Strategy,
+    WeightRule,
     register_strategy,
     weighted_mean,
 )
@@ -32,7 +32,7 @@ def krum_scores(gram: np.ndarray, f: int) -> np.ndarray:
 
 @register_strategy("multikrum")
 @dataclass(frozen=True)
-class MultiKrum(Strategy):
+class MultiKrum(WeightRule):
     """Average the `selected` updates with the lowest Krum scores (default n - f; 1 is plain Krum).
 
     An update far from its n - f - 2 nearest neighbours scores high and is left out, so up to f
@@ -65,7 +65,7 @@ class MultiKrum(Strategy):
         keep = min(self.selected if self.selected is not None else n - f, n)
         return [int(i) for i in np.argsort(scores, kind="stable")[:keep]]
 
-    def aggregate(self, updates: Sequence[ClientUpdate], manifest: list[TensorSpec]) -> dict[str, np.ndarray]:
+    def aggregate_weights(self, updates: Sequence[ClientUpdate], manifest: list[TensorSpec]) -> dict[str, np.ndarray]:
         ordered = sorted(updates, key=lambda u: u.client)
         chosen = sorted(self.choose(ordered, manifest))
         return weighted_mean([ordered[i].delta for i in chosen], [1.0] * len(chosen), manifest)

@@ -9,12 +9,12 @@ import numpy as np
 
 from compression import TensorSpec, order_statistic_mean
 from fedge.errors import UsageError
-from server.strategies.base import ClientUpdate, Strategy, register_strategy
+from server.strategies.base import ClientUpdate, WeightRule, register_strategy
 
 
 @register_strategy("trimmed_mean")
 @dataclass(frozen=True)
-class TrimmedMean(Strategy):
+class TrimmedMean(WeightRule):
     """Per coordinate, drop the floor(beta * n) largest and smallest values and average the rest.
 
     Tolerates up to floor(beta * n) attackers per coordinate while averaging more honest values than
@@ -30,7 +30,7 @@ class TrimmedMean(Strategy):
         if not (isinstance(self.beta, int | float) and 0 <= self.beta < 0.5):
             raise UsageError(f"strategy 'trimmed_mean': option beta (fraction trimmed at each end) must be in [0, 0.5), got {self.beta!r}")
 
-    def aggregate(self, updates: Sequence[ClientUpdate], manifest: list[TensorSpec]) -> dict[str, np.ndarray]:
+    def aggregate_weights(self, updates: Sequence[ClientUpdate], manifest: list[TensorSpec]) -> dict[str, np.ndarray]:
         n = len(updates)
         b = int(np.floor(self.beta * n))
         return {s.name: order_statistic_mean([u.delta[s.name] for u in updates], b, n - b) for s in manifest}
