@@ -105,6 +105,11 @@ class Agent:
                 return self.model, mode
             if self._built is not None and self._built[:2] == (config, mode):
                 return self._built[2], mode
+            with torch.device("meta"):  # sized without allocating: a config from the wire may name any width
+                probe = mode.prepare(build_model(config), config)
+            size = sum(t.numel() * 4 for t in probe.state_dict().values())
+            if size > self.config.max_model_mb << 20:
+                raise ValueError(f"it builds {size >> 20} MiB of float32 state, over max_model_mb={self.config.max_model_mb}")
             model = mode.prepare(build_model(config), config)
         except Exception as exc:  # mode and config come from the wire: wrong types, impossible sizes
             raise ProtocolError(f"the announced mode and the global's model config do not build: {type(exc).__name__}: {exc}"[:300]) from None

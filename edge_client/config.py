@@ -38,6 +38,8 @@ class AgentConfig(BaseModel):
     chunk_size: int = Field(default=DEFAULT_CHUNK_SIZE, ge=1024)
     uplink_mbps: float | None = Field(default=None, gt=0)  # link emulation (profile's link) when set
     downlink_mbps: float | None = Field(default=None, gt=0)
+    # A global whose model config builds a larger model (float32 state) is refused before it is built.
+    max_model_mb: int = Field(default=2048, ge=1)
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> "AgentConfig":

@@ -168,3 +168,14 @@ def test_each_reproducer_is_refused_by_its_handler_in_bounded_time_and_memory(wo
     started = time.perf_counter()
     _feed(world, reproducer.side, signed, messages)
     assert time.perf_counter() - started < 2.0
+
+
+def test_a_model_config_over_the_agents_cap_is_sized_on_the_meta_device_and_refused(world) -> None:
+    """The campaign's 14 GB case: the model a global's config names is sized before it is built."""
+    reproducer = next(r for r in REPRODUCERS if r.name == "model-config-large")
+    agent = world.agent(True)
+    for msg in reproducer.build(world.attack_target(True)):
+        agent._handle(msg)
+    agent._progress()
+    assert agent.refusals.counts["bad-global"] == 1 and "max_model_mb=16" in agent.refusals.recent[-1][1]
+    assert agent._built is None and agent.model is None  # nothing was built

@@ -25,6 +25,7 @@ SAME_NAME = 40_000  # manifest entries sharing one name (~1 MB of header)
 INVALID_ITEMS = 520_000  # invalid manifest items in a 1 MiB header
 BOMB_ELEMENTS = 16 << 20  # a 64 MiB dense tensor, in about 2.5 KB of zstd
 DENSIFY_ELEMENTS = 1 << 29  # 2 GiB as float32
+LARGE_WIDTH = 1024  # two 1024-channel convolutions: about 38 MB of float32 state
 
 
 @dataclass(frozen=True)
@@ -191,6 +192,12 @@ def model_config_impossible(t: Target) -> list[Message]:
     return _model_config_global(t, [1 << 40])
 
 
+def model_config_large(t: Target) -> list[Message]:
+    """Found by the campaign: widths the allocator grants (1024x1024x3x3 and up, 14 GB in one case)
+    were built for real, initialised and kept, before the manifest check could refuse the global."""
+    return _model_config_global(t, [LARGE_WIDTH, LARGE_WIDTH])
+
+
 REPRODUCERS = (
     Reproducer("nested-header-update", "server", "RecursionError escapes decode_envelope", nested_update),
     Reproducer("invalid-manifest-items-update", "server", "validation errors cost more than the input", invalid_items_update),
@@ -206,4 +213,5 @@ REPRODUCERS = (
     Reproducer("densify-global", "agent", "densify of a declared shape", densify_global),
     Reproducer("model-config-wrong-type", "agent", "TypeError from the model config escaped the agent (campaign)", model_config_wrong_type),
     Reproducer("model-config-impossible", "agent", "RuntimeError from the model config escaped the agent (campaign)", model_config_impossible),
+    Reproducer("model-config-large", "agent", "a model config from the wire built for real, however large (campaign)", model_config_large),
 )

@@ -44,6 +44,7 @@ SITES = ("site-1", "site-2")
 MODEL = ModelConfig(arch="cnn", in_channels=1, num_classes=2, image_size=28, options={"widths": [4, 8]})
 ISSUED = 1.9e9  # fixed timestamps keep every generated record byte-identical for a seed
 FULL_CODEC = "fp32|zstd:1"  # what the server sends as a full global
+MAX_MODEL_MB = 16  # the agents' cap on what a global's model config may build (the model here is ~4 KB)
 
 
 def signer(name: str) -> Signer:
@@ -155,7 +156,7 @@ class World:
         folder = self.folder
         config = AgentConfig(broker="mqtt://127.0.0.1:1", site="site-1", federation=FED, state_dir=folder / f"agent-{signed}",
                              signing_key=folder / "site-1.key" if signed else None,
-                             server_key=folder / "server.pub" if signed else None)  # fmt: skip
+                             server_key=folder / "server.pub" if signed else None, max_model_mb=MAX_MODEL_MB)  # fmt: skip
         agent = Agent(config, task=None)
         agent.session = NullSession()
         agent._train = lambda ann: b"fuzz-update"  # type: ignore[method-assign]
