@@ -9,8 +9,9 @@ shared machine: that time is what "over 1 s" counts).
 
 Counted: unexpected exceptions (a decoder raising anything but its family's error type), handler
 escapes (anything leaving a handler), exceptions a handler's safety net caught (`handler-error`),
-cases over 1 s, and cases whose traced peak is over 100x their input and over 1 MiB (the floor is
-the interpreter's own fixed cost). Failing inputs are shrunk before they are reported.
+cases over 1 s, cases whose traced peak is over 100x their input and over 1 MiB (the floor is
+the interpreter's own fixed cost), and cases that raised the process's peak RSS by over 256 MiB
+(torch's allocator is invisible to tracemalloc). Failing inputs are shrunk before they are reported.
 
     python benchmarks/fuzz.py --report benchmarks/results/fuzz.json
     python benchmarks/fuzz.py --report /tmp/f.json --cases 2000 --seed 1
@@ -24,6 +25,7 @@ import json
 import logging
 import platform
 import random
+import resource
 import sys
 import tempfile
 import time
@@ -36,6 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 SLOW_MS = 1000.0
 MEMORY_RATIO = 100
 MEMORY_FLOOR = 1 << 20
+RSS_JUMP = 256 << 20  # one case raising the process's peak RSS by more than this is reported
 KEEP_INPUT = 64 * 1024  # inputs up to this size are kept in the report as base64
 PER_SIGNATURE = 3  # reported examples of one finding (all are counted)
 
@@ -81,6 +84,8 @@ class Campaign:
         self.slow: list[dict[str, Any]] = []
         self.memory: list[dict[str, Any]] = []
         self.worst: dict[str, list[tuple[float, dict[str, Any]]]] = {t.name: [] for t in targets}
+        self.peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss << 10
+        self.rss_jumps: list[dict[str, Any]] = []
 
     def run(self, index: int) -> None:
         from fuzzlib.runner import minimize, run_prepared
@@ -108,6 +113,11 @@ class Campaign:
         if ratio > MEMORY_RATIO and result.traced_bytes > MEMORY_FLOOR:
             stats["over_100x"] += 1
             self.memory.append(_entry(case, result, index, size, ratio=round(ratio, 1)))
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss << 10  # Linux: KiB
+        if rss > self.peak_rss + RSS_JUMP:  # what tracemalloc cannot see (torch's allocator) raised the peak
+            stats["rss_jumps"] += 1
+            self.rss_jumps.append(_entry(case, result, index, size, rss_mb=round(rss / 2**20, 1), was_mb=round(self.peak_rss / 2**20, 1)))
+        self.peak_rss = max(self.peak_rss, rss)
         worst = self.worst[target.name]
         worst.append((ratio * (result.traced_bytes > MEMORY_FLOOR) + result.ms / 1000, _entry(case, result, index, size, ratio=round(ratio, 1))))
         worst.sort(key=lambda w: -w[0])
@@ -120,7 +130,7 @@ class Campaign:
                 "cases": stats["cases"], "accepted": stats["accepted"], "rejected": stats["rejected"],
                 "unexpected": stats["unexpected"] + stats["escape"] + stats["caught"] + stats["timeout"],
                 "handler_escapes": stats["escape"], "caught_by_handler": stats["caught"], "timeouts": stats["timeout"],
-                "over_1s": stats["over_1s"], "over_100x_memory": stats["over_100x"],
+                "over_1s": stats["over_1s"], "over_100x_memory": stats["over_100x"], "rss_jumps": stats["rss_jumps"],
                 "max_ms": round(self.max_ms[name], 2), "max_traced_mb": round(self.max_traced[name] / 2**20, 3),
             }  # fmt: skip
         totals = Counter()
@@ -129,7 +139,9 @@ class Campaign:
         return {
             "cases": cases, "seed": self.seed, "seconds": round(seconds, 1), "python": platform.python_version(), "machine": platform.machine(),
             "limits": {"slow_ms": SLOW_MS, "memory_ratio": MEMORY_RATIO, "memory_floor_bytes": MEMORY_FLOOR},
-            "totals": {k: totals[k] for k in ("unexpected", "handler_escapes", "caught_by_handler", "timeouts", "over_1s", "over_100x_memory")},
+            "totals": {k: totals[k] for k in ("unexpected", "handler_escapes", "caught_by_handler", "timeouts", "over_1s", "over_100x_memory", "rss_jumps")},
+            "peak_rss_mb": round(self.peak_rss / 2**20, 1),
+            "rss_jumps": self.rss_jumps[:20],
             "targets": targets,
             "findings": dict(self.signatures),
             "unexpected": self.unexpected,
