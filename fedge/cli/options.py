@@ -53,7 +53,10 @@ STRATEGY_OPTIONS_HELP = (
     "trimmed_mean: beta; multikrum: f, selected; centered_clipping: iterations, tau; dp_fedavg: noise_multiplier, "
     "max_norm, delta, sample_rate. E.g. 'beta=0.1' or 'noise_multiplier=1.1,max_norm=1.0'"
 )
-DP_HELP = "Record-level DP: DP-SGD at every site with this noise multiplier (opacus; the cnn is then built with GroupNorm)"
+DP_HELP = (
+    "Record-level DP: DP-SGD at every site with this noise multiplier (opacus; SGD with momentum 0.9 at --lr, "
+    "e.g. --lr 0.5; the cnn is then built with GroupNorm)"
+)
 
 
 def parse_strategy_options(text: str | None) -> dict[str, Any]:

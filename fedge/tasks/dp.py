@@ -107,8 +107,8 @@ def gaussian_release(delta: dict[str, np.ndarray], clip: float, noise_multiplier
 
 def train_dp(model: nn.Module, x: torch.Tensor, y: torch.Tensor, dp: DPSettings, *, epochs: int, lr: float, batch_size: int, seed: int,
              device: str = "cpu") -> TrainResult:
-    """DP-SGD (Adam on privatised gradients) in place on `model` with opacus: Poisson batches of
-    expected size `batch_size`, per-sample clipping, Gaussian noise. The model must hold no
+    """DP-SGD (SGD with momentum 0.9 at `lr` on privatised gradients) in place on `model` with
+    opacus: Poisson batches of expected size `batch_size`, per-sample clipping, Gaussian noise. The model must hold no
     BatchNorm (its batch statistics mix samples; use a GroupNorm architecture, e.g. cnn norm=group).
     The result carries what the accountant needs: sample rate and steps."""
     from opacus import PrivacyEngine  # type: ignore[import-untyped]
@@ -123,7 +123,10 @@ def train_dp(model: nn.Module, x: torch.Tensor, y: torch.Tensor, dp: DPSettings,
     model.to(device)
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x.to(device), y.to(device)), batch_size=batch_size,
                                          generator=torch.Generator().manual_seed(seed))
-    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr)
+    # SGD, not Adam: Adam divides each coordinate's step by its own noisy scale, so every coordinate
+    # moves about lr whatever its signal, and a top-k codec then sends noise (measured: AUC at chance
+    # with Adam, 0.88 with SGD at epsilon 8 under topk:0.02,ef|ternary|zstd).
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=lr, momentum=0.9)
     engine = PrivacyEngine(accountant="rdp", secure_mode=False)
     private, optimizer, loader = engine.make_private(module=model, optimizer=optimizer, data_loader=loader,
                                                      noise_multiplier=dp.noise_multiplier, max_grad_norm=dp.max_grad_norm,
