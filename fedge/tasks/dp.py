@@ -52,8 +52,8 @@ class DPSettings:
 @dataclass
 class PrivacyLedger:
     """Every Gaussian release so far as (noise_multiplier, sample_rate, steps); epsilon from opacus's
-    RDP accountant over all of them. Kept as JSON where the releases happen (agent state dir,
-    server checkpoint folder), so a restart keeps counting."""
+    RDP accountant over all of them. A site keeps its ledger as JSON in its state folder, so a
+    restart keeps counting; the server's DP-FedAvg rebuilds its own from the rounds it published."""
 
     history: list[tuple[float, float, int]] = field(default_factory=list)
 
