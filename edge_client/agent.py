@@ -8,12 +8,13 @@ import threading
 import time
 import zlib
 from dataclasses import dataclass
+from typing import Any, Literal
 from functools import partial
 
 import numpy as np
 import torch
 
-from compression import CodecError
+from compression import CodecError, TensorSpec
 from edge_client.config import AgentConfig
 from edge_client.state import AgentState
 from fedge import weights as W
@@ -47,6 +48,23 @@ def train_seed(seed: int, site: str, rnd: int) -> int:
     return zlib.crc32(f"{seed}/{site}/{rnd}".encode())
 
 
+# A model config from the wire is small: building one of 20,000 layers took 17 s even on the meta device.
+MAX_CONFIG_BYTES = 64 << 10
+MAX_CONFIG_LIST = 64
+
+
+def _check_config_size(config: ModelConfig) -> None:
+    """ValueError for a config whose JSON or any list in it (layer widths) is longer than a model has."""
+    if len(config.to_json()) > MAX_CONFIG_BYTES:
+        raise ValueError(f"model config over {MAX_CONFIG_BYTES} bytes")
+    stack: list[object] = [config.options]
+    while stack:
+        value = stack.pop()
+        if isinstance(value, list | tuple) and len(value) > MAX_CONFIG_LIST:
+            raise ValueError(f"model config holds a list of {len(value)} items, more than {MAX_CONFIG_LIST}")
+        stack.extend(value.values() if isinstance(value, dict) else value if isinstance(value, list | tuple) else ())
+
+
 @dataclass
 class _Global:
     """The model an agent holds: the global after round `round`."""
@@ -72,11 +90,12 @@ class Agent:
         self.refusals = Refusals(log)
         # The server's run this agent takes part in, and the newest issued_at seen from it: an older
         # run's records are replays. Kept in the state folder across restarts.
-        self.run_id, self.run_issued = self.state.known_run(config.federation) or (None, 0.0)
+        known = self.state.known_run(config.federation)
+        self.run_id: str | None = known[0] if known else None
+        self.run_issued: float = known[1] if known else 0.0
         self.held: _Global | None = None
         self.model: torch.nn.Module | None = None
         self.mode: TrainingMode | None = None
-        self._built: tuple[ModelConfig, TrainingMode, torch.nn.Module] | None = None  # for a global not yet installed
         self.pending: RoundAnnouncement | None = None
         self.round_envelopes: dict[int, bytes] = {}
         self.snapshot: SnapshotAnnouncement | None = None
@@ -87,6 +106,12 @@ class Agent:
         self.rounds_done: list[int] = []
         self.session: Session | None = None
 
+    @property
+    def _mq(self) -> Session:
+        if self.session is None:
+            raise RuntimeError("the agent is not connected: call run()")
+        return self.session
+
     # ---- decoding the downlink -------------------------------------------------------------------
     def _read_global(self, data: bytes, sha256: str, ann: RoundAnnouncement) -> GlobalPayload:
         """`sha256` comes from the signed record that announced these bytes; the global must carry
@@ -96,38 +121,37 @@ class Agent:
             expect=lambda header, config: self._expected_manifest(header.base_round is not None, config, ann),
         )  # fmt: skip
 
-    def _model_for(self, config: ModelConfig, ann: RoundAnnouncement) -> tuple[torch.nn.Module, TrainingMode]:
-        """The model `config` builds in the announced mode: the one held when neither changed. Any
-        failure to build what the wire named is a refusal, never an exception out of the loop."""
+    def _model_for(self, config: ModelConfig, ann: RoundAnnouncement, *, meta: bool) -> tuple[torch.nn.Module, TrainingMode]:
+        """The model `config` builds in the announced mode: the one held when neither changed, else
+        built (on the meta device when only its tensors' names and shapes are needed). A mode or
+        config from the wire that does not build, or builds over max_model_mb, is a ProtocolError."""
         try:
             mode = get_mode(ann.train.mode, **ann.train.mode_options)
             if self.model is not None and self.held is not None and (self.held.config, self.mode) == (config, mode):
                 return self.model, mode
-            if self._built is not None and self._built[:2] == (config, mode):
-                return self._built[2], mode
+            _check_config_size(config)
             with torch.device("meta"):  # sized without allocating: a config from the wire may name any width
                 probe = mode.prepare(build_model(config), config)
             size = sum(t.numel() * 4 for t in probe.state_dict().values())
             if size > self.config.max_model_mb << 20:
                 raise ValueError(f"it builds {size >> 20} MiB of float32 state, over max_model_mb={self.config.max_model_mb}")
-            model = mode.prepare(build_model(config), config)
+            return (probe if meta else mode.prepare(build_model(config), config)), mode
         except Exception as exc:  # mode and config come from the wire: wrong types, impossible sizes
             raise ProtocolError(f"the announced mode and the global's model config do not build: {type(exc).__name__}: {exc}"[:300]) from None
-        self._built = (config, mode, model)
-        return model, mode
 
     def _expected_manifest(self, delta: bool, config: ModelConfig, ann: RoundAnnouncement) -> Manifest:
         """What a global for this config may carry: every float tensor of the model, or for a delta the ones that travel."""
-        model, mode = self._model_for(config, ann)
-        full = Manifest.of(W.float_state(model))
+        model, mode = self._model_for(config, ann, meta=True)
+        floats = ((k, v) for k, v in model.state_dict().items() if v.is_floating_point())
+        full = Manifest(tuple(TensorSpec(k, tuple(v.shape)) for k, v in floats))
         return full.only(mode.trainable_state(model)) if delta else full
 
     def _install(self, glob: GlobalPayload, weights: dict[str, np.ndarray], rnd: int, ann: RoundAnnouncement) -> None:
-        model, mode = self._model_for(glob.config, ann)
+        model, mode = self._model_for(glob.config, ann, meta=False)
         ours = W.float_state(model)
         if [(k, v.shape) for k, v in ours.items()] != [(k, v.shape) for k, v in weights.items()]:
             raise ProtocolError("global tensors do not match the announced architecture and training mode")
-        self.model, self.mode, self._built = model, mode, None
+        self.model, self.mode = model, mode
         self.held = _Global(rnd, glob.config, weights, W.state_sha256(weights))
 
     def _try_obtain(self, ann: RoundAnnouncement) -> bool:
@@ -168,12 +192,12 @@ class Agent:
         if not self.want_snapshot:
             log.info("%s: fetching a full snapshot", self.config.site)
             self.want_snapshot = True
-            self.session.subscribe(self.topics.snapshot, self.topics.all_snapshot_chunks)
+            self._mq.subscribe(self.topics.snapshot, self.topics.all_snapshot_chunks)
 
     def _stop_snapshot(self) -> None:
         if self.want_snapshot:
             self.want_snapshot = False
-            self.session.unsubscribe(self.topics.snapshot, self.topics.all_snapshot_chunks)
+            self._mq.unsubscribe(self.topics.snapshot, self.topics.all_snapshot_chunks)
 
     # ---- training --------------------------------------------------------------------------------
     def _refusal(self, ann: RoundAnnouncement) -> str | None:
@@ -199,7 +223,7 @@ class Agent:
         if cached is None:
             cached = self._train(ann)
         started = time.perf_counter()
-        self.session.publish_chunked(
+        self._mq.publish_chunked(
             lambda i: self.topics.update_chunk(ann.round, self.config.site, i), cached, chunk_size=self.config.chunk_size
         )
         # Measured upload time (until the broker acknowledged every chunk), for link planning; the site's DP-SGD spend.
@@ -207,13 +231,15 @@ class Agent:
         if self.state.privacy.history:
             metrics["dp_epsilon"] = self.state.privacy.epsilon(ann.train.dp_delta)
         status = self._status("online", round=ann.round, metrics=metrics)
-        self.session.publish(self.topics.status(self.config.site), status, retain=True)
+        self._mq.publish(self.topics.status(self.config.site), status, retain=True)
         self.answered = ann
         if ann.round not in self.rounds_done:
             self.rounds_done.append(ann.round)
         log.info("%s: sent update for round %d (%d bytes)", self.config.site, ann.round, len(cached))
 
     def _train(self, ann: RoundAnnouncement) -> bytes:
+        if self.model is None or self.held is None or self.mode is None:
+            raise RuntimeError("no global model installed: _try_obtain must succeed before training")
         W.load_float_state(self.model, self.held.weights)
         seed = train_seed(self.config.seed, self.config.site, ann.round)
         torch.manual_seed(seed)
@@ -247,7 +273,7 @@ class Agent:
         return envelope
 
     # ---- message handling ------------------------------------------------------------------------
-    def _status(self, state: str, **fields: object) -> bytes:
+    def _status(self, state: Literal["online", "offline", "training", "done"], **fields: Any) -> bytes:
         return sign_record(StatusMessage(federation=self.config.federation, sender=self.config.site, state=state, **fields), self.signer)
 
     def _record(self, raw: bytes, cls: type, what: str):
@@ -303,7 +329,7 @@ class Agent:
                 elif self.pending is None or ann.round >= self.pending.round:
                     if not ann.selected or self.config.site in ann.selected:
                         self.pending = ann
-            elif info.kind == "global":
+            elif info.kind == "global" and info.round is not None:
                 chunk = Chunk.decode(msg.payload)
                 ann = self.pending
                 if ann is not None and ann.round == info.round and chunk.transfer.hex() != ann.downlink.transfer:
@@ -356,9 +382,9 @@ class Agent:
             client_id = certificate_identity(self.config.cert)
         factory = transport or partial(MqttSession, self.config.broker)
         self.session = factory(client_id, will=offline, link=link, tls=tls, refuse=self.refusals)
-        self.session.subscribe(self.topics.all_announcements, self.topics.all_global_chunks, self.topics.control)
+        self._mq.subscribe(self.topics.all_announcements, self.topics.all_global_chunks, self.topics.control)
         self.session.connect()
-        self.session.publish(self.topics.status(self.config.site), self._status("online"), retain=True)
+        self._mq.publish(self.topics.status(self.config.site), self._status("online"), retain=True)
         try:
             while not self.finished and not (stop is not None and stop.is_set()):
                 msg = self.session.get(timeout=0.2)

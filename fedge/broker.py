@@ -54,8 +54,9 @@ class EmbeddedBroker:
         asyncio.set_event_loop(loop)
         self._loop = loop
         try:
-            self._broker = Broker(self._config(), loop=loop)
-            loop.run_until_complete(self._broker.start())
+            broker = Broker(self._config(), loop=loop)
+            self._broker = broker
+            loop.run_until_complete(broker.start())
         except BaseException as exc:  # reported to the starting thread
             self._error = exc
             self._ready.set()

@@ -34,14 +34,16 @@ log = logging.getLogger(__name__)
 
 
 class _Bucket(Protocol):
-    def consume(self, nbytes: int) -> None: ...
+    def consume(self, nbytes: int) -> object: ...
 
 
 class Link(Protocol):
     """Link emulation hook (fedge.linkemu.LinkEmulator): blocks to pace traffic to a profile's link."""
 
-    uplink: _Bucket
-    downlink: _Bucket
+    @property
+    def uplink(self) -> _Bucket: ...
+    @property
+    def downlink(self) -> _Bucket: ...
 
 
 @dataclass(frozen=True)

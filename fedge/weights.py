@@ -7,6 +7,7 @@ dense (fp16 on lossy codecs) because they do not sparsify well and are a tiny sh
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Mapping
 
 import numpy as np
 import torch
@@ -54,7 +55,7 @@ def state_sha256(state: dict[str, np.ndarray]) -> str:
     return digest.hexdigest()
 
 
-def norm_stat_names(state: dict[str, np.ndarray]) -> list[str]:
+def norm_stat_names(state: Mapping[str, object]) -> list[str]:
     return [k for k in state if k.endswith(NORM_STAT_SUFFIXES)]
 
 

@@ -10,7 +10,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -168,13 +168,15 @@ class RoundServer:
         previous = self.state.weights
         sha = W.state_sha256(previous)
         full_env, _ = self._global(rnd, previous)
+        kind: Literal["full", "delta"]
+        base: int | None
         if self._pending_delta is not None and rnd > 1:
             env, kind, base = self._pending_delta, "delta", rnd - 1
-            snapshot = self.session.publish_chunked(self.topics.snapshot_chunk, full_env, chunk_size=self.config.chunk_size, retain=True)
+            snapshot = self._mq.publish_chunked(self.topics.snapshot_chunk, full_env, chunk_size=self.config.chunk_size, retain=True)
             self._publish_record(self.topics.snapshot, SnapshotAnnouncement(round=rnd - 1, model_sha256=sha, transfer=snapshot, **self._signed_by()))
         else:
             env, kind, base = full_env, "full", None
-        transfer = self.session.publish_chunked(lambda i: self.topics.global_chunk(rnd, i), env, chunk_size=self.config.chunk_size, retain=True)
+        transfer = self._mq.publish_chunked(lambda i: self.topics.global_chunk(rnd, i), env, chunk_size=self.config.chunk_size, retain=True)
         announcement = RoundAnnouncement(
             round=rnd,
             deadline=time.time() + self.config.round_timeout,
@@ -190,17 +192,23 @@ class RoundServer:
         self._publish_record(self.topics.announce(rnd), announcement)
         return len(env)
 
-    def _signed_by(self) -> dict[str, str]:
+    @property
+    def _mq(self) -> Session:
+        if self.session is None:
+            raise RuntimeError("the server is not connected: call run()")
+        return self.session
+
+    def _signed_by(self) -> dict[str, Any]:
         return {"federation": self.config.federation, "sender": self.config.client_id, "run": self.run_id}
 
     def _publish_record(self, topic: str, record: Any) -> None:
-        self.session.publish(topic, sign_record(record, self.signer), retain=True)
+        self._mq.publish(topic, sign_record(record, self.signer), retain=True)
 
     def _clear_round(self, rnd: int, chunks: int) -> None:
         """Drop a finished round's retained messages so late subscribers do not fetch stale data."""
         for i in range(chunks):
-            self.session.publish(self.topics.global_chunk(rnd, i), b"", retain=True)
-        self.session.publish(self.topics.announce(rnd), b"", retain=True)
+            self._mq.publish(self.topics.global_chunk(rnd, i), b"", retain=True)
+        self._mq.publish(self.topics.announce(rnd), b"", retain=True)
         self.reassembler.discard(f"{rnd}/")
 
     # ---- message handling ----------------------------------------------------------------------
@@ -240,10 +248,10 @@ class RoundServer:
         except ValueError as exc:
             self.refusals("bad-topic", str(exc))
             return
-        if info.kind == "status":
+        if info.kind == "status" and info.client is not None:
             if msg.payload:
                 self._handle_status(info.client, msg.payload)
-        elif info.kind == "update":
+        elif info.kind == "update" and info.round is not None and info.client is not None:
             self._handle_update(info.round, info.client, msg.payload, current)
 
     def _handle_status(self, client: str, raw: bytes) -> None:
@@ -305,7 +313,7 @@ class RoundServer:
         log.info("round %d: update from %s (%d bytes, %d samples, norm %.4g)", rnd, client, update.nbytes, update.header.num_samples, norm)
 
     def _pump(self, seconds: float, current: _Round | None) -> None:
-        msg = self.session.get(timeout=seconds)
+        msg = self._mq.get(timeout=seconds)
         if msg is not None:
             self._handle(msg, current)
 
@@ -403,7 +411,7 @@ class RoundServer:
         self.session = self._session(transport)
         self.session.subscribe(self.topics.all_updates, self.topics.all_status)
         self.session.connect()
-        self.session.publish(self.topics.control, b"", retain=True)  # forget a previous run's "finished"
+        self._mq.publish(self.topics.control, b"", retain=True)  # forget a previous run's "finished"
         log.info("federation %s, run %s", self.config.federation, self.run_id)
         try:
             while self.state.round < self.config.rounds:
@@ -445,7 +453,7 @@ class RoundServer:
     def _publish_final(self) -> None:
         """Tell agents the federation is over, and leave the final model as the retained snapshot."""
         env, _ = self._global(self.state.round + 1, self.state.weights)
-        transfer = self.session.publish_chunked(self.topics.snapshot_chunk, env, chunk_size=self.config.chunk_size, retain=True)
+        transfer = self._mq.publish_chunked(self.topics.snapshot_chunk, env, chunk_size=self.config.chunk_size, retain=True)
         sha = W.state_sha256(self.state.weights)
         self._publish_record(self.topics.snapshot, SnapshotAnnouncement(round=self.state.round, model_sha256=sha, transfer=transfer, **self._signed_by()))
         self._publish_record(self.topics.control, ControlMessage(command="finished", round=self.state.round, **self._signed_by()))

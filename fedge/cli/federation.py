@@ -133,7 +133,7 @@ def run_federation(
     from server.rounds import RoundServer
 
     _check(settings)
-    link = profile_link_rates(settings.emulate_link) if settings.emulate_link else {}
+    link: dict[str, Any] = profile_link_rates(settings.emulate_link) if settings.emulate_link else {}
     # Every setting is checked before anything is deleted: a typo must not cost the last run's folder.
     train = TrainSettings(epochs=settings.epochs, lr=settings.lr, batch_size=settings.batch_size, mode=settings.mode, mode_options=settings.mode_options,
                           dp_noise_multiplier=settings.dp_noise_multiplier, dp_max_grad_norm=settings.dp_max_grad_norm, dp_delta=settings.dp_delta)
@@ -151,7 +151,7 @@ def run_federation(
     workdir.mkdir(parents=True)
     sites = [f"site-{i + 1}" for i in range(settings.clients)]
     keys = signing_keys(workdir / "keys", sites) if settings.signed and not settings.secure else {}
-    tls: dict[str, dict[str, Path]] = {}
+    tls: dict[str, dict[str, Any]] = {}
 
     started = time.monotonic()
     with ExitStack() as stack:
@@ -193,7 +193,7 @@ def run_federation(
                 site=site,
                 federation=settings.federation,
                 dataset=settings.dataset,
-                data_dir=settings.data_dir,
+                data_dir=Path(settings.data_dir) if settings.data_dir else None,
                 shard=i,
                 num_shards=settings.clients,
                 alpha=settings.alpha,
@@ -269,7 +269,7 @@ def _uplink_transfer(uploads: dict, link: dict) -> dict[str, Any]:
     return result
 
 
-def signing_keys(folder: Path, sites: list[str] | tuple[str, ...]) -> dict[str, Path]:
+def signing_keys(folder: Path, sites: list[str] | tuple[str, ...]) -> dict[str, Any]:
     """Fresh signing keys for a demo or a test: the server's (`server`, `server.pub`), one per site
     (by name), and the server's trusted-keys folder (`trusted`)."""
     from fedge.protocol.signing import Signer
@@ -284,7 +284,7 @@ def signing_keys(folder: Path, sites: list[str] | tuple[str, ...]) -> dict[str, 
     return paths
 
 
-def _secure_broker(stack: ExitStack, folder: Path, federation: str, sites: list[str]) -> tuple[str, dict[str, Path], dict[str, dict[str, Path]]]:
+def _secure_broker(stack: ExitStack, folder: Path, federation: str, sites: list[str]) -> tuple[str, dict[str, Any], dict[str, dict[str, Any]]]:
     """What `fedge provision init/site/broker` make, and Mosquitto running that config on a free
     loopback port: the broker URL, the signing keys and every identity's TLS files."""
     import getpass

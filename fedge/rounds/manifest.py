@@ -26,9 +26,9 @@ class Manifest:
     def from_entries(cls, entries: Sequence[TensorEntry]) -> Manifest:
         return cls(tuple(TensorSpec(e.name, tuple(e.shape)) for e in entries))
 
-    def entries(self) -> tuple[dict, ...]:
-        """What an envelope header carries (pydantic builds TensorEntry from it)."""
-        return tuple({"name": t.name, "shape": list(t.shape)} for t in self.specs)
+    def entries(self) -> tuple[TensorEntry, ...]:
+        """What an envelope header carries."""
+        return tuple(TensorEntry(name=t.name, shape=tuple(t.shape)) for t in self.specs)
 
     @cached_property
     def digest(self) -> str:
