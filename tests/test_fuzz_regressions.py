@@ -178,4 +178,4 @@ def test_a_model_config_over_the_agents_cap_is_sized_on_the_meta_device_and_refu
         agent._handle(msg)
     agent._progress()
     assert agent.refusals.counts["bad-global"] == 1 and "max_model_mb=16" in agent.refusals.recent[-1][1]
-    assert agent._built is None and agent.model is None  # nothing was built
+    assert agent.model is None  # nothing was built

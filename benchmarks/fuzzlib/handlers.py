@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 from compression import CodecError
 from fedge import weights as W
+from fedge.errors import FedgeError
 from fedge.protocol import ProtocolError, split_chunks
 from fedge.refusals import Refusals
 from fedge.transport import Message
@@ -149,11 +150,10 @@ class AgentTarget(Target):
         def watched(*args: object, **kwargs: object):
             try:
                 return read(*args, **kwargs)
-            except (ProtocolError, CodecError):
+            except (ProtocolError, CodecError, FedgeError):  # the wire's, the codec's and the model config's errors
                 raise
-            except Exception as exc:  # refused as "bad-global"; a defect unless the model config is what failed
-                if not _raised_in(exc, "fedge/models/"):
-                    swallowed.append(exc)
+            except Exception as exc:  # refused as "bad-global", but a bare builtin: a defect
+                swallowed.append(exc)
                 raise
 
         agent._read_global = watched  # type: ignore[method-assign]
@@ -162,13 +162,6 @@ class AgentTarget(Target):
         agent._progress()
         _raise_caught(agent.refusals, 0, swallowed)
         return agent.refusals.total == 0
-
-
-def _raised_in(exc: BaseException, folder: str) -> bool:
-    tb = exc.__traceback__
-    while tb is not None and tb.tb_next is not None:
-        tb = tb.tb_next
-    return tb is not None and folder in tb.tb_frame.f_code.co_filename.replace("\\", "/")
 
 
 def _raise_caught(refusals: Refusals, errors_before: int, swallowed: list[BaseException] = ()) -> None:

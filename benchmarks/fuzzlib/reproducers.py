@@ -26,6 +26,7 @@ INVALID_ITEMS = 520_000  # invalid manifest items in a 1 MiB header
 BOMB_ELEMENTS = 16 << 20  # a 64 MiB dense tensor, in about 2.5 KB of zstd
 DENSIFY_ELEMENTS = 1 << 29  # 2 GiB as float32
 LARGE_WIDTH = 1024  # two 1024-channel convolutions: about 38 MB of float32 state
+DEEP_LAYERS = 5000  # a 15 KB list of layer widths
 
 
 @dataclass(frozen=True)
@@ -198,6 +199,11 @@ def model_config_large(t: Target) -> list[Message]:
     return _model_config_global(t, [LARGE_WIDTH, LARGE_WIDTH])
 
 
+def model_config_deep(t: Target) -> list[Message]:
+    """Found by the campaign: a 4 KB config naming a thousand layers took seconds to build (20,000: 17 s on the meta device)."""
+    return _model_config_global(t, [4] * DEEP_LAYERS)
+
+
 REPRODUCERS = (
     Reproducer("nested-header-update", "server", "RecursionError escapes decode_envelope", nested_update),
     Reproducer("invalid-manifest-items-update", "server", "validation errors cost more than the input", invalid_items_update),
@@ -214,4 +220,5 @@ REPRODUCERS = (
     Reproducer("model-config-wrong-type", "agent", "TypeError from the model config escaped the agent (campaign)", model_config_wrong_type),
     Reproducer("model-config-impossible", "agent", "RuntimeError from the model config escaped the agent (campaign)", model_config_impossible),
     Reproducer("model-config-large", "agent", "a model config from the wire built for real, however large (campaign)", model_config_large),
+    Reproducer("model-config-deep", "agent", "a model config of thousands of layers took seconds to build (campaign)", model_config_deep),
 )
