@@ -62,7 +62,9 @@ def run_one(job: dict[str, Any]) -> dict[str, Any]:
     settings = SimulationSettings(sites=job["sites"], rounds=job["rounds"], alpha=job["alpha"], codec=job["codec"],
                                   model_options={"widths": tuple(job["widths"])}, seed=job["seed"])
     adversary = None if job["attack"] == CLEAN else Adversary(get_attack(job["attack"]), job["malicious"])
+    cpu = time.process_time()
     result = InProcessFederation(settings, _TASK, get_strategy(job["strategy"]), adversary).run()
+    result["cpu_seconds"] = time.process_time() - cpu  # what an idle machine would spend (wall time includes other jobs)
     history = result.pop("history")
     return {**{k: job[k] for k in ("attack", "strategy", "seed")}, **result,
             "rejected": sum(len(r["rejected"]) for r in history), "left_out": sum(len(r["left_out"]) for r in history),
@@ -165,6 +167,7 @@ def main() -> None:
             args.report.write_text(json.dumps({"partial": True, "runs": runs}, indent=2) + "\n")
     report = summarize(runs, args)
     report["wall_seconds"] = time.monotonic() - started
+    report["cpu_seconds"] = sum(r.get("cpu_seconds", 0.0) for r in runs)  # / workers: the wall time on an idle machine
     args.report.write_text(json.dumps(report, indent=2) + "\n")
     print_table(report)
 
