@@ -33,6 +33,7 @@ from rich.table import Table
 from compression import SparseAccumulator, SparseTensor, TensorSpec, UpdateCodec
 from fedge.models import ModelConfig, build_model
 from fedge.reconstruction import reconstruction_error
+from fedge.weights import NORM_STAT_SUFFIXES
 from server.strategies import STRATEGIES, ClientUpdate, get_strategy
 from server.strategies.multikrum import krum_scores
 
@@ -99,33 +100,43 @@ def dense_matrix(updates: list, manifest: list[TensorSpec]) -> np.ndarray:
 
 
 def dense_rule(name: str, x: np.ndarray, manifest: list[TensorSpec]) -> np.ndarray:
-    """The dense numpy equivalent of strategy `name` (registry defaults) on the n x d matrix `x`."""
+    """The dense numpy equivalent of strategy `name` (registry defaults) on the n x d matrix `x`:
+    as the strategies do, vector rules see the trainable tensors only and BatchNorm statistics
+    take the coordinate-wise median."""
     n = len(x)
     bounds = np.cumsum([0] + [s.numel for s in manifest])
-    layers = [slice(a, b) for a, b in itertools.pairwise(bounds)]
-    if name == "median":
-        return np.concatenate([np.median(x[:, sl], axis=0) for sl in layers])
+    stats = [slice(a, b) for s, (a, b) in zip(manifest, itertools.pairwise(bounds)) if s.name.endswith(NORM_STAT_SUFFIXES)]
+    weights = [slice(a, b) for s, (a, b) in zip(manifest, itertools.pairwise(bounds)) if not s.name.endswith(NORM_STAT_SUFFIXES)]
+    out = np.zeros(x.shape[1], dtype=np.float32)
+    for sl in stats if name != "median" else stats + weights:
+        out[sl] = np.median(x[:, sl], axis=0)
     if name == "trimmed_mean":
         b = int(np.floor(get_strategy(name).beta * n))
-        return np.concatenate([np.partition(x[:, sl], (b, n - b - 1), axis=0)[b : n - b].mean(axis=0) for sl in layers])
-    if name == "multikrum":
+        for sl in weights:
+            out[sl] = np.partition(x[:, sl], (b, n - b - 1), axis=0)[b : n - b].mean(axis=0)
+    elif name == "multikrum":
         strategy = get_strategy(name)
-        gram = sum(np.asarray(x[:, sl] @ x[:, sl].T, dtype=np.float64) for sl in layers)
+        gram = sum(np.asarray(x[:, sl] @ x[:, sl].T, dtype=np.float64) for sl in weights)
         f = strategy.f if n >= 2 * strategy.f + 3 else max((n - 3) // 2, 0)
         chosen = np.sort(np.argsort(krum_scores(gram, f), kind="stable")[: n - f])
-        return x[chosen].mean(axis=0)
-    norms = np.sqrt(sum(np.einsum("ij,ij->i", x[:, sl], x[:, sl], dtype=np.float64) for sl in layers))
-    if name == "clipping":
-        scale = np.minimum(1.0, np.median(norms) / norms).astype(np.float32)
-        return scale @ x / n
-    if name == "centered_clipping":
-        center = np.zeros(x.shape[1], dtype=np.float32)
-        for _ in range(get_strategy(name).iterations):
-            dist = np.sqrt(np.maximum(norms**2 - 2 * (x @ center).astype(np.float64) + float(center @ center), 0.0))
-            scale = np.where(dist > np.median(dist), np.median(dist) / dist, 1.0)
-            center = center * np.float32(1 - scale.mean()) + scale.astype(np.float32) @ x / n
-        return center
-    raise ValueError(f"no dense equivalent of strategy {name!r}")
+        for sl in weights:
+            out[sl] = x[chosen, sl].mean(axis=0)
+    elif name in ("clipping", "centered_clipping"):
+        norms = np.sqrt(sum(np.einsum("ij,ij->i", x[:, sl], x[:, sl], dtype=np.float64) for sl in weights))
+        if name == "clipping":
+            scale = np.minimum(1.0, np.median(norms) / norms).astype(np.float32)
+            for sl in weights:
+                out[sl] = scale @ x[:, sl] / n
+        else:
+            for _ in range(get_strategy(name).iterations):
+                dots = sum((x[:, sl] @ out[sl]).astype(np.float64) for sl in weights)
+                dist = np.sqrt(np.maximum(norms**2 - 2 * dots + sum(float(out[sl] @ out[sl]) for sl in weights), 0.0))
+                scale = np.where(dist > np.median(dist), np.median(dist) / dist, 1.0)
+                for sl in weights:
+                    out[sl] = out[sl] * np.float32(1 - scale.mean()) + scale.astype(np.float32) @ x[:, sl] / n
+    elif name != "median":
+        raise ValueError(f"no dense equivalent of strategy {name!r}")
+    return out
 
 
 def robust_rows(model: str, manifest: list[TensorSpec], updates: list, names: list[str], repeats: int) -> list[dict[str, object]]:

@@ -17,7 +17,7 @@ def bench():
 
 @pytest.mark.parametrize("clients", [7, 12])
 def test_robust_rows_match_their_dense_equivalents(bench, clients: int) -> None:
-    manifest = [TensorSpec("conv", (8, 4, 3, 3)), TensorSpec("bias", (8,)), TensorSpec("fc", (10, 8))]
+    manifest = [TensorSpec("conv", (8, 4, 3, 3)), TensorSpec("bn.running_var", (8,)), TensorSpec("bias", (8,)), TensorSpec("fc", (10, 8))]
     codec, rng = UpdateCodec.from_spec(bench.UPDATE_SPEC.replace("0.01", "0.1")), np.random.default_rng(0)
     updates = [codec.decode(codec.encode(bench.random_delta(manifest, rng), seed=i), manifest) for i in range(clients)]
     rows = bench.robust_rows("tiny", manifest, updates, ["median", "trimmed_mean", "multikrum", "clipping", "centered_clipping"], 1)
