@@ -106,6 +106,18 @@ def test_a_sparse_tensor_with_more_entries_than_its_fraction_keeps_is_refused() 
     assert isinstance(out, CodecError) and "entries" in str(out), out
 
 
+@pytest.mark.parametrize("spec", ["topk:0.1|fp32", "randk:0.5|ternary|zstd", "gtopk:0.2|q4:16"])
+def test_a_fixed_fraction_sparsifier_with_fewer_entries_than_its_fraction_is_refused(spec: str) -> None:
+    """topk and randk write exactly their fraction of each tensor, gtopk of all of them together: an
+    empty sparse tensor (3 bytes for any shape, densified to the whole tensor by an agent) is not
+    theirs (found by the property test)."""
+    codec = UpdateCodec.from_spec(spec)
+    plain = b"\x01\x01\x00"  # version, delta+varint, no entries
+    payload = zstandard.ZstdCompressor().compress(plain) if codec.entropy is not None else plain
+    out, _, _ = _traced(lambda: codec.decode(payload, [TensorSpec("w", (25_000_000,))]))
+    assert isinstance(out, CodecError) and "entries" in str(out), out
+
+
 # ---- the envelope header ------------------------------------------------------------------------------
 def _envelope(head: bytes) -> bytes:
     return b"FDG1" + len(head).to_bytes(4, "big") + head

@@ -218,7 +218,7 @@ class UpdateCodec:
         if KEEP_DENSE in kinds:
             longest = max(longest, Fp16().max_bytes(numel))
         if kinds & set(INDEX_CODERS):
-            k = self.sparsifier.max_count(numel)
+            k = self.sparsifier.count_bounds(numel)[1]
             longest = max(longest, max(c.max_bytes(numel, k) for c in INDEX_CODERS.values()) + self.values.max_bytes(k))
         return 1 + longest
 
@@ -251,6 +251,7 @@ class UpdateCodec:
         if version != FORMAT_VERSION:
             raise CodecError(f"payload format version {version}, this fedge reads {FORMAT_VERSION}; upgrade the older side")
         out: dict[str, np.ndarray | SparseTensor] = {}
+        sparse_numel = sparse_count = 0
         for spec in manifest:
             what = f"tensor {describe(spec.name)}"
             allowed = self._kinds(None if keep_dense is None else spec.name in keep_dense)
@@ -261,7 +262,15 @@ class UpdateCodec:
                 coder = self.values if kind == DENSE else Fp16()
                 out[spec.name] = coder.decode(reader, spec.numel, what).reshape(spec.shape)
             else:
-                indices = INDEX_CODERS[kind].decode(reader, spec.numel, self.sparsifier.max_count(spec.numel), what)
+                fewest, most = self.sparsifier.count_bounds(spec.numel)
+                indices = INDEX_CODERS[kind].decode(reader, spec.numel, most, what)
+                if indices.size < fewest:
+                    raise CodecError(f"{what}: {indices.size} entries kept, codec {self.spec!r} keeps {fewest}; the payload is not ours")
+                sparse_numel += spec.numel
+                sparse_count += indices.size
                 out[spec.name] = SparseTensor(spec.shape, indices, self.values.decode(reader, indices.size, what))
         reader.finish()
+        total = self.sparsifier.total_count(sparse_numel) if self.sparsifier is not None else None
+        if total is not None and sparse_count != total:
+            raise CodecError(f"{sparse_count} entries kept over the sparse tensors, codec {self.spec!r} keeps {total}; the payload is not ours")
         return out

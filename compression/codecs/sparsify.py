@@ -24,9 +24,13 @@ class Sparsifier(Stage):
     def select(self, flat: dict[str, np.ndarray], rng: np.random.Generator) -> dict[str, np.ndarray]:
         """Indices to keep for each 1-D float32 tensor in `flat`."""
 
-    def max_count(self, numel: int) -> int:
-        """The most entries `select` keeps of one tensor of `numel`: what a decoder may accept."""
-        return numel
+    def count_bounds(self, numel: int) -> tuple[int, int]:
+        """The fewest and most entries `select` keeps of one tensor of `numel`: what a decoder accepts."""
+        return 0, numel
+
+    def total_count(self, numel: int) -> int | None:
+        """The entries `select` keeps over all the tensors it was given, `numel` in all (None: any)."""
+        return None
 
 
 class PerTensorSparsifier(Sparsifier):
@@ -70,8 +74,8 @@ class TopK(FractionArg, PerTensorSparsifier):
     def select_one(self, x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         return _largest(np.abs(x), keep_count(self.fraction, x.size))
 
-    def max_count(self, numel: int) -> int:
-        return keep_count(self.fraction, numel)
+    def count_bounds(self, numel: int) -> tuple[int, int]:
+        return keep_count(self.fraction, numel), keep_count(self.fraction, numel)
 
 
 @register_stage
@@ -92,6 +96,9 @@ class GlobalTopK(FractionArg, Sparsifier):
         bounds = np.searchsorted(chosen, np.cumsum([0, *sizes]))
         offsets = np.cumsum([0, *sizes])
         return {name: chosen[bounds[i] : bounds[i + 1]] - offsets[i] for i, name in enumerate(flat)}
+
+    def total_count(self, numel: int) -> int | None:
+        return keep_count(self.fraction, numel) if numel else 0
 
 
 @register_stage
@@ -131,5 +138,5 @@ class RandomK(FractionArg, PerTensorSparsifier):
         k = keep_count(self.fraction, x.size)
         return np.sort(rng.choice(x.size, size=k, replace=False)).astype(np.int64)
 
-    def max_count(self, numel: int) -> int:
-        return keep_count(self.fraction, numel)
+    def count_bounds(self, numel: int) -> tuple[int, int]:
+        return keep_count(self.fraction, numel), keep_count(self.fraction, numel)
