@@ -5,7 +5,10 @@ load falls on both alike. With them on, a separate poller process asks the dashb
 more load than an operator causes.
 
 Per run the report gives the `fedge demo` command's wall time and the federation's own `seconds`
-(report field: broker, server and agents from start to the final model) and, with them on, how many
+(report field: broker, server and agents from start to the final model), the CPU seconds of the demo
+and its agent processes (user + system: much less sensitive than wall time to other work on a
+shared machine), the demo process' own CPU seconds (the server with its dashboard and metrics,
+sampled every 0.25 s until it exits) and, with them on, the poller's own CPU seconds, how many
 polls and scrapes were answered and their median response time (request to last byte, client side:
 an upper bound of the server's work per request); per setting the medians, the overhead of "on"
 against "off" in percent, and the mean of the paired differences (each "on" run minus the "off"
@@ -20,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import socket
 import statistics
 import subprocess
@@ -28,6 +32,8 @@ import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+import psutil
 
 POLLER = r"""
 import json, sys, time, urllib.request
@@ -44,6 +50,12 @@ while True:
     print(json.dumps(seconds), flush=True)
     time.sleep(2)
 """
+
+def cpu_of_children() -> float:
+    """User + system CPU seconds of every finished child process (and theirs) so far."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
 
 def free_port() -> int:
     with socket.socket() as sock:
@@ -67,11 +79,25 @@ def run_demo(args: argparse.Namespace, workdir: Path, watch: bool) -> dict[str, 
             [sys.executable, "-c", POLLER, f"http://127.0.0.1:{dashboard}/api/state", f"http://127.0.0.1:{metrics}/metrics"],
             stdout=subprocess.PIPE, text=True,
         )  # fmt: skip
-    started = time.monotonic()
-    result = subprocess.run(command, capture_output=True, text=True, env=os.environ | {"COLUMNS": "200"})
-    wall = time.monotonic() - started
+    started, before = time.monotonic(), cpu_of_children()
+    workdir.mkdir(parents=True, exist_ok=True)
+    out, err = (workdir / "stdout.txt").open("w+"), (workdir / "stderr.txt").open("w+")
+    demo = subprocess.Popen(command, stdout=out, stderr=err, text=True, env=os.environ | {"COLUMNS": "200"})
+    server_cpu = 0.0  # the demo process alone (the server, its dashboard and metrics), sampled until it exits
+    while demo.poll() is None:
+        try:
+            times = psutil.Process(demo.pid).cpu_times()
+            server_cpu = times.user + times.system
+        except psutil.Error:
+            pass
+        time.sleep(0.25)
+    wall, cpu = time.monotonic() - started, cpu_of_children() - before  # the demo and its agent processes
+    out.seek(0)
+    err.seek(0)
+    result = subprocess.CompletedProcess(command, demo.returncode, out.read(), err.read())
     polled = None
     if poller is not None:
+        before = cpu_of_children()
         poller.terminate()
         lines = poller.communicate(timeout=10)[0].splitlines()
         seconds = json.loads(lines[-1]) if lines else {"dashboard": [], "metrics": []}
@@ -80,10 +106,13 @@ def run_demo(args: argparse.Namespace, workdir: Path, watch: bool) -> dict[str, 
             polled[key] = len(seconds[name])
             if seconds[name]:
                 polled[f"{name}_median_ms"] = round(1000 * statistics.median(seconds[name]), 2)
+        polled["poller_cpu_seconds"] = round(cpu_of_children() - before, 2)
     if result.returncode != 0:
         raise RuntimeError(f"fedge demo failed ({result.returncode}): {result.stdout[-2000:]}{result.stderr[-2000:]}")
     data = json.loads(report.read_text())
-    return {"watch": watch, "wall_seconds": round(wall, 2), "federation_seconds": data["seconds"], "final_auc": data["final"]["auc"], **(polled or {})}
+    return {"watch": watch, "wall_seconds": round(wall, 2), "federation_seconds": data["seconds"], "cpu_seconds": round(cpu, 2),
+            "server_process_cpu_seconds": round(server_cpu, 2),
+            "final_auc": data["final"]["auc"], **(polled or {})}  # fmt: skip
 
 
 def main() -> None:
@@ -104,7 +133,7 @@ def main() -> None:
                 runs.append(run)
                 print(json.dumps(run), flush=True)
     summary = {}
-    for key in ("wall_seconds", "federation_seconds"):
+    for key in ("wall_seconds", "federation_seconds", "cpu_seconds", "server_process_cpu_seconds"):
         off = statistics.median(r[key] for r in runs if not r["watch"])
         on = statistics.median(r[key] for r in runs if r["watch"])
         offs, ons = [r[key] for r in runs if not r["watch"]], [r[key] for r in runs if r["watch"]]

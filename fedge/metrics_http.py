@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import socket
+import threading
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from prometheus_client import CollectorRegistry
+
+POLL_SECONDS = 0.05  # how soon close() returns (http.server's default of 0.5 s is added to every run's end)
 
 
 class MetricsEndpoint:
@@ -13,13 +17,22 @@ class MetricsEndpoint:
     HOST defaults to loopback: exposing metrics to the network is the operator's choice."""
 
     def __init__(self, registry: CollectorRegistry, port: int, host: str = "127.0.0.1"):
-        from prometheus_client import start_http_server
+        from http.server import ThreadingHTTPServer
+
+        from prometheus_client.exposition import MetricsHandler
 
         if not 0 <= port <= 65535:
             raise ValueError(f"--metrics-port must be 0..65535, not {port}")
-        self._httpd, self._thread = start_http_server(port, addr=host, registry=registry)
+
+        class Server(ThreadingHTTPServer):
+            daemon_threads = True
+            address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
+
+        self._httpd = Server((host, port), MetricsHandler.factory(registry))
+        self._thread = threading.Thread(target=self._httpd.serve_forever, args=(POLL_SECONDS,), name="fedge-metrics", daemon=True)
+        self._thread.start()
         self.host = host
-        self.port = int(self._httpd.server_port)
+        self.port = int(self._httpd.server_address[1])
 
     @property
     def url(self) -> str:

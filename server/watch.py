@@ -36,8 +36,8 @@ class WatchSettings:
             raise ValueError(f"--linger must be 0..86400 seconds, not {self.linger}")
         if self.metrics_port is not None and not 0 <= self.metrics_port <= 65535:
             raise ValueError(f"--metrics-port must be 0..65535, not {self.metrics_port}")
-        if self.dashboard is not None or self.dashboard_token is not None:
-            from server.dashboard.app import check_token, parse_address  # aiohttp: only when the dashboard is on
+        from server.dashboard.options import check_token, parse_address
+
         if self.dashboard is not None:
             parse_address(self.dashboard)
         if self.dashboard_token is not None:

@@ -24,12 +24,9 @@ from fedge.models import ModelConfig
 from fedge.protocol import Topics
 from fedge.tasks import ClassificationTask
 from server.config import ServerConfig
-from server.dashboard import (
-    DashboardServer,
-    dashboard_state,
-    parse_address,
-    serve_dashboard,
-)
+from server.dashboard import parse_address, serve_dashboard
+from server.dashboard.app import DashboardServer
+from server.dashboard.state import dashboard_state
 from server.rounds import RoundServer
 
 FED = "dash"

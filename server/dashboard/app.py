@@ -21,9 +21,10 @@ from typing import Any
 
 from aiohttp import web
 
+from server.dashboard.options import DEFAULT_HOST, check_token
+
 log = logging.getLogger("fedge.dashboard")
 
-DEFAULT_HOST = "127.0.0.1"
 STATIC_FILES = {"dashboard.js": "text/javascript", "dashboard.css": "text/css"}
 SECURITY_HEADERS = {
     "Content-Security-Policy": (
@@ -35,26 +36,6 @@ SECURITY_HEADERS = {
     "Referrer-Policy": "no-referrer",
     "Cache-Control": "no-store",
 }
-
-
-def parse_address(text: str) -> tuple[str, int]:
-    """`HOST:PORT`, `:PORT` or `PORT` (host 127.0.0.1); `[::1]:PORT` for IPv6."""
-    host, sep, port = text.rpartition(":")
-    if not sep:
-        host, port = "", text
-    host = host.strip("[]") or DEFAULT_HOST
-    try:
-        number = int(port)
-    except ValueError:
-        number = -1
-    if not 0 <= number <= 65535:
-        raise ValueError(f"--dashboard takes HOST:PORT or PORT (e.g. 127.0.0.1:8080), not {text!r}")
-    return host, number
-
-
-def check_token(token: str) -> None:
-    if not token or any(c.isspace() or not c.isprintable() for c in token):
-        raise ValueError("--dashboard-token must be a non-empty string of printable characters without spaces")
 
 
 def _static(name: str) -> bytes:
