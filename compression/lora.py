@@ -59,7 +59,7 @@ def add_adapters(
         raise ValueError(f"LoRA targets {unmatched} match no Linear/Conv2d layer of this model; its layers: {shown} (a target is a full name or its last part)")
     config = LoraConfig(
         r=r,
-        lora_alpha=alpha,
+        lora_alpha=alpha,  # type: ignore[arg-type]  # peft annotates int; a float scale works and is what r/alpha tuning uses
         lora_dropout=dropout,
         target_modules=targets,
         modules_to_save=list(trainable),

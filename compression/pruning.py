@@ -38,7 +38,7 @@ class PruneStats:
 
 def _attention_heads(model: nn.Module) -> dict[nn.Module, int]:
     return {
-        m.qkv: int(m.num_heads)
+        m.qkv: int(m.num_heads)  # type: ignore[misc,arg-type]  # ViT attention blocks, found by duck typing
         for m in model.modules()
         if isinstance(getattr(m, "qkv", None), nn.Linear) and isinstance(getattr(m, "num_heads", None), int)
     }

@@ -54,12 +54,12 @@ class _FakeQuant:
         return torch.fake_quantize_per_channel_affine(w, scale, zero, 0, QMIN, QMAX)
 
 
-class QuantLinear(nn.Linear, _FakeQuant):
+class QuantLinear(nn.Linear, _FakeQuant):  # type: ignore[misc]  # both bases declare weight
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(self._quant_input(x), self._quant_weight(), self.bias)
 
 
-class QuantConv2d(nn.Conv2d, _FakeQuant):
+class QuantConv2d(nn.Conv2d, _FakeQuant):  # type: ignore[misc]  # both bases declare weight
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._conv_forward(self._quant_input(x), self._quant_weight(), self.bias)
 
@@ -70,9 +70,10 @@ def _quantized(module: nn.Module, momentum: float) -> nn.Module:
     if type(module) is nn.Linear:
         new = QuantLinear(module.in_features, module.out_features, bias=module.bias is not None, device="meta")
     elif type(module) is nn.Conv2d:
+        # The module's own 2-d geometry, which torch types as tuple[int, ...].
         new = QuantConv2d(
-            module.in_channels, module.out_channels, module.kernel_size, module.stride, module.padding,
-            module.dilation, module.groups, module.bias is not None, module.padding_mode, device="meta",
+            module.in_channels, module.out_channels, module.kernel_size, module.stride, module.padding,  # type: ignore[arg-type]
+            module.dilation, module.groups, module.bias is not None, module.padding_mode, device="meta",  # type: ignore[arg-type]
         )  # fmt: skip
     else:
         return module

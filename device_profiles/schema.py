@@ -17,7 +17,7 @@ from fedge.precision import Precision
 from fedge.protocol.chunks import DEFAULT_CHUNK_SIZE
 from fedge.protocol.messages import ModeName
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION: Literal[1] = 1
 # MQTT's largest packet (remaining length field) bounds one chunk.
 MAX_CHUNK_SIZE = 268_435_455
 

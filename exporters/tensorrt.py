@@ -176,8 +176,8 @@ class TensorRTExporter(Exporter):
         }
         if is_available():
             meta |= build_engine(onnx_path, chw, spec)
-            files = (out_dir / ENGINE, onnx_path, script, out_dir / TIMING_CACHE, out_dir / METADATA)
-            path, notes = out_dir / ENGINE, ()
+            files: tuple[Path, ...] = (out_dir / ENGINE, onnx_path, script, out_dir / TIMING_CACHE, out_dir / METADATA)
+            path, notes = out_dir / ENGINE, tuple[str, ...]()
         else:
             meta |= {"built": False, "reason": "tensorrt not installed"}
             files, path = (onnx_path, script, out_dir / METADATA), onnx_path

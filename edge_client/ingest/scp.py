@@ -120,9 +120,9 @@ class StorageSCP:
         ae.require_called_aet = True
         syntaxes = _decodable_syntaxes()
         for cx in AllStoragePresentationContexts:
-            ae.add_supported_context(cx.abstract_syntax, syntaxes)
+            ae.add_supported_context(cx.abstract_syntax, syntaxes)  # type: ignore[arg-type]  # always set on the storage contexts
         handlers = [(evt.EVT_C_STORE, self._on_store), (evt.EVT_DATA_RECV, self._on_data)]
-        self._server = ae.start_server((self.config.host, self.config.port), block=False, evt_handlers=handlers, ssl_context=context)
+        self._server = ae.start_server((self.config.host, self.config.port), block=False, evt_handlers=handlers, ssl_context=context)  # type: ignore[arg-type]
 
     @property
     def port(self) -> int:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from typing import Any
+
 import typer
 
 from fedge.cli.options import fail, resolve_profile
@@ -50,11 +52,11 @@ def agent(
 
     from fedge.cli.options import profile_link_rates
 
-    link = profile_link_rates(emulate_link) if emulate_link else {}
+    link: dict[str, Any] = profile_link_rates(emulate_link) if emulate_link else {}
     try:
         config = AgentConfig(
             broker=broker, site=site, federation=federation, data_dir=data_dir, dataset=dataset, shard=shard,
-            num_shards=num_shards, alpha=alpha, state_dir=state_dir, codec=codec, mode=mode, seed=seed, threads=threads,
+            num_shards=num_shards, alpha=alpha, state_dir=state_dir, codec=codec, mode=mode, seed=seed, threads=threads,  # type: ignore[arg-type]  # pydantic names the modes
             signing_key=signing_key, server_key=server_key, device=device, ca=ca, cert=cert, key=key, **link,
         )
     except ValueError as exc:  # pydantic's ValidationError names the field and the allowed values

@@ -61,7 +61,7 @@ def demo(
         settings = FederationSettings(
             dataset=dataset, data_dir=data_dir, clients=clients, rounds=rounds, codec=codec, downlink_codec=downlink_codec,
             arch=arch, broker=broker, seed=seed, alpha=alpha, epochs=epochs, lr=lr, workdir=workdir,
-            mode=mode, mode_options=parse_mode_options(mode_options), init=init, emulate_link=emulate_link, secure=secure,
+            mode=mode, mode_options=parse_mode_options(mode_options), init=init, emulate_link=emulate_link, secure=secure,  # type: ignore[arg-type]
             strategy=strategy, strategy_options=parse_strategy_options(strategy_options), dp_noise_multiplier=dp_noise_multiplier,
             dp_max_grad_norm=dp_max_grad_norm, dp_delta=dp_delta,
             metrics_port=metrics_port, dashboard=dashboard, dashboard_token=dashboard_token, mlflow=mlflow, tensorboard=tensorboard,
