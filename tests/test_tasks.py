@@ -31,6 +31,7 @@ def test_rgb_multiclass_file_trains_with_no_code_change(tmp_path):
     splits = load_medmnist(name, tmp_path)
     assert (splits.channels, splits.num_classes, splits.image_size) == (3, 4, 28)
     task = ClassificationTask(splits)
+    torch.manual_seed(0)  # the untrained model's AUC must not depend on which tests ran before in this process
     model = build_model(task.model_config("cnn"))
     before = task.evaluate(model)
     task.train_local(model, epochs=3, lr=3e-3, seed=0)
