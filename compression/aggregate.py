@@ -166,5 +166,5 @@ def _sparse_gram(idx: np.ndarray, owner: np.ndarray, val: np.ndarray, n: int, ch
             pos = group_starts[g : g + max(chunk // len(first), 1), None] + np.arange(m)
             v, c = val[pos], owner[pos]
             pairs += np.bincount((c[:, first] * n + c[:, second]).reshape(-1), weights=(v[:, first] * v[:, second]).reshape(-1), minlength=n * n)
-    pairs = pairs.reshape(n, n)
-    return gram + pairs + pairs.T
+    square = pairs.reshape(n, n)
+    return gram + square + square.T

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -30,7 +31,7 @@ _ORDER = {"sparsifier": 0, "values": 1, "entropy": 2}
 _FLAGS = ("ef",)
 
 
-def _parse_token(token: str, spec: str) -> tuple[type, str | None, set[str]]:
+def _parse_token(token: str, spec: str) -> tuple[Any, str | None, set[str]]:
     head, *flags = (part.strip() for part in token.split(","))
     name, sep, arg = head.partition(":")
     if name not in STAGES:
@@ -217,7 +218,7 @@ class UpdateCodec:
             longest = self.values.max_bytes(numel)
         if KEEP_DENSE in kinds:
             longest = max(longest, Fp16().max_bytes(numel))
-        if kinds & set(INDEX_CODERS):
+        if kinds & set(INDEX_CODERS) and self.sparsifier is not None:  # index kinds exist only with a sparsifier
             k = self.sparsifier.count_bounds(numel)[1]
             longest = max(longest, max(c.max_bytes(numel, k) for c in INDEX_CODERS.values()) + self.values.max_bytes(k))
         return 1 + longest
@@ -262,6 +263,7 @@ class UpdateCodec:
                 coder = self.values if kind == DENSE else Fp16()
                 out[spec.name] = coder.decode(reader, spec.numel, what).reshape(spec.shape)
             else:
+                assert self.sparsifier is not None  # `allowed` holds index kinds only with a sparsifier
                 fewest, most = self.sparsifier.count_bounds(spec.numel)
                 indices = INDEX_CODERS[kind].decode(reader, spec.numel, most, what)
                 if indices.size < fewest:
