@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 FEDGE_DATA_DIR ?= $(firstword $(abspath $(wildcard ../shared/data)) $(HOME)/.cache/fedge)
 export FEDGE_DATA_DIR
 
-.PHONY: install system-deps demo test test-fast clean
+.PHONY: install system-deps demo lint test test-fast clean
 
 $(BIN)/.installed: pyproject.toml constraints-cpu.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -23,7 +23,12 @@ demo: $(BIN)/.installed
 system-deps:
 	./scripts/system-deps.sh
 
-test: $(BIN)/.installed system-deps
+# Lint (ruff) and types (mypy) on the packages; configured in pyproject.toml.
+lint: $(BIN)/.installed
+	$(BIN)/ruff check fedge compression edge_client server exporters device_profiles benchmarks tests
+	$(BIN)/mypy
+
+test: $(BIN)/.installed system-deps lint
 	$(BIN)/python -m pytest -q -p no:cacheprovider
 
 # The unit tests only (no broker, subprocess, federation or onnxruntime export): the inner loop.

@@ -31,8 +31,8 @@ from rich.table import Table
 from device_profiles.detect import cpu_name
 from exporters import export_artifact
 from fedge.checkpoint import load_checkpoint, save_checkpoint
-from fedge.files import atomic_write_bytes
 from fedge.data import load_medmnist
+from fedge.files import atomic_write_bytes
 from fedge.models import MODELS, build_model
 from fedge.tasks import ClassificationTask
 

@@ -87,7 +87,8 @@ def run_one(job: dict[str, Any]) -> dict[str, Any]:
     if dp == "client-central":
         strategy = get_strategy("dp_fedavg", noise_multiplier=sigma, max_norm=job["clip"], delta=DELTA, seed=seed)
     elif dp == "client-local":
-        local_noise = lambda delta, rng: gaussian_release(delta, job["clip"], sigma, rng)
+        def local_noise(delta, rng):
+            return gaussian_release(delta, job["clip"], sigma, rng)
     elif dp == "record":
         def trainer(task, model, site, indices, site_seed):
             q = min(1.0, job["dp_batch_size"] / len(indices))

@@ -8,8 +8,8 @@ import threading
 import time
 import zlib
 from dataclasses import dataclass
-from typing import Any, Literal
 from functools import partial
+from typing import Any, Literal
 
 import numpy as np
 import torch

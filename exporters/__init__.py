@@ -17,6 +17,11 @@ from typing import Any
 import numpy as np
 from torch import nn
 
+# Importing the modules registers their exporters.
+from exporters import onnx_fp as _onnx_fp  # noqa: F401,E402
+from exporters import onnx_int8 as _onnx_int8  # noqa: F401,E402
+from exporters import tensorrt as _tensorrt  # noqa: F401,E402
+from exporters import triton as _triton  # noqa: F401,E402
 from exporters.base import (
     EXPORTERS,
     Artifact,
@@ -30,12 +35,6 @@ from exporters.base import (
     register_exporter,
 )
 from exporters.latency import LatencyStats, measure_latency
-
-# Importing the modules registers their exporters.
-from exporters import onnx_fp as _onnx_fp  # noqa: F401,E402
-from exporters import onnx_int8 as _onnx_int8  # noqa: F401,E402
-from exporters import tensorrt as _tensorrt  # noqa: F401,E402
-from exporters import triton as _triton  # noqa: F401,E402
 from exporters.onnx_int8 import load_calibration  # noqa: E402
 from exporters.parity import check_parity  # noqa: E402
 from fedge.checkpoint import load_checkpoint  # noqa: E402

@@ -8,7 +8,6 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-import onnx
 from onnx import numpy_helper
 from torch import nn
 

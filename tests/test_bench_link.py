@@ -13,9 +13,9 @@ from compression import UpdateCodec
 from fedge import weights as W
 from fedge.data import ImageSplits
 from fedge.linkemu import LinkEmulator
-from fedge.rounds import make_update
 from fedge.models import ModelConfig, build_model
 from fedge.protocol import Chunk, Reassembler, Topics, decode_envelope, split_chunks
+from fedge.rounds import make_update
 from fedge.tasks import ClassificationTask
 from fedge.transport import MqttSession
 

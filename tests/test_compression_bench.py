@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from model_fixtures import BENCHMARKS, load_benchmark
 
+
 @pytest.fixture(scope="module")
 def bench():
     return load_benchmark("codec_bench")

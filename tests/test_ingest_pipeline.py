@@ -16,7 +16,7 @@ from data_fixtures import data_path
 from typer.testing import CliRunner
 
 from edge_client.ingest.labels import Labels
-from edge_client.ingest.pipeline import IngestSummary, Ingestor, discover
+from edge_client.ingest.pipeline import Ingestor, IngestSummary, discover
 from edge_client.ingest.reader import ReadConfig
 from edge_client.ingest.store import SPLITS, DatasetStore
 from edge_client.ingest.watch import watch

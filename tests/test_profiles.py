@@ -12,8 +12,8 @@ from typer.testing import CliRunner
 
 from device_profiles import Profile, ProfileError, ProfileNotFoundError, load_profile, load_profile_file, resolve_profile_path, shipped_names
 from device_profiles.loader import SHIPPED_DIR
-from fedge.protocol.chunks import DEFAULT_CHUNK_SIZE
 from fedge.cli.profiles import app
+from fedge.protocol.chunks import DEFAULT_CHUNK_SIZE
 
 REQUIRED = {
     "jetson-orin-nano-8gb",

@@ -12,10 +12,10 @@ from collections.abc import Iterator
 
 import paho.mqtt.client as mqtt
 import pytest
+from brokers import SecureBroker, _free_port, current_user, running_mosquitto
 from cryptography import x509
 from typer.testing import CliRunner
 
-from brokers import SecureBroker, _free_port, current_user, running_mosquitto
 from fedge.cli.main import app
 from fedge.identity import certificate_identity
 from fedge.transport import Message, MqttSession, TlsFiles

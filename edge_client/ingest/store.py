@@ -27,6 +27,7 @@ import secrets
 import threading
 from dataclasses import dataclass
 from pathlib import Path
+
 import numpy as np
 
 from edge_client.ingest.reader import Instance

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from pathlib import Path
-
 from typing import Any
 
 import typer
@@ -49,7 +48,6 @@ def agent(
 
     from edge_client.config import AgentConfig
     from edge_client.runner import run_agent
-
     from fedge.cli.options import profile_link_rates
 
     link: dict[str, Any] = profile_link_rates(emulate_link) if emulate_link else {}

@@ -21,7 +21,7 @@ from fedge.protocol.messages import (
     open_record,
     sign_record,
 )
-from fedge.protocol.topics import Topics, TopicInfo
+from fedge.protocol.topics import TopicInfo, Topics
 
 __all__ = [
     "ALLOWED_METRICS",
