@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from fedge.cli.options import MODE_OPTIONS_HELP, one_line_errors
+from fedge.cli.options import DP_HELP, MODE_OPTIONS_HELP, STRATEGY_HELP, STRATEGY_OPTIONS_HELP, one_line_errors
 
 
 @one_line_errors
@@ -36,6 +36,11 @@ def server(
     key: Path = typer.Option(None, help="Private key of --cert"),
     max_samples: int = typer.Option(1_000_000, min=1, help="Refuse updates claiming more training samples (their FedAvg weight)"),
     max_update_norm: float = typer.Option(1e4, help="Refuse updates whose decoded delta has a larger L2 norm (NaN/Inf always refused)"),
+    strategy: str = typer.Option("fedavg", help=STRATEGY_HELP),
+    strategy_options: str = typer.Option(None, help=STRATEGY_OPTIONS_HELP),
+    dp_noise_multiplier: float = typer.Option(None, help=DP_HELP),
+    dp_max_grad_norm: float = typer.Option(1.0, help="DP-SGD: per-sample gradient clip"),
+    dp_delta: float = typer.Option(1e-5, help="DP-SGD: the delta each site's epsilon is reported at (below 1 / its records)"),
     metrics_port: int = typer.Option(None, min=0, max=65535, help="Serve Prometheus metrics on http://METRICS_HOST:PORT/metrics"),
     metrics_host: str = typer.Option("127.0.0.1", help="Address the metrics endpoint listens on (0.0.0.0: every interface, for a remote Prometheus)"),
     dashboard: str = typer.Option(None, help="Serve the read-only live dashboard on HOST:PORT or PORT (host 127.0.0.1)"),
@@ -45,7 +50,7 @@ def server(
     linger: float = typer.Option(0.0, min=0, max=86400, help="After the last round, keep the dashboard and metrics up this many seconds (a last scrape, open pages)"),
     verbose: bool = typer.Option(True, "--verbose/--quiet"),
 ) -> None:
-    """Aggregate rounds of site updates over MQTT (FedAvg), checkpoint each round, resume after a crash.
+    """Aggregate rounds of site updates over MQTT (FedAvg or --strategy), checkpoint each round, resume after a crash.
 
     Known errors (a bad setting, a missing file, an unreachable broker) end it with one line and
     their exit code (`fedge --help`)."""
@@ -56,19 +61,20 @@ def server(
 
     from compression import UpdateCodec
     from fedge.broker import EmbeddedBroker
-    from fedge.cli.options import fail, parse_mode_options
     from fedge.checkpoint import load_checkpoint
-    from fedge.protocol import TrainSettings
+    from fedge.cli.options import fail, parse_mode_options, parse_strategy_options
     from fedge.data import load_medmnist
+    from fedge.protocol import TrainSettings
     from fedge.tasks import ClassificationTask
     from server.config import ServerConfig
-    from server.strategies import get_strategy
     from server.rounds import RoundServer
+    from server.strategies import get_strategy
     from server.watch import WatchSettings, watched
 
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        train = TrainSettings(epochs=epochs, lr=lr, batch_size=batch_size, mode=mode, mode_options=parse_mode_options(mode_options))
+        train = TrainSettings(epochs=epochs, lr=lr, batch_size=batch_size, mode=mode, mode_options=parse_mode_options(mode_options),  # type: ignore[arg-type]
+                              dp_noise_multiplier=dp_noise_multiplier, dp_max_grad_norm=dp_max_grad_norm, dp_delta=dp_delta)
     except ValueError as exc:
         raise fail(f"invalid training settings: {exc}") from None
     if cert is not None and (key is None or ca is None):
@@ -84,7 +90,7 @@ def server(
         model_config = load_checkpoint(init).config
     else:
         task = ClassificationTask(load_medmnist(dataset, data_dir))
-        model_config = task.model_config(arch)
+        model_config = task.model_config(arch, **({"norm": "group"} if dp_noise_multiplier is not None and arch == "cnn" else {}))
     evaluator = None
     if evaluate:
         evaluator = (task or ClassificationTask(load_medmnist(dataset, data_dir))).evaluate
@@ -100,6 +106,7 @@ def server(
             train=train, seed=seed, init_checkpoint=init, dataset=dataset if task is not None else None,
             trusted_keys=trusted_keys, signing_key=signing_key, ca=ca, cert=cert, key=key,
             max_samples=max_samples, max_update_norm=max_update_norm,
+            strategy=strategy, strategy_options=parse_strategy_options(strategy_options),
         )
         round_server = RoundServer(config, evaluator=evaluator, on_round=lambda r: console.print(r))
         with watched(round_server, watch, say=console.print):
