@@ -19,7 +19,7 @@ install: $(BIN)/.installed
 demo: $(BIN)/.installed
 	$(BIN)/fedge demo --dataset pneumoniamnist --data-dir "$(FEDGE_DATA_DIR)" --clients 4 --rounds 10 --report runs/demo/report.json
 
-# Mosquitto, mosquitto_pub and dcmtk for the integration tests (apt-get, only when missing).
+# Mosquitto, mosquitto_pub, dcmtk, chromium and chromium-driver for the integration tests (apt-get, only when missing).
 system-deps:
 	./scripts/system-deps.sh
 
