@@ -88,7 +88,8 @@ def read_global(
         raise ProtocolError(f"global of federation {env.header.federation!r} run {env.header.run!r}, not {federation!r} run {run!r}")
     config = ModelConfig.from_json(json.dumps(env.header.model))
     expected = expect(env.header, config)
-    if not Manifest.from_entries(env.header.manifest).same_shapes(expected):
+    entries = env.header.manifest  # counted first: 40,000 entries need not become TensorSpecs to be refused
+    if len(entries) != len(expected) or not Manifest.from_entries(entries).same_shapes(expected):
         raise ProtocolError("the global's manifest is not the model its config builds in the announced mode")
     kept = norm_stat_names(dict.fromkeys(t.name for t in expected)) if env.header.base_round is not None else ()
     decoded = codec_for(env.header.codec).decode(env.payload, list(expected.specs), max_output_bytes=4 * expected.numel, keep_dense=kept)

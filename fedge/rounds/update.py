@@ -95,7 +95,7 @@ def validate_header(header: EnvelopeHeader, *, topic_client: str, expected: Expe
     if not 1 <= header.num_samples <= expected.max_samples:
         raise RejectedUpdate("sample-count", f"sample count {header.num_samples} outside [1, {expected.max_samples}] (--max-samples)")
     if header.manifest:
-        if not Manifest.from_entries(header.manifest).same_shapes(expected.manifest):
+        if len(header.manifest) != len(expected.manifest) or not Manifest.from_entries(header.manifest).same_shapes(expected.manifest):
             raise RejectedUpdate("wrong-manifest", "tensor manifest does not match the global model")
     elif header.manifest_sha256 != expected.manifest.digest:
         raise RejectedUpdate("wrong-manifest", "tensor manifest digest missing or does not match the global model")
