@@ -6,6 +6,8 @@ from __future__ import annotations
 import contextlib
 import os
 import pwd
+import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -105,3 +107,39 @@ def secure_mosquitto(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Secur
     log = root / "mosquitto.log"
     with running_mosquitto(files.config, port, log):
         yield SecureBroker("127.0.0.1", port, fed.name, fed.dir, files.dir, kits, log)
+
+
+class Recorder:
+    """Every message under fedge/<federation>/ as (topic, payload), from a client outside the federation
+    (what an attacker on a shared broker sees)."""
+
+    def __init__(self, broker: str, name: str, federation: str):
+        from fedge.transport import MqttSession
+
+        self.session = MqttSession(broker, name, clean_session=True)
+        self.session.subscribe(f"fedge/{federation}/#")
+        self.session.connect()
+        self.messages: list[tuple[str, bytes]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            msg = self.session.get(timeout=0.1)
+            if msg is not None:
+                self.messages.append((msg.topic, msg.payload))
+
+    def wait_for(self, topic: str, timeout: float = 120.0) -> bytes:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for t, payload in list(self.messages):
+                if t == topic and payload:
+                    return payload
+            time.sleep(0.05)
+        raise AssertionError(f"nothing on {topic} within {timeout:.0f}s")
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+        self.session.close()

@@ -9,13 +9,14 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import threading
 import time
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
+from brokers import Recorder
 
+from fedge.cli.federation import signing_keys
 from fedge.protocol import Chunk, RoundAnnouncement, StatusMessage, Topics, decode_envelope, open_record, sign_record
 from fedge.protocol.signing import Signer
 from fedge.rounds import Manifest
@@ -31,50 +32,6 @@ FED = "fuzzfed"
 SITES = ("site-1", "site-2")
 ABSENT = "site-3"  # selected (its status is signed), never sends: each round waits for its deadline
 ROUNDS = 3
-
-
-class Recorder:
-    """Every message under the federation's topics, from a client outside the federation."""
-
-    def __init__(self, broker: str):
-        self.session = MqttSession(broker, "fuzz-recorder", clean_session=True)
-        self.session.subscribe(f"fedge/{FED}/#")
-        self.session.connect()
-        self.messages: list[tuple[str, bytes]] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            msg = self.session.get(timeout=0.1)
-            if msg is not None:
-                self.messages.append((msg.topic, msg.payload))
-
-    def wait_for(self, topic: str, timeout: float = 180.0) -> bytes:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            for t, payload in list(self.messages):
-                if t == topic and payload:
-                    return payload
-            time.sleep(0.05)
-        raise AssertionError(f"nothing on {topic} within {timeout:.0f}s")
-
-    def close(self) -> None:
-        self._stop.set()
-        self._thread.join(timeout=5)
-        self.session.close()
-
-
-def _keys(folder: Path) -> dict[str, Path]:
-    trusted = folder / "trusted"
-    trusted.mkdir(parents=True)
-    paths = {"trusted": trusted, "server": folder / "server.key", "server.pub": folder / "server.pub"}
-    Signer.generate().save(paths["server"], paths["server.pub"])
-    for site in (*SITES, ABSENT):
-        paths[site] = folder / f"{site}.key"
-        Signer.generate().save(paths[site], trusted / f"{site}.pub")
-    return paths
 
 
 def _attack_target(recorder: Recorder, keys: dict[str, Path]) -> Target:
@@ -133,9 +90,9 @@ def test_every_reproducer_over_mosquitto_is_refused_and_the_federation_finishes(
     wait for the next, one at a time, each announcing the current round."""
     host, port = mosquitto_broker
     broker = f"mqtt://{host}:{port}"
-    keys = _keys(tmp_path / "keys")
+    keys = signing_keys(tmp_path / "keys", (*SITES, ABSENT))
     topics = Topics(FED)
-    recorder = Recorder(broker)
+    recorder = Recorder(broker, "fuzz-recorder", FED)
     server_log = tmp_path / "server.log"
     server = subprocess.Popen(FEDGE + [
         "server", "--broker", broker, "--federation", FED, "--dataset", "breastmnist", "--data-dir", str(medmnist_root),

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from brokers import Recorder
 from safetensors.numpy import load_file
 
 from fedge.cli.federation import signing_keys
@@ -38,39 +39,6 @@ pytestmark = pytest.mark.mosquitto
 FEDGE = [sys.executable, "-m", "fedge.cli.main"]
 FED = "trust"
 SITES = ("site-1", "site-2")
-
-
-class Recorder:
-    """Every message under fedge/<FED>/ as (topic, payload), from a client that is not part of the federation."""
-
-    def __init__(self, broker: str, name: str):
-        self.session = MqttSession(broker, name, clean_session=True)
-        self.session.subscribe(f"fedge/{FED}/#")
-        self.session.connect()
-        self.messages: list[tuple[str, bytes]] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            msg = self.session.get(timeout=0.1)
-            if msg is not None:
-                self.messages.append((msg.topic, msg.payload))
-
-    def wait_for(self, topic: str, timeout: float = 120.0) -> bytes:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            for t, payload in list(self.messages):
-                if t == topic and payload:
-                    return payload
-            time.sleep(0.05)
-        raise AssertionError(f"nothing on {topic} within {timeout:.0f}s")
-
-    def close(self) -> None:
-        self._stop.set()
-        self._thread.join(timeout=5)
-        self.session.close()
 
 
 class PeakRss(threading.Thread):
@@ -99,7 +67,7 @@ def _run(root: Path, broker: str, data: Path, keys: dict[str, Path], attack=None
     then runs against the open round, before the agents exist."""
     root.mkdir()
     topics = Topics(FED)
-    recorder = Recorder(broker, f"recorder-{root.name}")
+    recorder = Recorder(broker, f"recorder-{root.name}", FED)
     log = open(root / "server.log", "wb")
     server = subprocess.Popen(FEDGE + [
         "server", "--broker", broker, "--federation", FED, "--dataset", "breastmnist", "--data-dir", str(data),
