@@ -136,7 +136,12 @@ def test_a_restarted_server_resumes_its_run_and_the_agents_follow(task, tmp_path
 
     second = Federation(broker, task, tmp_path, rounds=2)
     assert second.server.state.round == 1 and second.server.run_id == run
+    assert Topics(FED).control in broker.retained  # the first server's `finished`, of this same run
     second.start_server()
+    deadline = time.monotonic() + 30
+    while Topics(FED).control in broker.retained:  # a restarted server clears it before agents may take it as the end
+        assert time.monotonic() < deadline, "the restarted server did not clear `finished`"
+        time.sleep(0.02)
     for site in ("site-1", "site-2"):
         second.start_agent(site)
     second.join()
