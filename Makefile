@@ -31,9 +31,10 @@ lint: $(BIN)/.installed
 test: $(BIN)/.installed system-deps lint
 	$(BIN)/python -m pytest -q -p no:cacheprovider
 
-# The unit tests only (no broker, subprocess, federation or onnxruntime export): the inner loop.
+# The unit tests only (no broker, subprocess, federation or onnxruntime export): the inner loop,
+# on two pytest-xdist workers (the suite is mostly import time; `make test` stays serial).
 test-fast: $(BIN)/.installed
-	$(BIN)/python -m pytest -q -p no:cacheprovider -m "not integration"
+	$(BIN)/python -m pytest -q -p no:cacheprovider -m "not integration" -n 2
 
 clean:
 	rm -rf runs .pytest_cache
