@@ -142,15 +142,24 @@ class Agent:
     def _expected_manifest(self, delta: bool, config: ModelConfig, ann: RoundAnnouncement) -> Manifest:
         """What a global for this config may carry: every float tensor of the model, or for a delta the ones that travel."""
         model, mode = self._model_for(config, ann, meta=True)
-        floats = ((k, v) for k, v in model.state_dict().items() if v.is_floating_point())
+        local = self._local_names(model, ann)
+        floats = ((k, v) for k, v in model.state_dict().items() if v.is_floating_point() and k not in local)
         full = Manifest(tuple(TensorSpec(k, tuple(v.shape)) for k, v in floats))
         return full.only(mode.trainable_state(model)) if delta else full
 
+    @staticmethod
+    def _local_names(model: torch.nn.Module, ann: RoundAnnouncement) -> frozenset[str]:
+        """The tensors this site keeps to itself (FedBN's normalisation layers when announced)."""
+        return W.norm_layer_names(model) if ann.train.local_norm else frozenset()
+
     def _install(self, glob: GlobalPayload, weights: dict[str, np.ndarray], rnd: int, ann: RoundAnnouncement) -> None:
         model, mode = self._model_for(glob.config, ann, meta=False)
-        ours = W.float_state(model)
+        local = self._local_names(model, ann)
+        ours = {k: v for k, v in W.float_state(model).items() if k not in local}
         if [(k, v.shape) for k, v in ours.items()] != [(k, v.shape) for k, v in weights.items()]:
             raise ProtocolError("global tensors do not match the announced architecture and training mode")
+        if local and model is not self.model:  # a fresh model (agent restart): this site's own layers, as it left them
+            self.state.restore_local(model, local)
         self.model, self.mode = model, mode
         self.held = _Global(rnd, glob.config, weights, W.state_sha256(weights))
 
@@ -240,7 +249,8 @@ class Agent:
     def _train(self, ann: RoundAnnouncement) -> bytes:
         if self.model is None or self.held is None or self.mode is None:
             raise RuntimeError("no global model installed: _try_obtain must succeed before training")
-        W.load_float_state(self.model, self.held.weights)
+        local = self._local_names(self.model, ann)
+        W.load_float_state(self.model, self.held.weights, local=local)
         seed = train_seed(self.config.seed, self.config.site, ann.round)
         torch.manual_seed(seed)
         train = ann.train
@@ -254,12 +264,13 @@ class Agent:
             seed=seed,
             device=default_device() if self.config.device == "auto" else self.config.device,
             dp=dp,
+            prox_mu=train.prox_mu,
         )
         if dp is not None:  # counted once trained, before anything is sent: a crash can only over-count
             self.state.privacy.record(dp.noise_multiplier, result.dp_sample_rate, result.dp_steps)
             self.state.save_privacy()
         # Only what travels (e.g. LoRA adapters + head): no copy of the frozen rest of the model.
-        delta = {k: v.cpu().numpy() - self.held.weights[k] for k, v in self.mode.trainable_state(self.model).items()}
+        delta = {k: v.cpu().numpy() - self.held.weights[k] for k, v in self.mode.trainable_state(self.model).items() if k not in local}
         envelope = make_update(
             delta, codec=ann.uplink_codec, federation=self.config.federation, site=self.config.site, round=ann.round, run=ann.run,
             model_sha256=ann.model_sha256, num_samples=result.num_samples, residual=self.state.residual, seed=seed, signer=self.signer,
@@ -268,6 +279,8 @@ class Agent:
         # The update is cached before the residual that includes it is committed: a crash between
         # the two resends this update (with the older residual), never trains the round twice.
         self.state.remember_update(self.config.federation, ann.run, ann.round, ann.model_sha256, envelope)
+        if local:
+            self.state.save_local(self.model, local)
         if codec_for(ann.uplink_codec).uses_error_feedback:
             self.state.save_residual()
         return envelope

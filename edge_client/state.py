@@ -1,11 +1,17 @@
 """What an agent keeps across restarts: its error-feedback residual, its last sent update, the
-server run it takes part in, and its privacy ledger (every DP-SGD release it made)."""
+server run it takes part in, its privacy ledger (every DP-SGD release it made), and the layers that
+never leave it (FedBN)."""
 
 from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Collection
 from pathlib import Path
+
+import torch
+from safetensors.numpy import load_file, save
+from torch import nn
 
 from compression import ErrorFeedback
 from fedge.errors import check_schema_version
@@ -69,6 +75,26 @@ class AgentState:
         except (OSError, ValueError, KeyError, TypeError, AttributeError):
             pass  # none or unreadable: the next signed announcement tells
         return None
+
+    @property
+    def _local_file(self) -> Path:
+        return self.folder / "local_layers.safetensors"
+
+    def save_local(self, model: nn.Module, names: Collection[str]) -> None:
+        """The tensors that never leave the site (FedBN's normalisation layers), kept across restarts."""
+        state = model.state_dict()
+        atomic_write_bytes(self._local_file, save({k: state[k].detach().cpu().numpy() for k in sorted(names)}))
+
+    def restore_local(self, model: nn.Module, names: Collection[str]) -> None:
+        """Load the saved local tensors into `model` where name and shape match (none saved: the model's own init)."""
+        if not self._local_file.exists():
+            return
+        saved = load_file(str(self._local_file))
+        state = model.state_dict()
+        with torch.no_grad():
+            for k in names:
+                if k in saved and tuple(saved[k].shape) == tuple(state[k].shape):
+                    state[k].copy_(torch.from_numpy(saved[k]))
 
     def save_residual(self) -> None:
         atomic_write_bytes(self._residual_file, self.residual.to_bytes())

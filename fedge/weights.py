@@ -7,7 +7,7 @@ dense (fp16 on lossy codecs) because they do not sparsify well and are a tiny sh
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 
 import numpy as np
 import torch
@@ -26,10 +26,27 @@ def float_state(model: nn.Module) -> dict[str, np.ndarray]:
     }
 
 
-def load_float_state(model: nn.Module, state: dict[str, np.ndarray]) -> None:
-    """Copy float tensors into the model; integer buffers keep their local values."""
+NORM_LAYERS = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
+
+
+def norm_layer_names(model: nn.Module) -> frozenset[str]:
+    """The float tensors (weight, bias, running statistics) of every normalisation layer: what a
+    site keeps local under FedBN. Decided by module type, not by name, so server and agent agree on
+    any architecture (and inside LoRA/QAT wrappers) given the same prepared model."""
+    state = model.state_dict()
+    names: set[str] = set()
+    for prefix, module in model.named_modules():
+        if isinstance(module, NORM_LAYERS):
+            head = f"{prefix}." if prefix else ""
+            names.update(f"{head}{k}" for k, v in module.state_dict().items() if v.is_floating_point() and f"{head}{k}" in state)
+    return frozenset(names)
+
+
+def load_float_state(model: nn.Module, state: dict[str, np.ndarray], local: Collection[str] = ()) -> None:
+    """Copy float tensors into the model; integer buffers, and the float tensors named `local`
+    (a FedBN site's normalisation layers), keep their local values."""
     current = model.state_dict()
-    missing = [k for k in current if current[k].is_floating_point() and k not in state]
+    missing = [k for k in current if current[k].is_floating_point() and k not in state and k not in local]
     if missing:
         raise ValueError(f"global model lacks {missing[:5]}: agent and server disagree on the architecture")
     with torch.no_grad():

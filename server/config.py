@@ -9,7 +9,7 @@ from typing import Any
 from fedge.models import ModelConfig
 from fedge.protocol import TrainSettings
 from fedge.protocol.chunks import DEFAULT_CHUNK_SIZE
-from server.strategies import get_strategy
+from server.strategies import announced_train, get_strategy
 
 
 @dataclass(frozen=True)
@@ -52,4 +52,5 @@ class ServerConfig:
             raise ValueError("max_samples must be >= 1 and max_update_norm > 0")
         if self.round_timeout <= 0 or self.chunk_size < 1024:
             raise ValueError("round_timeout must be positive and chunk_size at least 1024 bytes")
-        get_strategy(self.strategy, **self.strategy_options)  # a wrong name or option fails before anything starts
+        # A wrong name or option, or a strategy the training settings exclude, fails before anything starts.
+        announced_train(self.train, get_strategy(self.strategy, **self.strategy_options))

@@ -14,6 +14,7 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
+from safetensors.numpy import load_file, save
 
 from compression import CodecError, ErrorFeedback, UpdateCodec
 from fedge import weights as W
@@ -47,7 +48,7 @@ from fedge.rounds import (
 from fedge.transport import Message, MqttSession, Session, SessionFactory, TlsFiles
 from server.config import ServerConfig
 from server.store import CheckpointStore, RoundState
-from server.strategies import ClientUpdate, get_strategy
+from server.strategies import ClientUpdate, announced_train, get_strategy
 from server.validation import check_update
 
 log = logging.getLogger("fedge.server")
@@ -78,8 +79,11 @@ class RoundServer:
         self.mode = get_mode(config.train.mode, **config.train.mode_options)
         self.model_config, template = self._initial_model()
         self.template = template
-        self.store = CheckpointStore(config.checkpoint_dir, self.model_config, template, self.mode, config.dataset)
         self.strategy = get_strategy(config.strategy, **config.strategy_options)
+        self.train = announced_train(config.train, self.strategy)  # e.g. FedProx's mu, FedBN's local normalisation
+        # FedBN: the sites' normalisation layers are in neither the global, its checkpoints, nor any update.
+        self.local_names = W.norm_layer_names(template) if self.train.local_norm else frozenset()
+        self.store = CheckpointStore(config.checkpoint_dir, self.model_config, template, self.mode, config.dataset, local=self.local_names)
         self.uplink = codec_for(config.uplink_codec)
         self.downlink = codec_for(config.downlink_codec) if config.downlink_codec else None
         self.downlink_residual = ErrorFeedback()
@@ -93,8 +97,10 @@ class RoundServer:
         self._open: tuple[int, frozenset[str]] | None = None
         self.uploads: dict[tuple[int, str], dict[str, float]] = {}  # sites' measured upload time and bytes
         self.session: Session | None = None
+        self._strategy_state: dict[str, np.ndarray] = {}
         self.state = self._initial_state()
         self.strategy.resume(self.state.round)  # e.g. DP-FedAvg's accountant counts the rounds already published
+        self.strategy.load_state(self._strategy_state)
         self.run_id = self.store.run_id()
         self.manifest = Manifest.of(self.state.weights)
         # What travels up (and as downlink deltas): the mode's trainable tensors only, e.g. LoRA adapters + head.
@@ -131,13 +137,16 @@ class RoundServer:
                 self.downlink_residual.load_bytes(path.read_bytes(), str(path))
             if not all(np.isfinite(v).all() for v in state.weights.values()):
                 raise ValueError(f"checkpoint {record['model']} in {self.store.folder} holds NaN/Inf weights; move it and state.json aside")
+            strategy_file = record.get("strategy_state")
+            if strategy_file:  # a server optimizer's moments, restored after resume() below
+                self._strategy_state = load_file(str(self.store.folder / strategy_file))
             log.warning("resuming federation %s after round %d (checkpoint in %s)", self.config.federation, state.round, self.store.folder)
             return state
-        return RoundState(0, W.float_state(self.template))
+        return RoundState(0, {k: v for k, v in W.float_state(self.template).items() if k not in self.local_names})
 
     def global_model(self) -> torch.nn.Module:
         """The current global as a training-time module (what the evaluator scores)."""
-        W.load_float_state(self.template, self.state.weights)
+        W.load_float_state(self.template, self.state.weights, local=self.local_names)
         return self.template
 
     def _checkpoint(self) -> None:
@@ -148,10 +157,16 @@ class RoundServer:
             name = f"downlink_residual_{self.state.round:04d}.safetensors"
             atomic_write_bytes(self.store.folder / name, self.downlink_residual.to_bytes())
             extra["downlink_residual"] = name
+        strategy_state = self.strategy.state()
+        if strategy_state:
+            name = f"strategy_state_{self.state.round:04d}.safetensors"
+            atomic_write_bytes(self.store.folder / name, save(strategy_state))
+            extra["strategy_state"] = name
         self.store.save(self.state, self.config.federation, extra)
-        for old in self.store.folder.glob("downlink_residual*.safetensors"):
-            if old.name != extra.get("downlink_residual"):
-                old.unlink(missing_ok=True)
+        for pattern, key in (("downlink_residual*.safetensors", "downlink_residual"), ("strategy_state*.safetensors", "strategy_state")):
+            for old in self.store.folder.glob(pattern):
+                if old.name != extra.get(key):
+                    old.unlink(missing_ok=True)
 
     # ---- wire ----------------------------------------------------------------------------------
     def _global(self, rnd: int, tensors: dict[str, np.ndarray], *, codec: str = FULL_MODEL_CODEC, base_round: int | None = None,
@@ -186,7 +201,7 @@ class RoundServer:
             downlink_kind=kind,
             base_round=base,
             uplink_codec=self.uplink.spec,
-            train=self.config.train,
+            train=self.train,
             **self._signed_by(),
         )
         self._publish_record(self.topics.announce(rnd), announcement)
@@ -375,6 +390,7 @@ class RoundServer:
                 current.number + 1, mean_delta, codec=self.downlink.spec, base_round=current.number, residual=self.downlink_residual
             )
         self.state.weights = W.add(self.state.weights, mean_delta)
+        self.strategy.commit()  # e.g. FedAdam's moments: the aggregate was applied
         self.state.round = current.number
         uplink = sum(u.nbytes for u in current.updates.values())
         record: dict[str, Any] = {

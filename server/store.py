@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import secrets
 import time
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,13 +41,15 @@ class CheckpointStore:
     `final.safetensors` holds the plain exported model. Both record the mode and its options, so
     `fedge export` and `fedge bench` take either (fedge.checkpoint.Checkpoint.build)."""
 
-    def __init__(self, folder: Path, config: ModelConfig, template: nn.Module, mode: TrainingMode, dataset: str | None):
+    def __init__(self, folder: Path, config: ModelConfig, template: nn.Module, mode: TrainingMode, dataset: str | None,
+                 local: Collection[str] = ()):  # fmt: skip
+        """`local`: tensors that stay at the sites (FedBN's normalisation layers): neither saved nor expected."""
         self.folder = Path(folder)
         self.config = config
         self.mode = mode
         self.meta: dict[str, Any] = {"dataset": dataset} if dataset else {}
         self.folder.mkdir(parents=True, exist_ok=True)
-        self._order = [k for k, v in template.state_dict().items() if v.is_floating_point()]  # names only, no copy
+        self._order = [k for k, v in template.state_dict().items() if v.is_floating_point() and k not in local]  # names only, no copy
         self._buffers = {k: v for k, v in template.state_dict().items() if not v.is_floating_point()}
 
     @property

@@ -54,6 +54,10 @@ class TrainSettings(_Message):
     dp_noise_multiplier: float | None = Field(default=None, gt=0, le=100)
     dp_max_grad_norm: float = Field(default=1.0, gt=0, le=1e4)
     dp_delta: float = Field(default=1e-5, gt=0, lt=1)
+    # Non-IID strategies (server.strategies): FedProx's proximal weight mu (0: plain local training),
+    # and FedBN's normalisation layers kept at the site (they are in neither the global nor the update).
+    prox_mu: float = Field(default=0.0, ge=0, le=1e3)
+    local_norm: bool = False
 
 
 class Record(_Message):

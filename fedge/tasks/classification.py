@@ -38,13 +38,23 @@ class LocalTrainer:
     included), which needs no loss scaling; elsewhere in fp32.
     """
 
-    def __init__(self, model: nn.Module, *, lr: float = 1e-3, weight_decay: float = 0.0, device: str = "cpu"):
+    def __init__(self, model: nn.Module, *, lr: float = 1e-3, weight_decay: float = 0.0, device: str = "cpu", prox_mu: float = 0.0):
         self.device = device
         self.model = model.to(device).train()  # for the trainer's lifetime, not once per step
         params = [p for p in model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
         self.loss_fn = nn.CrossEntropyLoss()
         self.autocast = device.startswith("cuda") and torch.cuda.is_bf16_supported()
+        # FedProx (Li et al., 2020): mu/2 * ||w - w_global||^2 over the trained parameters, anchored
+        # at the weights the round started from, keeps a skewed site near the global.
+        self.prox_mu = prox_mu
+        self.anchor = [(p, p.detach().clone()) for p in params] if prox_mu > 0 else []
+
+    def proximal(self) -> torch.Tensor | float:
+        """mu/2 * ||w - w_global||^2 (0 without FedProx)."""
+        if not self.anchor:
+            return 0.0
+        return 0.5 * self.prox_mu * sum(((p - p0) ** 2).sum() for p, p0 in self.anchor)
 
     def batch(self, images: np.ndarray, labels: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         return preprocess(images).to(self.device), torch.from_numpy(np.asarray(labels, dtype=np.int64)).to(self.device)
@@ -55,7 +65,7 @@ class LocalTrainer:
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.autocast):
             logits = self.model(x)
             loss = self.loss_fn(logits.float(), y)
-        loss.backward()
+        (loss + self.proximal()).backward()
         self.optimizer.step()
         return float(loss.detach()), int((logits.argmax(1) == y).sum())
 
@@ -112,19 +122,23 @@ class ClassificationTask:
         weight_decay: float = 0.0,
         device: str = "cpu",
         dp: DPSettings | None = None,
+        prox_mu: float = 0.0,
     ) -> TrainResult:
         """Train in place on the train split (or its `indices`); deterministic for a given seed on CPU.
-        With `dp`, DP-SGD (`fedge.tasks.dp.train_dp`: Poisson batches, per-sample clipping, noise)."""
+        With `dp`, DP-SGD (`fedge.tasks.dp.train_dp`: Poisson batches, per-sample clipping, noise);
+        with `prox_mu` > 0, FedProx's proximal term (the loss reported is the data loss alone)."""
         images = self.splits.images["train"]
         labels = self.splits.labels["train"]
         if indices is not None:
             images, labels = images[indices], labels[indices]
         if dp is not None:
+            if prox_mu > 0:
+                raise ValueError("FedProx's proximal term is not implemented with DP-SGD: announce prox_mu=0 with dp_noise_multiplier")
             from fedge.tasks.dp import train_dp
 
             y = torch.from_numpy(np.asarray(labels, dtype=np.int64))
             return train_dp(model, preprocess(images), y, dp, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed, device=device)
-        trainer = LocalTrainer(model, lr=lr, weight_decay=weight_decay, device=device)
+        trainer = LocalTrainer(model, lr=lr, weight_decay=weight_decay, device=device, prox_mu=prox_mu)
         x_all, y_all = trainer.batch(images, labels)
         generator = torch.Generator().manual_seed(seed)
         start, total_loss, correct, seen = time.perf_counter(), 0.0, 0, 0

@@ -23,6 +23,7 @@ from compression import (
     order_statistic_mean,
 )
 from fedge.errors import UsageError
+from fedge.protocol import TrainSettings
 from fedge.registry import Registry
 from fedge.weights import NORM_STAT_SUFFIXES
 
@@ -56,6 +57,26 @@ class Strategy(ABC):
 
     def resume(self, rounds_done: int) -> None:
         """Called once by a server that resumes after `rounds_done` rounds (stateful rules catch up)."""
+
+    def announce(self) -> dict[str, object]:
+        """Training settings the sites must follow under this rule (merged into the signed
+        `TrainSettings` of every announcement, e.g. FedProx's `prox_mu`, FedBN's `local_norm`)."""
+        return {}
+
+    def commit(self) -> None:
+        """The server applied the last `aggregate`'s result. The non-finite guard may call
+        `aggregate` several times per round, so a stateful rule (a server optimizer) keeps what it
+        computed as pending and makes it its state only here."""
+
+    def state(self) -> dict[str, np.ndarray]:
+        """State to checkpoint with the round (a server optimizer's moments), so a resumed server
+        continues bit for bit; empty for stateless rules."""
+        return {}
+
+    def load_state(self, state: dict[str, np.ndarray]) -> None:
+        """Restore what `state` returned (at resume, after `resume`)."""
+        if state:
+            raise ValueError(f"strategy {self.name!r} keeps no state, but the checkpoint holds {sorted(state)[:3]}")
 
 
 @dataclass(frozen=True)
@@ -113,6 +134,15 @@ def get_strategy(name: str, **options: object) -> Strategy:
         listed = ", ".join(f"{k} (default {v!r})" for k, v in valid.items()) or "none"
         raise UsageError(f"strategy {name!r} has no option {', '.join(unknown)}; its options: {listed}")
     return cls(**options)
+
+
+def announced_train(train: TrainSettings, strategy: Strategy) -> TrainSettings:
+    """The training settings a server announces: its own, plus what its strategy asks of the sites
+    (validated as any announcement is). UsageError for a combination the sites cannot train."""
+    merged = train.model_copy(update=strategy.announce())
+    if merged.prox_mu > 0 and merged.dp_noise_multiplier is not None:
+        raise UsageError(f"strategy {strategy.name!r} (FedProx's proximal term) does not combine with DP-SGD: drop --dp-noise-multiplier or use fedavg")
+    return TrainSettings.model_validate(merged.model_dump())
 
 
 def weighted_mean(deltas: Sequence[Delta], weights: Sequence[float], manifest: list[TensorSpec]) -> dict[str, np.ndarray]:
