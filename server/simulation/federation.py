@@ -21,9 +21,10 @@ from compression import CodecError, ErrorFeedback, UpdateCodec
 from fedge import weights as W
 from fedge.data import ImageSplits, dirichlet_split
 from fedge.models import build_model
+from fedge.protocol import TrainSettings
 from fedge.tasks import ClassificationTask
 from server.simulation.attacks import Attack, AttackContext
-from server.strategies import ClientUpdate, Strategy
+from server.strategies import ClientUpdate, Strategy, announced_train
 from server.validation import RejectedUpdate, check_update
 
 Dense = dict[str, np.ndarray]
@@ -85,9 +86,13 @@ def finite_aggregate(strategy: Strategy, updates: list[ClientUpdate], weights: D
     return None, left_out
 
 
-def default_trainer(settings: SimulationSettings) -> SiteTrainer:
+def default_trainer(settings: SimulationSettings, prox_mu: float = 0.0) -> SiteTrainer:
+    """The agent's local step with the simulation's settings and what the strategy announces (FedProx's mu)."""
+
     def train(task: ClassificationTask, model: torch.nn.Module, site: str, indices: np.ndarray, seed: int) -> int:
-        return task.train_local(model, indices, epochs=settings.epochs, lr=settings.lr, batch_size=settings.batch_size, seed=seed).num_samples
+        return task.train_local(
+            model, indices, epochs=settings.epochs, lr=settings.lr, batch_size=settings.batch_size, seed=seed, prox_mu=prox_mu
+        ).num_samples
 
     return train
 
@@ -108,7 +113,9 @@ class InProcessFederation:
         on_round: Callable[[dict[str, Any]], None] | None = None,
     ) -> None:
         self.settings, self.task, self.strategy, self.adversary = settings, task, strategy, adversary
-        self.trainer = trainer or default_trainer(settings)
+        # What the server would announce: FedProx's mu reaches the local step, FedBN keeps normalisation layers at the sites.
+        self.train = announced_train(TrainSettings(epochs=settings.epochs, lr=settings.lr, batch_size=settings.batch_size), strategy)
+        self.trainer = trainer or default_trainer(settings, self.train.prox_mu)
         self.local_noise = local_noise
         self.on_round = on_round
         self.codec = UpdateCodec.from_spec(settings.codec)
@@ -120,16 +127,21 @@ class InProcessFederation:
         self.flipped = flipped_task(task) if adversary and adversary.attack.flips_labels else None
         torch.manual_seed(settings.seed)
         self.model = build_model(task.model_config(settings.arch, **settings.model_options))
-        self.weights = W.float_state(self.model)
+        initial = W.float_state(self.model)
+        self.local = W.norm_layer_names(self.model) if self.train.local_norm else frozenset()
+        self.weights = {k: v for k, v in initial.items() if k not in self.local}
+        self.site_local = {name: {k: initial[k].copy() for k in self.local} for name in self.names}  # FedBN: each site's own
         self.manifest = UpdateCodec.manifest(self.weights)
         self.residuals = {name: ErrorFeedback() for name in self.names}
 
     def _train(self, task: ClassificationTask, site: str, rnd: int) -> tuple[Dense, int]:
-        W.load_float_state(self.model, self.weights)
+        W.load_float_state(self.model, self.weights | self.site_local[site])
         seed = site_seed(self.settings.seed, site, rnd)
         torch.manual_seed(seed)
         samples = self.trainer(task, self.model, site, self.shards[site], seed)
-        return W.subtract(W.float_state(self.model), self.weights), samples
+        trained = W.float_state(self.model)
+        self.site_local[site] = {k: trained[k] for k in self.local}
+        return W.subtract(trained, self.weights), samples  # the global's tensors only: local ones never travel
 
     def _receive(self, site: str, delta: Dense, samples: int, seed: int, residual: ErrorFeedback | None) -> ClientUpdate:
         """Encode as the site would, then the server's decode and checks."""
@@ -172,6 +184,7 @@ class InProcessFederation:
         aggregate_seconds = time.perf_counter() - start
         if mean is not None:
             self.weights = W.add(self.weights, mean)
+            self.strategy.commit()
         record = {"round": rnd, "updates": len(updates), "rejected": rejected, "left_out": left_out, "applied": mean is not None,
                   "uplink_bytes": sum(u.nbytes for u in updates), "train_seconds": train_seconds,
                   "aggregate_seconds": aggregate_seconds, **self.strategy.round_metrics()}
@@ -182,8 +195,17 @@ class InProcessFederation:
     def evaluate(self) -> tuple[dict[str, float], bool]:
         """Test metrics of the current global, and whether it is broken. Finite weights can still
         output NaN (an attack that drives a BatchNorm running_var negative): such a model ranks
-        nothing, so it scores as chance (AUC 0.5, accuracy 0) and is flagged."""
-        W.load_float_state(self.model, self.weights)
+        nothing, so it scores as chance (AUC 0.5, accuracy 0) and is flagged.
+
+        With local layers (FedBN) there is no one global model: each site's model (the global plus
+        its own normalisation layers) is scored on the test split, and the metrics are their mean."""
+        if not self.local:
+            return self._score(self.weights)
+        scores = [self._score(self.weights | self.site_local[site]) for site in self.names]
+        return {k: float(np.mean([m[k] for m, _ in scores])) for k in ("auc", "accuracy")}, any(b for _, b in scores)
+
+    def _score(self, weights: Dense) -> tuple[dict[str, float], bool]:
+        W.load_float_state(self.model, weights)
         try:
             return self.task.evaluate(self.model), False
         except ValueError:
