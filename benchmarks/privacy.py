@@ -116,10 +116,10 @@ def jobs_for(args: argparse.Namespace) -> list[dict[str, Any]]:
             "dp_lr": args.dp_lr, "dp_batch_size": args.dp_batch_size}
     ten = {**base, "sites": args.sites, "alpha": args.alpha, "epochs": args.epochs}
     large = {**base, "sites": args.large_sites, "alpha": args.large_alpha, "epochs": args.large_epochs}
-    arms = [("none", ten, [None]), ("record", ten, args.epochs_list), ("client-central", ten, args.epochs_list),
+    arms = [("none", ten, [None]), ("record", ten, args.epsilons), ("client-central", ten, args.epsilons),
             ("client-local", ten, args.local_epsilons)]
     if args.large_sites:
-        arms += [("none", large, [None]), ("client-central", large, args.epochs_list), ("client-local", large, args.local_epsilons)]
+        arms += [("none", large, [None]), ("client-central", large, args.epsilons), ("client-local", large, args.local_epsilons)]
     return [{**fed, "dp": dp, "epsilon": eps, "seed": seed} for seed in args.seeds for dp, fed, epsilons in arms for eps in epsilons]
 
 
@@ -170,7 +170,7 @@ def print_table(report: dict[str, Any]) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--report", type=Path, required=True, help="where to write the JSON report")
-    parser.add_argument("--epsilons", dest="epochs_list", type=float, nargs="+", default=[1.0, 2.0, 4.0, 8.0], help="target epsilons")
+    parser.add_argument("--epsilons", type=float, nargs="+", default=[1.0, 2.0, 4.0, 8.0], help="target epsilons")
     parser.add_argument("--local-epsilons", type=float, nargs="*", default=[8.0], help="targets for client-local DP (none: skip)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--rounds", type=int, default=15)

@@ -14,7 +14,7 @@ def bench():
 
 
 def _args(**kw) -> argparse.Namespace:
-    defaults = {"epochs_list": [1.0, 8.0], "local_epsilons": [8.0], "seeds": [0, 1], "rounds": 15, "sites": 10, "alpha": 0.5,
+    defaults = {"epsilons": [1.0, 8.0], "local_epsilons": [8.0], "seeds": [0, 1], "rounds": 15, "sites": 10, "alpha": 0.5,
                 "epochs": 1, "large_sites": 100, "large_alpha": 2.0, "large_epochs": 3, "clip": 1.0,
                 "codec": "topk:0.02,ef|ternary|zstd", "widths": [8], "dataset": "pneumoniamnist", "dp_lr": 0.5, "dp_batch_size": 64}
     return argparse.Namespace(**(defaults | kw))
