@@ -26,7 +26,7 @@ import json
 import os
 import re
 import shutil
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -44,6 +44,7 @@ SCHEMA_VERSION = 1
 SERVER_IDENTITY = "server"
 BROKER_IDENTITY = "broker"
 RESERVED_NAMES = frozenset({SERVER_IDENTITY, BROKER_IDENTITY})
+BRIDGE_PREFIX = "bridge-"  # hospital brokers' bridge identities (server.bridge); no site may take one
 DEFAULT_TLS_PORT = 8883
 DEFAULT_MAX_PACKET_SIZE = 4 * 1024 * 1024  # update/global chunks are 256 KiB by default
 CA_DAYS = 3650
@@ -381,6 +382,8 @@ def check_site_name(name: str) -> str:
         raise ProvisionError(str(exc)) from None
     if name in RESERVED_NAMES:
         raise ProvisionError(f"site name {name!r} is reserved for the {name} identity; pick another, e.g. {name}-site")
+    if name.startswith(BRIDGE_PREFIX):
+        raise ProvisionError(f"site names starting with {BRIDGE_PREFIX!r} are reserved for hospital brokers' bridges; pick another")
     return name
 
 
@@ -498,12 +501,18 @@ def write_broker_config(
     max_packet_size: int = DEFAULT_MAX_PACKET_SIZE,
     log_dest: str = "stderr",
     user: str | None = None,
+    acl: str | None = None,
+    certificate: tuple[bytes, bytes] | None = None,
+    extra: Sequence[str] = (),
 ) -> BrokerFiles:
     """Write OUT/mosquitto.conf and OUT/acl (with copies of the CA and the broker's certificate and key)
     for a Mosquitto 2 broker that requires client certificates from the federation CA.
 
     Started as root, Mosquitto drops to `user` (its default: `mosquitto`) before it reads the ACL and
-    the key, so OUT must be readable by that user (e.g. `chown -R mosquitto OUT`)."""
+    the key, so OUT must be readable by that user (e.g. `chown -R mosquitto OUT`).
+
+    `acl`, `certificate` (PEM certificate and key) and `extra` config lines are for a hospital's
+    bridged broker (`server.bridge`); by default the ACL is the central one, bridges included."""
     if not 1 <= port <= 65535:
         raise ProvisionError(f"--port {port} is not a TCP port (1-65535)")
     if max_packet_size < 64 * 1024:
@@ -517,16 +526,21 @@ def write_broker_config(
     out.mkdir(parents=True, exist_ok=True)
     ca, cert, key = out / "ca.crt", out / "broker.crt", out / "broker.key"
     _write_public(ca, fed.ca_cert.read_bytes())
-    _write_public(cert, fed.broker_cert.read_bytes())
-    _write_private(key, fed.broker_key.read_bytes())
-    acl = out / "acl"
-    _write_public(acl, acl_text(fed.name).encode())
+    cert_pem, key_pem = certificate or (fed.broker_cert.read_bytes(), fed.broker_key.read_bytes())
+    _write_public(cert, cert_pem)
+    _write_private(key, key_pem)
+    if acl is None:
+        from server.bridge import central_acl_text
+
+        acl = acl_text(fed.name) + central_acl_text(fed)
+    acl_file = out / "acl"
+    _write_public(acl_file, acl.encode())
     lines = [
         f"# Mosquitto 2 configuration for fedge federation {fed.name!r}, written by `fedge provision broker`.",
         "# Start it with: mosquitto -c " + str(out / "mosquitto.conf"),
         "per_listener_settings false",
         "allow_anonymous false",
-        f"acl_file {acl}",
+        f"acl_file {acl_file}",
         f"max_packet_size {max_packet_size}",
     ]
     if user is not None:
@@ -555,11 +569,17 @@ def write_broker_config(
         "# so nobody can take over another identity's session",
         "use_identity_as_username true",
         "use_username_as_clientid true",
+        *extra,
         "",
     ]
     config = out / "mosquitto.conf"
     _write_public(config, "\n".join(lines).encode())
-    return BrokerFiles(out, config, acl, port)
+    return BrokerFiles(out, config, acl_file, port)
+
+
+def server_topics(root: str) -> tuple[str, ...]:
+    """What only the server writes and every identity reads (announcements, globals, snapshots, control)."""
+    return (f"{root}/round/+/global", f"{root}/round/+/global/+", f"{root}/snapshot", f"{root}/snapshot/+", f"{root}/control")
 
 
 def acl_text(federation: str) -> str:
@@ -577,11 +597,7 @@ def acl_text(federation: str) -> str:
         f"topic readwrite {root}/#",
         "",
         "# every identity, sites included (Mosquitto warns that read patterns without %u or %c apply to all: they are meant to)",
-        f"pattern read {root}/round/+/global",
-        f"pattern read {root}/round/+/global/+",
-        f"pattern read {root}/snapshot",
-        f"pattern read {root}/snapshot/+",
-        f"pattern read {root}/control",
+        *(f"pattern read {topic}" for topic in server_topics(root)),
         f"pattern readwrite {root}/status/%u",
         f"pattern write {root}/round/+/update/%u/+",
         "",

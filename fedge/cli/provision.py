@@ -75,6 +75,11 @@ def broker(
     persistence: Path = typer.Option(None, help="Keep queued messages across broker restarts in this folder (default: off)"),
     max_packet_size: int = typer.Option(4 * 1024 * 1024, help="Largest MQTT packet the broker accepts, bytes (chunks are 256 KiB by default)"),
     user: str = typer.Option(None, help="System user Mosquitto runs as when started as root (Mosquitto's default: mosquitto); it must read OUT"),
+    bridge: str = typer.Option(None, help="Write a hospital's broker instead, bridged to the central one: the hospital's name (needs --sites, --central)"),
+    sites: str = typer.Option(None, help="With --bridge: the hospital's sites, comma-separated; only their topics are forwarded"),
+    central: str = typer.Option(None, help="With --bridge: HOST:PORT of the central broker's TLS listener"),
+    host: list[str] = typer.Option([], help="With --bridge: DNS name or IP of the hospital broker for its certificate; repeatable"),
+    restart_timeout: int = typer.Option(5, help="With --bridge: seconds between the bridge's reconnection attempts"),
 ) -> None:
     """Step 3: write a Mosquitto 2 config with mutual TLS and per-identity ACLs.
 
@@ -84,6 +89,10 @@ def broker(
     """
     from server.provision import ProvisionError, write_broker_config
 
+    if bridge is not None:
+        _bridge(dir, out, bridge, sites, central, port=port, listen=listen, hosts=host, user=user, persistence=persistence,
+                restart_timeout=restart_timeout)  # fmt: skip
+        return
     try:
         files = write_broker_config(
             dir, out, port=port, listen=listen, persistence_dir=persistence, max_packet_size=max_packet_size, user=user
@@ -100,3 +109,21 @@ def broker(
         f"--cert {fed.server_cert} --key {fed.server_tls_key} --signing-key {fed.server_signing_key} "
         f"--trusted-keys {fed.trusted_keys}"
     )
+
+
+def _bridge(dir: Path, out: Path, hospital: str, sites: str | None, central: str | None, *, port: int, listen: str | None,
+            hosts: list[str], user: str | None, persistence: Path | None, restart_timeout: int) -> None:  # fmt: skip
+    """`fedge provision broker --bridge HOSPITAL`: the hospital's broker config and its bridge."""
+    from server.bridge import provision_bridge
+    from server.provision import ProvisionError
+
+    if not sites or not central:
+        raise fail("--bridge needs --sites (the hospital's sites, comma-separated) and --central HOST:PORT (the central broker)")
+    try:
+        files = provision_bridge(dir, hospital, [s for s in sites.split(",") if s], out, central=central, port=port, listen=listen,
+                                 hosts=hosts, user=user, persistence_dir=persistence, restart_timeout=restart_timeout)  # fmt: skip
+    except ProvisionError as exc:
+        raise fail(str(exc)) from None
+    typer.echo(f"wrote {files.config} and {files.acl} for hospital {hospital}: its sites connect here (mqtts://HOST:{port})")
+    typer.echo(f"next: re-write the central broker's config (fedge provision broker --dir {dir} --out CENTRAL_DIR) so its ACL lets the bridge in,")
+    typer.echo(f"      then mosquitto -c {files.config} at the hospital")
