@@ -36,7 +36,8 @@ from fedge.protocol.messages import ServerRecord
 from fedge.protocol.signing import SignatureError, Signer, Verifier
 from fedge.refusals import Refusals
 from fedge.rounds import GlobalPayload, Manifest, codec_for, make_update, read_global
-from fedge.tasks import ClassificationTask, default_device
+from fedge.tasks import default_device
+from fedge.tasks.base import Task
 from fedge.tasks.dp import DPSettings
 from fedge.transport import Message, MqttSession, Session, SessionFactory, TlsFiles
 
@@ -76,7 +77,7 @@ class _Global:
 
 
 class Agent:
-    def __init__(self, config: AgentConfig, task: ClassificationTask, indices: np.ndarray | None = None):
+    def __init__(self, config: AgentConfig, task: Task, indices: np.ndarray | None = None):
         self.config = config
         self.task = task
         self.indices = indices
@@ -371,11 +372,19 @@ class Agent:
             self.refusals("bad-chunk", f"{info.kind} message on {msg.topic}: {exc}")
 
     def _progress(self) -> None:
+        """Never raises: a round that fails here (disk full, a bug) is skipped, logged and counted,
+        and the agent waits for the next announcement instead of exiting (a service restart would
+        only fail the same way)."""
         ann = self.pending
         if ann is None or ann == self.answered:
             return
-        if self._try_obtain(ann):
-            self._train_and_send(ann)
+        try:
+            if self._try_obtain(ann):
+                self._train_and_send(ann)
+        except Exception as exc:
+            log.exception("%s: round %d failed", self.config.site, ann.round)
+            self.refusals("round-error", f"round {ann.round}: {type(exc).__name__}: {exc}")
+            self.answered = ann
 
     def run(self, stop: threading.Event | None = None, transport: SessionFactory | None = None) -> list[int]:
         """Take part in rounds until the server says the federation finished (or `stop` is set);

@@ -125,6 +125,38 @@ def test_below_quorum_at_the_deadline_the_round_is_re_announced_and_a_late_site_
     assert len(sent) == 2 and sent[0] == sent[1]
 
 
+class FailsOnce:
+    """The site's task, whose first local training fails as a full disk would."""
+
+    def __init__(self, task: ClassificationTask):
+        self.task, self.failed = task, False
+
+    def __getattr__(self, name: str):
+        return getattr(self.task, name)
+
+    def train_local(self, *args, **kwargs):
+        if not self.failed:
+            self.failed = True
+            raise OSError(28, "No space left on device")
+        return self.task.train_local(*args, **kwargs)
+
+
+def test_a_round_that_fails_at_a_site_is_skipped_and_the_agent_takes_the_next(task, tmp_path) -> None:
+    fed = Federation(MemoryBroker(), task, tmp_path, min_clients=1, round_timeout=5)
+    fed.start_server()
+    fed.start_agent("site-1")
+    config = AgentConfig(broker="mqtt://unused:1", site="site-2", federation=FED, state_dir=tmp_path / "site-2")
+    failing = Agent(config, FailsOnce(task), fed.shards[1][:64])  # type: ignore[arg-type]
+    fed.agents["site-2"] = failing
+    fed._thread(lambda: failing.run(transport=fed.broker.session), "site-2")
+    fed.join()
+    # Round 1 closes at its deadline without site-2 (or, re-announced under load, takes its retry); round 2 has both.
+    assert len(fed.server.state.history) == 2 and fed.server.state.history[1]["clients"] == ["site-1", "site-2"]
+    assert failing.rounds_done[-1] == 2 and failing.finished
+    errors = [detail for kind, detail in failing.refusals.recent if kind == "round-error"]
+    assert len(errors) == 1 and "round 1: OSError" in errors[0] and "No space left on device" in errors[0]
+
+
 def test_a_restarted_server_resumes_its_run_and_the_agents_follow(task, tmp_path) -> None:
     broker = MemoryBroker()
     first = Federation(broker, task, tmp_path, rounds=1)
