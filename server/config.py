@@ -44,12 +44,15 @@ class ServerConfig:
     site_max_samples: dict[str, int] = field(default_factory=dict)  # registered at provisioning: tighter per site
     max_update_norm: float = 1e4
     max_queue_bytes: int = 256 << 20  # inbound messages waiting to be handled; beyond, dropped and counted
+    decode_workers: int = 0  # processes that decode and check updates (server.intake); 0: in the round loop
 
     def __post_init__(self) -> None:
         if self.rounds < 1 or self.min_clients < 1:
             raise ValueError("rounds and min_clients must be at least 1")
         if not (self.max_samples >= 1 and self.max_update_norm > 0):
             raise ValueError("max_samples must be >= 1 and max_update_norm > 0")
+        if self.decode_workers < 0:
+            raise ValueError(f"decode_workers must be >= 0 (0: decode in the round loop), got {self.decode_workers}")
         if self.round_timeout <= 0 or self.chunk_size < 1024:
             raise ValueError("round_timeout must be positive and chunk_size at least 1024 bytes")
         # A wrong name or option, or a strategy the training settings exclude, fails before anything starts.

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from safetensors.numpy import load_file, save
 
-from compression import CodecError, ErrorFeedback, UpdateCodec
+from compression import ErrorFeedback, UpdateCodec
 from fedge import weights as W
 from fedge.checkpoint import init_from_checkpoint
 from fedge.files import atomic_write_bytes
@@ -40,16 +40,14 @@ from fedge.rounds import (
     FULL_MODEL_CODEC,
     Expected,
     Manifest,
-    RejectedUpdate,
     codec_for,
     make_global,
-    read_update,
 )
 from fedge.transport import Message, MqttSession, Session, SessionFactory, TlsFiles
 from server.config import ServerConfig
+from server.intake import Decoded, UpdateIntake
 from server.store import CheckpointStore, RoundState
 from server.strategies import ClientUpdate, announced_train, get_strategy
-from server.validation import check_update
 
 log = logging.getLogger("fedge.server")
 
@@ -68,6 +66,7 @@ class _Round:
     rejected: list[str] = field(default_factory=list)
     nonces: set[str] = field(default_factory=set)
     excluded: set[str] = field(default_factory=set)  # updates whose aggregate was not finite
+    decoding: set[str] = field(default_factory=set)  # updates reassembled, in the intake (server.intake)
 
 
 class RoundServer:
@@ -109,6 +108,8 @@ class RoundServer:
         # One open transfer per site, never larger than an update of this manifest can be.
         self.max_update_bytes = UpdateCodec.max_payload_bytes(list(self.uplink_manifest)) + (1 << 20) + 1024
         self.reassembler = Reassembler(max_bytes=self.max_update_bytes, one_per_key=True)
+        self.intake = UpdateIntake(config.decode_workers, verifier=self.verifier, trusted_keys=config.trusted_keys,
+                                   max_norm=config.max_update_norm)  # fmt: skip
 
     # ---- state -------------------------------------------------------------------------------
     def _initial_model(self) -> tuple[ModelConfig, torch.nn.Module]:
@@ -247,7 +248,7 @@ class RoundServer:
         if current is None:
             self._open = None
         else:
-            self._open = (current.number, frozenset(current.selected) - set(current.updates) - current.excluded)
+            self._open = (current.number, frozenset(current.selected) - set(current.updates) - current.excluded - current.decoding)
 
     def _handle(self, msg: Message, current: _Round | None) -> None:
         """Never raises: whatever a message does wrong is refused, logged and counted."""
@@ -298,7 +299,7 @@ class RoundServer:
         if current is None or rnd != current.number:
             self._reject(rnd, client, "stale", f"round {rnd} is not open", current)
             return
-        if client not in current.selected or client in current.updates or client in current.excluded:
+        if client not in current.selected or client in current.updates or client in current.excluded or client in current.decoding:
             self._reject(rnd, client, "not-expected", "not selected for this round, or its update was already counted", current)
             return
         try:
@@ -308,29 +309,49 @@ class RoundServer:
             return
         if data is None:
             return
-        try:
-            update = read_update(data, topic_client=client, expected=self._expected(current, client), verifier=self.verifier)
-            if update.header.nonce in current.nonces:
-                raise RejectedUpdate("replay", f"nonce {update.header.nonce} was already seen this round")
-            current.nonces.add(update.header.nonce)
-            norm = check_update(update.delta, self.config.max_update_norm)
-        except SignatureError as exc:
-            self._reject(rnd, client, "bad-signature", str(exc), current)
-            return
-        except RejectedUpdate as exc:
-            self._reject(rnd, client, exc.kind, exc.reason, current)
-            return
-        except (ProtocolError, CodecError) as exc:
-            self._reject(rnd, client, "bad-envelope", str(exc), current)
-            return
-        current.updates[client] = ClientUpdate(client, update.header.num_samples, update.delta, update.nbytes, norm)
+        current.decoding.add(client)
         self._set_open(current)
-        log.info("round %d: update from %s (%d bytes, %d samples, norm %.4g)", rnd, client, update.nbytes, update.header.num_samples, norm)
+        self.intake.submit(data, rnd, client, self._expected(current, client))
+        self._take(current)  # inline (no workers): counted now, as callers of _handle expect
+
+    def _take(self, current: _Round | None, timeout: float = 0.0) -> None:
+        """Count what the intake has decoded (in any order): refusals, then the nonce, then the update."""
+        for decoded in self.intake.collect(timeout):
+            try:
+                self._take_one(decoded, current)
+            except Exception as exc:  # as in _handle: counted, never stops the federation
+                log.exception("decoded update of %s", decoded.client)
+                self.refusals("handler-error", f"update from {decoded.client}: {type(exc).__name__}: {exc}")
+
+    def _take_one(self, decoded: Decoded, current: _Round | None) -> None:
+        rnd, client, update = decoded.round, decoded.client, decoded.update
+        if current is None or rnd != current.number:
+            self._reject(rnd, client, "stale", f"round {rnd} closed while its update was decoded", current)
+            return
+        current.decoding.discard(client)
+        self._set_open(current)
+        if decoded.refusal is not None or update is None:
+            kind, reason = decoded.refusal or ("handler-error", "no update")
+            self._reject(rnd, client, kind, reason, current)
+            return
+        if update.header.nonce in current.nonces:
+            self._reject(rnd, client, "replay", f"nonce {update.header.nonce} was already seen this round", current)
+            return
+        current.nonces.add(update.header.nonce)
+        current.updates[client] = ClientUpdate(client, update.header.num_samples, update.delta, update.nbytes, decoded.norm)
+        self._set_open(current)
+        log.info("round %d: update from %s (%d bytes, %d samples, norm %.4g)", rnd, client, update.nbytes, update.header.num_samples, decoded.norm)
 
     def _pump(self, seconds: float, current: _Round | None) -> None:
-        msg = self._mq.get(timeout=seconds)
+        """One message, then whatever the intake finished; with the intake full, no message is taken
+        (they wait in the session's byte-bounded queue) until a decode finishes."""
+        if self.intake.full:
+            self._take(current, timeout=seconds)
+            return
+        msg = self._mq.get(timeout=min(seconds, 0.005) if self.intake.in_flight else seconds)
         if msg is not None:
             self._handle(msg, current)
+        self._take(current)
 
     # ---- the loop ------------------------------------------------------------------------------
     def _wait_for_clients(self) -> tuple[str, ...]:
@@ -354,6 +375,9 @@ class RoundServer:
             if have and set(current.selected) - current.excluded <= set(current.updates):
                 return
             if time.time() > current.deadline:
+                if current.decoding:  # updates that arrived in time count: finish decoding them first
+                    self._take(current, timeout=0.2)
+                    continue
                 if have >= self.config.min_clients:
                     log.warning("round %d deadline: aggregating %d of %d updates", current.number, have, len(current.selected))
                     return
@@ -450,6 +474,7 @@ class RoundServer:
             self._publish_final()
         finally:
             self.session.close()
+            self.intake.close()
             if self.refusals.total:
                 log.warning("refused inputs this run, by kind: %s", json.dumps(dict(self.refusals.counts), sort_keys=True))
         return self.state

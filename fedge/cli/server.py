@@ -47,6 +47,7 @@ def server(
     dashboard_token: str = typer.Option(None, envvar="FEDGE_DASHBOARD_TOKEN", help="Bearer token the dashboard requires for its data (open the page as http://HOST:PORT/#token=TOKEN)"),
     mlflow: str = typer.Option(None, help="Log each round's numbers and the final model to MLflow: a tracking URL or a folder (file store); needs fedge[tracking]"),
     tensorboard: Path = typer.Option(None, help="Write each round's numbers as TensorBoard event files under this folder; needs fedge[tracking]"),
+    decode_workers: int = typer.Option(0, min=0, max=256, help="Processes that decode and check updates beside the round loop (0: in it); for hundreds of sites"),
     linger: float = typer.Option(0.0, min=0, max=86400, help="After the last round, keep the dashboard and metrics up this many seconds (a last scrape, open pages)"),
     verbose: bool = typer.Option(True, "--verbose/--quiet"),
 ) -> None:
@@ -106,7 +107,7 @@ def server(
             train=train, seed=seed, init_checkpoint=init, dataset=dataset if task is not None else None,
             trusted_keys=trusted_keys, signing_key=signing_key, ca=ca, cert=cert, key=key,
             max_samples=max_samples, max_update_norm=max_update_norm,
-            strategy=strategy, strategy_options=parse_strategy_options(strategy_options),
+            strategy=strategy, strategy_options=parse_strategy_options(strategy_options), decode_workers=decode_workers,
         )
         round_server = RoundServer(config, evaluator=evaluator, on_round=lambda r: console.print(r))
         with watched(round_server, watch, say=console.print):
