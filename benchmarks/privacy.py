@@ -2,7 +2,7 @@
 at the sites (local), beside no DP, on the 10-site benchmark and a larger simulated federation.
 
 Every run is an in-process federation (`server.simulation`: the task's own training, the real
-codec `topk:0.02,ef|ternary|zstd`, the server's validation and strategy classes), PneumoniaMNIST,
+codec (--codec, default `q8,ef|zstd`), the server's validation and strategy classes), PneumoniaMNIST,
 15 rounds, 3 seeds, the zoo's `cnn` at widths 8,16,32 with GroupNorm (`norm=group`: DP-SGD cannot
 train BatchNorm, and the no-DP baseline uses the same model). Noise is calibrated so that the whole
 federation spends the target epsilon at delta 1e-5 (opacus's RDP accountant):
@@ -18,6 +18,9 @@ federation spends the target epsilon at delta 1e-5 (opacus's RDP accountant):
   client-local    each site clips its delta to --clip and adds N(0, (sigma * clip)^2) before the codec.
 
 Order everywhere: clip, noise, then compress (the codec post-processes a released value).
+The default codec is dense int8: top-k of a DP-SGD delta picks the coordinates where the noise is
+largest, so the record-level arm and its no-DP baseline also run through --contrast-codec (the
+byzantine benchmark's `topk:0.02,ef|ternary|zstd`) at epsilon 8, to show what that costs.
 The larger federation has --large-sites sites split with Dirichlet --large-alpha (at 0.5, some of
 100 sites would hold fewer than 10 images) and --large-epochs local epochs (its sites hold ~47
 images: one epoch is one or two steps).
@@ -106,7 +109,7 @@ def run_one(job: dict[str, Any]) -> dict[str, Any]:
     spent = max((ledger.epsilon(DELTA) for ledger in ledgers.values()), default=None)
     if dp in ("client-central", "client-local"):
         spent = PrivacyLedger([(sigma, 1.0, settings.rounds)]).epsilon(DELTA)
-    return {"dp": dp, "sites": job["sites"], "epsilon": eps, "seed": seed, "final_auc": result["final_auc"],
+    return {"dp": dp, "sites": job["sites"], "epsilon": eps, "codec": job["codec"], "seed": seed, "final_auc": result["final_auc"],
             "epsilon_spent": spent, "noise_multiplier": sigma, "seconds_per_round": result["seconds_per_round"],
             "outputs_nan": result["outputs_nan"], "cpu_seconds": cpu, "mean_update_bytes": float(np.mean([r["uplink_bytes"] / max(r["updates"], 1) for r in result["history"]]))}
 
@@ -120,26 +123,32 @@ def jobs_for(args: argparse.Namespace) -> list[dict[str, Any]]:
             ("client-local", ten, args.local_epsilons)]
     if args.large_sites:
         arms += [("none", large, [None]), ("client-central", large, args.epsilons), ("client-local", large, args.local_epsilons)]
+    if args.contrast_codec:  # the same record-level arm through a sparsifying codec, beside its own no-DP baseline
+        contrast = {**ten, "codec": args.contrast_codec}
+        arms += [("none", contrast, [None]), ("record", contrast, [ACCEPT_RECORD_EPSILON])]
     return [{**fed, "dp": dp, "epsilon": eps, "seed": seed} for seed in args.seeds for dp, fed, epsilons in arms for eps in epsilons]
 
 
 def summarize(runs: list[dict[str, Any]], args: argparse.Namespace) -> dict[str, Any]:
     rows = []
-    keys = dict.fromkeys((r["dp"], r["sites"], r["epsilon"]) for r in runs)
-    for dp, sites, eps in keys:
-        rs = sorted((r for r in runs if (r["dp"], r["sites"], r["epsilon"]) == (dp, sites, eps)), key=lambda r: r["seed"])
+    def key(r: dict[str, Any]) -> tuple:
+        return r["dp"], r["sites"], r["epsilon"], r.get("codec", args.codec)
+
+    for dp, sites, eps, codec in dict.fromkeys(key(r) for r in runs):
+        rs = sorted((r for r in runs if key(r) == (dp, sites, eps, codec)), key=lambda r: r["seed"])
         aucs = [r["final_auc"] for r in rs]
-        rows.append({"dp": dp, "sites": sites, "epsilon": eps, "delta": DELTA if eps is not None else None,
+        rows.append({"dp": dp, "sites": sites, "epsilon": eps, "codec": codec, "delta": DELTA if eps is not None else None,
                      "final_auc": statistics.fmean(aucs), "final_auc_std": statistics.stdev(aucs) if len(aucs) > 1 else 0.0,
                      "epsilon_spent": max((r["epsilon_spent"] for r in rs if r["epsilon_spent"] is not None), default=None),
                      "noise_multiplier": rs[0]["noise_multiplier"], "seeds": [r["seed"] for r in rs], "final_auc_per_seed": aucs,
                      "seconds_per_round": statistics.fmean(r["seconds_per_round"] for r in rs)})
-    rows.sort(key=lambda r: (r["sites"], r["dp"] != "none", r["dp"], r["epsilon"] or 0))
-    none = {r["sites"]: r["final_auc"] for r in rows if r["dp"] == "none"}
+    rows.sort(key=lambda r: (r["codec"] != args.codec, r["sites"], r["dp"] != "none", r["dp"], r["epsilon"] or 0))
+    none = {(r["sites"], r["codec"]): r["final_auc"] for r in rows if r["dp"] == "none"}
     for r in rows:
-        r["auc_delta_vs_no_dp"] = r["final_auc"] - none[r["sites"]] if r["sites"] in none else None
-    record = [r for r in rows if r["dp"] == "record" and r["epsilon"] == ACCEPT_RECORD_EPSILON]
-    usable = sorted({r["sites"] for r in rows if r["dp"] == "client-central" and r["epsilon"] == ACCEPT_RECORD_EPSILON
+        r["auc_delta_vs_no_dp"] = r["final_auc"] - none[r["sites"], r["codec"]] if (r["sites"], r["codec"]) in none else None
+    ours = [r for r in rows if r["codec"] == args.codec]
+    record = [r for r in ours if r["dp"] == "record" and r["epsilon"] == ACCEPT_RECORD_EPSILON]
+    usable = sorted({r["sites"] for r in ours if r["dp"] == "client-central" and r["epsilon"] == ACCEPT_RECORD_EPSILON
                      and r["auc_delta_vs_no_dp"] is not None and r["auc_delta_vs_no_dp"] >= -ACCEPT_AUC})
     return {
         "benchmark": "privacy", "task": f"classification/{args.dataset}", "rounds": args.rounds, "codec": args.codec,
@@ -157,10 +166,10 @@ def summarize(runs: list[dict[str, Any]], args: argparse.Namespace) -> dict[str,
 
 def print_table(report: dict[str, Any]) -> None:
     table = Table(title=f"Final test AUC vs epsilon (delta {report['delta']}), {report['rounds']} rounds, {report['codec']}, seeds {report['seeds']}")
-    for col in ("dp", "sites", "epsilon", "sigma", "final AUC", "std", "Δ vs no DP"):
+    for col in ("dp", "sites", "codec", "epsilon", "sigma", "final AUC", "std", "Δ vs no DP"):
         table.add_column(col, justify="right")
     for r in report["results"]:
-        table.add_row(r["dp"], str(r["sites"]), "-" if r["epsilon"] is None else f"{r['epsilon']:g}",
+        table.add_row(r["dp"], str(r["sites"]), r["codec"], "-" if r["epsilon"] is None else f"{r['epsilon']:g}",
                       "-" if r["noise_multiplier"] is None else f"{r['noise_multiplier']:.2f}", f"{r['final_auc']:.3f}",
                       f"{r['final_auc_std']:.3f}", "" if r["auc_delta_vs_no_dp"] is None else f"{r['auc_delta_vs_no_dp']:+.3f}")
     Console(width=max(Console().width, 120)).print(table)
@@ -183,7 +192,9 @@ def main() -> None:
     parser.add_argument("--clip", type=float, default=1.0, help="client-level L2 bound on a decoded update (about its median norm without DP)")
     parser.add_argument("--dp-lr", type=float, default=0.5, help="DP-SGD's learning rate (SGD, momentum 0.9)")
     parser.add_argument("--dp-batch-size", type=int, default=64, help="DP-SGD's expected (Poisson) batch size")
-    parser.add_argument("--codec", default="topk:0.02,ef|ternary|zstd")
+    parser.add_argument("--codec", default="q8,ef|zstd", help="the uplink codec of every arm (dense: top-k of a DP-SGD delta sends noise)")
+    parser.add_argument("--contrast-codec", default="topk:0.02,ef|ternary|zstd",
+                        help="also run no DP and record-level DP at epsilon 8 through this codec ('' to skip)")
     parser.add_argument("--widths", type=int, nargs="+", default=[8, 16, 32])
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--dataset", default="pneumoniamnist")
