@@ -7,6 +7,7 @@ import logging
 import threading
 import time
 import zlib
+from collections import deque
 from dataclasses import dataclass
 from functools import partial
 from typing import Any, Literal
@@ -98,6 +99,9 @@ class Agent:
         self.model: torch.nn.Module | None = None
         self.mode: TrainingMode | None = None
         self.pending: RoundAnnouncement | None = None
+        # Downlink transfers of announcements a re-announcement replaced: their late chunks are the
+        # server's own, not a refusal.
+        self.superseded: deque[str] = deque(maxlen=16)
         self.round_envelopes: dict[int, bytes] = {}
         self.snapshot: SnapshotAnnouncement | None = None
         self.snapshot_envelope: bytes | None = None
@@ -342,12 +346,15 @@ class Agent:
                     return
                 elif self.pending is None or ann.round >= self.pending.round:
                     if not ann.selected or self.config.site in ann.selected:
+                        if self.pending is not None and self.pending.downlink.transfer != ann.downlink.transfer:
+                            self.superseded.append(self.pending.downlink.transfer)
                         self.pending = ann
             elif info.kind == "global" and info.round is not None:
                 chunk = Chunk.decode(msg.payload)
                 ann = self.pending
                 if ann is not None and ann.round == info.round and chunk.transfer.hex() != ann.downlink.transfer:
-                    self.refusals("bad-chunk", f"global chunk of round {info.round} from a transfer the announcement does not name")
+                    if chunk.transfer.hex() not in self.superseded:
+                        self.refusals("bad-chunk", f"global chunk of round {info.round} from a transfer the announcement does not name")
                     return
                 data = self.reassembler.add(f"g{info.round}", chunk)
                 if data is not None:

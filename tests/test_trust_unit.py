@@ -188,6 +188,21 @@ def test_agent_refuses_a_global_whose_bytes_the_signed_announcement_does_not_nam
     assert hashlib.sha256(envelope).hexdigest() != transfer.sha256
 
 
+def test_late_chunks_of_a_re_announced_rounds_first_transfer_are_dropped_but_not_refused(tmp_path, keys) -> None:
+    _, signers = keys
+    agent = _agent(tmp_path, keys)
+    topics = Topics(FED)
+    first, second, stranger = (split_chunks(b"x" * 10)[0] for _ in range(3))
+    for chunk in (first, second):  # the round re-announced at its deadline publishes its global again, as a new transfer
+        transfer = TransferInfo(transfer=chunk.transfer.hex(), chunks=1, bytes=10, sha256="0" * 64)
+        agent._handle(Message(topics.announce(1), sign_record(_announcement(1, downlink=transfer), signers["server"]), retain=True))
+    assert agent.pending is not None and agent.pending.downlink.transfer == second.transfer.hex()
+    agent._handle(Message(topics.global_chunk(1, 0), first.encode(), retain=True))  # late, from the first publication
+    assert agent.refusals.total == 0 and agent.reassembler.open_transfers == 0
+    agent._handle(Message(topics.global_chunk(1, 0), stranger.encode(), retain=True))
+    assert agent.refusals.counts == {"bad-chunk": 1} and agent.reassembler.open_transfers == 0
+
+
 # ---- the server ---------------------------------------------------------------------------------------------
 def _server(tmp_path, keys=None, **kw) -> RoundServer:
     config = ServerConfig(
