@@ -24,6 +24,7 @@ from pathlib import Path
 from fedge.protocol.topics import check_name
 from server.provision import (
     BRIDGE_PREFIX,
+    DEFAULT_MAX_QUEUED_MESSAGES,
     DEFAULT_TLS_PORT,
     BrokerFiles,
     Federation,
@@ -164,7 +165,7 @@ def provision_bridge(
     user: str | None = None,
     persistence_dir: str | Path | None = None,
     restart_timeout: int = 5,
-    max_queued_messages: int = 10000,
+    max_queued_messages: int = DEFAULT_MAX_QUEUED_MESSAGES,
 ) -> BrokerFiles:
     """Write OUT/mosquitto.conf (TLS listener for the hospital's sites, their ACL, the bridge) with
     the hospital broker's own TLS certificate (SANs localhost, 127.0.0.1 and `hosts`) and the
@@ -181,8 +182,8 @@ def provision_bridge(
     elsewhere = {s: b.hospital for b in bridges.values() if b.hospital != hospital for s in b.sites if s in sites}
     if elsewhere:
         raise ProvisionError(f"sites already served by another hospital's bridge: {elsewhere}; a site belongs to one hospital")
-    if not 1 <= restart_timeout <= 3600 or max_queued_messages < 100:
-        raise ProvisionError("--restart-timeout must be 1-3600 s and --max-queued at least 100")
+    if not 1 <= restart_timeout <= 3600:
+        raise ProvisionError(f"--restart-timeout {restart_timeout} must be 1-3600 s")
     check_central(central)
     hosts = tuple(check_host(h) for h in hosts)
     ca_cert, ca_key = _load_ca(fed)
@@ -196,7 +197,7 @@ def provision_bridge(
     files = write_broker_config(
         fed.dir, out, port=port, listen=listen, user=user, persistence_dir=persistence_dir,
         acl=hospital_acl_text(fed.name, hospital, sites), certificate=(_cert_pem(broker_cert), _key_pem(broker_key)),
-        extra=[f"max_queued_messages {max_queued_messages}", *bridge_section(fed, bridge, out, restart_timeout)],
+        max_queued_messages=max_queued_messages, extra=bridge_section(fed, bridge, out, restart_timeout),
     )  # fmt: skip
     bridges[hospital] = bridge
     _save_bridges(fed, bridges)

@@ -47,6 +47,11 @@ RESERVED_NAMES = frozenset({SERVER_IDENTITY, BROKER_IDENTITY})
 BRIDGE_PREFIX = "bridge-"  # hospital brokers' bridge identities (server.bridge); no site may take one
 DEFAULT_TLS_PORT = 8883
 DEFAULT_MAX_PACKET_SIZE = 4 * 1024 * 1024  # update/global chunks are 256 KiB by default
+# QoS 1 messages Mosquitto holds for one client beyond those in flight (its own default, 1000, dropped
+# messages to the server at 1000 sites: benchmarks/scale.py). The server reads every site's update and
+# status: a few messages per site per round. Bytes bound it too (a flooding site fills the queue).
+DEFAULT_MAX_QUEUED_MESSAGES = 20000
+DEFAULT_MAX_QUEUED_BYTES = 512 * 1024 * 1024
 CA_DAYS = 3650
 CERT_DAYS = 825
 _CLOCK_SKEW = dt.timedelta(minutes=5)
@@ -499,6 +504,7 @@ def write_broker_config(
     listen: str | None = None,
     persistence_dir: str | Path | None = None,
     max_packet_size: int = DEFAULT_MAX_PACKET_SIZE,
+    max_queued_messages: int = DEFAULT_MAX_QUEUED_MESSAGES,
     log_dest: str = "stderr",
     user: str | None = None,
     acl: str | None = None,
@@ -517,6 +523,8 @@ def write_broker_config(
         raise ProvisionError(f"--port {port} is not a TCP port (1-65535)")
     if max_packet_size < 64 * 1024:
         raise ProvisionError(f"--max-packet-size {max_packet_size} is below 64 KiB; chunks are 256 KiB by default")
+    if max_queued_messages < 1000:
+        raise ProvisionError(f"--max-queued {max_queued_messages} is below Mosquitto's own default of 1000 messages per client")
     if listen is not None:
         check_host(listen)
     if user is not None and not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_.-]{0,31}", user):
@@ -542,6 +550,8 @@ def write_broker_config(
         "allow_anonymous false",
         f"acl_file {acl_file}",
         f"max_packet_size {max_packet_size}",
+        f"max_queued_messages {max_queued_messages}",
+        f"max_queued_bytes {DEFAULT_MAX_QUEUED_BYTES}",
     ]
     if user is not None:
         lines.append(f"user {user}")

@@ -74,6 +74,7 @@ def broker(
     listen: str = typer.Option(None, help="Address to listen on (default: every interface)"),
     persistence: Path = typer.Option(None, help="Keep queued messages across broker restarts in this folder (default: off)"),
     max_packet_size: int = typer.Option(4 * 1024 * 1024, help="Largest MQTT packet the broker accepts, bytes (chunks are 256 KiB by default)"),
+    max_queued: int = typer.Option(20000, help="QoS 1 messages queued per client (Mosquitto's default 1000 drops messages to the server at ~1000 sites); with --bridge, also what the bridge holds while the link is down"),
     user: str = typer.Option(None, help="System user Mosquitto runs as when started as root (Mosquitto's default: mosquitto); it must read OUT"),
     bridge: str = typer.Option(None, help="Write a hospital's broker instead, bridged to the central one: the hospital's name (needs --sites, --central)"),
     sites: str = typer.Option(None, help="With --bridge: the hospital's sites, comma-separated; only their topics are forwarded"),
@@ -91,11 +92,12 @@ def broker(
 
     if bridge is not None:
         _bridge(dir, out, bridge, sites, central, port=port, listen=listen, hosts=host, user=user, persistence=persistence,
-                restart_timeout=restart_timeout)  # fmt: skip
+                restart_timeout=restart_timeout, max_queued=max_queued)  # fmt: skip
         return
     try:
         files = write_broker_config(
-            dir, out, port=port, listen=listen, persistence_dir=persistence, max_packet_size=max_packet_size, user=user
+            dir, out, port=port, listen=listen, persistence_dir=persistence, max_packet_size=max_packet_size, user=user,
+            max_queued_messages=max_queued,
         )
     except ProvisionError as exc:
         raise fail(str(exc)) from None
@@ -112,7 +114,7 @@ def broker(
 
 
 def _bridge(dir: Path, out: Path, hospital: str, sites: str | None, central: str | None, *, port: int, listen: str | None,
-            hosts: list[str], user: str | None, persistence: Path | None, restart_timeout: int) -> None:  # fmt: skip
+            hosts: list[str], user: str | None, persistence: Path | None, restart_timeout: int, max_queued: int) -> None:  # fmt: skip
     """`fedge provision broker --bridge HOSPITAL`: the hospital's broker config and its bridge."""
     from server.bridge import provision_bridge
     from server.provision import ProvisionError
@@ -121,7 +123,8 @@ def _bridge(dir: Path, out: Path, hospital: str, sites: str | None, central: str
         raise fail("--bridge needs --sites (the hospital's sites, comma-separated) and --central HOST:PORT (the central broker)")
     try:
         files = provision_bridge(dir, hospital, [s for s in sites.split(",") if s], out, central=central, port=port, listen=listen,
-                                 hosts=hosts, user=user, persistence_dir=persistence, restart_timeout=restart_timeout)  # fmt: skip
+                                 hosts=hosts, user=user, persistence_dir=persistence, restart_timeout=restart_timeout,
+                                 max_queued_messages=max_queued)  # fmt: skip
     except ProvisionError as exc:
         raise fail(str(exc)) from None
     typer.echo(f"wrote {files.config} and {files.acl} for hospital {hospital}: its sites connect here (mqtts://HOST:{port})")
