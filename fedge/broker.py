@@ -131,6 +131,13 @@ class MosquittoProcess:
                     raise RuntimeError(f"mosquitto did not listen on 127.0.0.1:{self.port} in 15 s; see {self.log}") from None
                 time.sleep(0.05)
 
+    @property
+    def pid(self) -> int:
+        """The broker's process id (benchmarks measure its memory)."""
+        if self._proc is None:
+            raise RuntimeError("mosquitto is not running: enter the context first")
+        return self._proc.pid
+
     def kill(self) -> None:
         """SIGKILL, as a crash would (tests of recovery)."""
         if self._proc is not None and self._proc.poll() is None:
