@@ -14,6 +14,9 @@ Per spec the report gives (list under "results"):
   encode_ms, decode_ms    median of `--repeats` encodes/decodes of a real update: one site's local
                           training delta (the agent's own training step and seed) from the round
                           `--timing-round` global checkpoint of the first fp32 run
+"bounds" gives the centralized AUC (the same seeded model trained on the pooled data) and the
+local-only AUC (each site alone, mean over sites) for the same seeds, split and passes over the data
+(rounds x epochs; fedge.tasks.bounds), with per-seed values under "bounds_detail".
 BatchNorm running mean/var travel dense through the codec's keep_dense (fp16 under lossy specs,
 fp32 under fp32), as the agent sends them; they are counted in every byte figure. The downlink is
 the server's default full fp32 snapshot unless `--downlink-codec` is given (then every run, the fp32
@@ -91,6 +94,21 @@ def run_one(args: argparse.Namespace, spec: str, seed: int, workdir: Path) -> di
         "downlink_bytes_per_round": statistics.fmean(r["downlink_bytes"] for r in rounds),
         "dense_update_bytes": report["dense_update_bytes"], "seconds": report["seconds"],
     }
+
+
+def learning_bounds(args: argparse.Namespace) -> dict[str, Any]:
+    """Centralized and local-only training of the federation's model, split and seeds for the same
+    passes over the data (fedge.tasks.bounds): {"bounds": {...}, "bounds_detail": {...}}."""
+    import torch
+
+    from fedge.data import load_medmnist
+    from fedge.tasks import ClassificationTask
+    from fedge.tasks.bounds import BoundSettings, bounds_report, seeded_model
+
+    torch.set_num_threads(1)  # as each agent trains
+    task = ClassificationTask(load_medmnist(args.dataset, args.data_dir))
+    settings = BoundSettings(sites=args.clients, alpha=args.alpha, epochs=args.rounds * args.epochs, lr=args.lr)
+    return bounds_report(task, seeded_model(task.model_config("cnn")), settings, args.seeds)  # run_federation's default model
 
 
 # ---- codec timing on a real update ---------------------------------------------------------------
@@ -294,8 +312,11 @@ def main() -> None:
     timing = {spec: time_codec(spec, delta, keep, args.repeats) for spec in [BASELINE, *args.specs]}
     dense = runs[0]["dense_update_bytes"]
     report = summarize(args, runs, timing, dense, sum(delta[k].size for k in keep))
+    report.update(learning_bounds(args))
     args.report.write_text(json.dumps(report, indent=2) + "\n")
     print_table(report)
+    console.print(f"bounds (same model, split, seeds and passes): centralized AUC {report['bounds']['centralized_auc']:.4f}, "
+                  f"local-only {report['bounds']['local_only_auc']:.4f}")
 
 
 if __name__ == "__main__":

@@ -13,6 +13,10 @@
    and uplink --codec for every mode) started from the pretrained checkpoint; final test AUC, mean
    and std over the seeds.
 
+4. The bounds (fedge.tasks.bounds): full fine-tuning of the same backbone on the pooled data
+   (centralized) and on each site's split alone (local-only, mean over sites), same seeds, split
+   and passes over the data; top-level "bounds": {"centralized_auc", "local_only_auc"}.
+
 Writes {"results": [{"mode", "trainable_params", "uplink_bytes_per_round", "ratio_vs_full_fp32",
 "final_auc", "final_auc_std", "peak_train_mem_mb", "step_seconds", ...}], "acceptance": {...}, ...}.
 `uplink_bytes_per_round` is what all sites send in one round (envelopes as the server receives
@@ -220,6 +224,22 @@ def federate(mode_name: str, seed: int, args: argparse.Namespace, checkpoint: Pa
     return run_federation(settings)
 
 
+def learning_bounds(args: argparse.Namespace, checkpoint: Path) -> dict[str, Any]:
+    """Centralized and local-only full fine-tuning of the pretrained backbone, with full mode's lr,
+    the federations' split and seeds and the same passes over the data (fedge.tasks.bounds)."""
+    import torch
+
+    from fedge.data import load_medmnist
+    from fedge.tasks import ClassificationTask
+    from fedge.tasks.bounds import BoundSettings, bounds_report
+
+    torch.set_num_threads(args.threads)
+    task = ClassificationTask(load_medmnist(args.dataset, args.data_dir))
+    settings = BoundSettings(sites=args.clients, alpha=args.alpha, epochs=args.rounds * args.epochs, lr=args.lr["full"], batch_size=args.batch_size)
+    seeds = [args.seed + i for i in range(args.seeds)]
+    return bounds_report(task, lambda seed: site_model("full", {}, checkpoint, task, seed)[1], settings, seeds)
+
+
 def summarise(mode_name: str, runs: list[dict[str, Any]], cost: dict[str, Any], clients: int, full_dense_bytes: int) -> dict[str, Any]:
     """One `results` row from a mode's federations (one per seed) and its step footprint."""
     aucs = [r["final"]["auc"] for r in runs]
@@ -362,6 +382,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         )
         args.report.parent.mkdir(parents=True, exist_ok=True)
         args.report.write_text(json.dumps(report, indent=2, default=str))
+    report.update(learning_bounds(args, checkpoint))
+    report["minutes"] = round((time.monotonic() - started) / 60, 2)
+    args.report.write_text(json.dumps(report, indent=2, default=str))
+    print(f"bounds: centralized AUC {report['bounds']['centralized_auc']:.4f}, local-only {report['bounds']['local_only_auc']:.4f}")
     print(json.dumps(report["acceptance"], indent=2))
     print(f"report: {args.report} ({report['minutes']:.1f} min)")
     return report

@@ -1,0 +1,93 @@
+"""The bounds every learning benchmark reports beside its federated runs, trained the same way:
+
+- centralized (the upper bound): one model trained on the pooled data of all sites;
+- local-only (the lower bound): each site trains a model on its own split alone; the mean over sites.
+
+Same task, same seeded model, same Dirichlet site split and the same passes over the data as the
+federation (`epochs` = rounds x local epochs), so the gap to either bound is what federating costs
+or buys, not a difference in budget. One helper for every benchmark (codec_bench, modes, noniid).
+"""
+
+from __future__ import annotations
+
+import statistics
+import zlib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from fedge.data import dirichlet_split
+from fedge.models import ModelConfig, build_model
+from fedge.tasks.classification import ClassificationTask
+
+ModelFactory = Callable[[int], nn.Module]  # seed -> the model the federation starts from (seeded init or pretrained)
+
+
+@dataclass(frozen=True)
+class BoundSettings:
+    sites: int
+    alpha: float
+    epochs: int  # passes over the data: the federation's rounds x local epochs
+    lr: float = 1e-3
+    batch_size: int = 32
+
+    def __post_init__(self) -> None:
+        if self.sites < 1 or self.epochs < 1 or not self.alpha > 0:
+            raise ValueError(f"bounds: sites and epochs must be >= 1 and alpha > 0, got {self.sites}, {self.epochs}, {self.alpha}")
+
+
+def seeded_model(config: ModelConfig) -> ModelFactory:
+    """What a server builds when it starts without a checkpoint: `config` after torch.manual_seed(seed)."""
+
+    def make(seed: int) -> nn.Module:
+        torch.manual_seed(seed)
+        return build_model(config)
+
+    return make
+
+
+def _site_seed(seed: int, site: int) -> int:
+    return zlib.crc32(f"{seed}/bound-site-{site}".encode())
+
+
+def centralized_auc(task: ClassificationTask, make_model: ModelFactory, settings: BoundSettings, seed: int) -> float:
+    """Test AUC of the model trained on all sites' data pooled (the whole train split)."""
+    model = make_model(seed)
+    task.train_local(model, None, epochs=settings.epochs, lr=settings.lr, batch_size=settings.batch_size, seed=seed)
+    return float(task.evaluate(model)["auc"])
+
+
+def local_only_aucs(task: ClassificationTask, make_model: ModelFactory, settings: BoundSettings, seed: int) -> list[float]:
+    """Test AUC of each site's model trained on its own Dirichlet split alone (the federation's split for `seed`)."""
+    shards = dirichlet_split(task.splits.labels["train"], settings.sites, settings.alpha, seed)
+    aucs = []
+    for i, indices in enumerate(shards):
+        model = make_model(seed)
+        task.train_local(model, np.asarray(indices), epochs=settings.epochs, lr=settings.lr, batch_size=settings.batch_size, seed=_site_seed(seed, i))
+        aucs.append(float(task.evaluate(model)["auc"]))
+    return aucs
+
+
+def learning_bounds(task: ClassificationTask, make_model: ModelFactory, settings: BoundSettings, seeds: Sequence[int]) -> dict[str, object]:
+    """{"centralized_auc", "local_only_auc"} (means over `seeds`; local-only first averaged over sites),
+    with the per-seed values and the settings they were trained with."""
+    central = [centralized_auc(task, make_model, settings, s) for s in seeds]
+    local = [local_only_aucs(task, make_model, settings, s) for s in seeds]
+    return {
+        "centralized_auc": statistics.fmean(central),
+        "local_only_auc": statistics.fmean(statistics.fmean(a) for a in local),
+        "centralized_auc_per_seed": central,
+        "local_only_auc_per_seed_and_site": local,
+        "seeds": list(seeds),
+        "sites": settings.sites, "alpha": settings.alpha, "epochs": settings.epochs, "lr": settings.lr, "batch_size": settings.batch_size,
+    }  # fmt: skip
+
+
+def bounds_report(task: ClassificationTask, make_model: ModelFactory, settings: BoundSettings, seeds: Sequence[int]) -> dict[str, object]:
+    """What a benchmark report carries at its top level: "bounds" with exactly the two AUCs, and
+    "bounds_detail" with the per-seed values and settings."""
+    detail = learning_bounds(task, make_model, settings, seeds)
+    return {"bounds": {k: detail[k] for k in ("centralized_auc", "local_only_auc")}, "bounds_detail": detail}
