@@ -46,12 +46,12 @@ def parse_mode_options(text: str | None) -> dict[str, Any]:
 
 STRATEGY_HELP = (
     "Aggregation rule: fedavg, clipping, median, trimmed_mean, multikrum, centered_clipping (robust), "
-    "dp_fedavg (client-level central DP); see --strategy-options"
+    "dp_fedavg (client-level central DP), fedprox, fedbn, fedadam, fedyogi (non-IID sites); see --strategy-options"
 )
 STRATEGY_OPTIONS_HELP = (
     "Strategy options as KEY=VALUE pairs. clipping: max_norm (default: median norm x multiplier), multiplier, weighted; "
     "trimmed_mean: beta; multikrum: f, selected; centered_clipping: iterations, tau; dp_fedavg: noise_multiplier, "
-    "max_norm, delta, sample_rate. E.g. 'beta=0.1' or 'noise_multiplier=1.1,max_norm=1.0'"
+    "max_norm, delta, sample_rate; fedprox: mu; fedadam, fedyogi: lr, beta1, beta2, tau. E.g. 'beta=0.1' or 'noise_multiplier=1.1,max_norm=1.0'"
 )
 DP_HELP = (
     "Record-level DP: DP-SGD at every site with this noise multiplier (opacus; SGD with momentum 0.9 at --lr, "
