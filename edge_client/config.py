@@ -10,6 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from fedge.protocol.chunks import DEFAULT_CHUNK_SIZE
 from fedge.protocol.envelope import NAME_PATTERN
 from fedge.protocol.messages import ModeName
+from fedge.tasks.base import TaskName
 
 
 class AgentConfig(BaseModel):
@@ -20,6 +21,11 @@ class AgentConfig(BaseModel):
     federation: str = Field(default="demo", pattern=NAME_PATTERN)
     dataset: str = "pneumoniamnist"
     data_dir: Path | None = None
+    # The task this site trains (fedge.tasks.base.TaskName); ldct reads CT series from ct_dir and
+    # simulates the site's scan protocol (I0:VIEWS[:ELECTRONIC_NOISE], fedge.data.ldct.ScanProtocol).
+    task: TaskName = "classification"
+    ct_dir: Path | None = None
+    protocol: str | None = None
     shard: int | None = Field(default=None, ge=0)  # simulation: this site's Dirichlet shard of a public dataset
     num_shards: int | None = Field(default=None, ge=1)
     alpha: float = Field(default=0.5, gt=0)
@@ -56,7 +62,7 @@ class AgentConfig(BaseModel):
     def relative_to(self, folder: Path) -> "AgentConfig":
         """Relative paths in a YAML file mean "beside this file", so a site kit can be copied anywhere."""
         update = {}
-        for name in ("data_dir", "state_dir", "signing_key", "server_key", "ca", "cert", "key"):
+        for name in ("data_dir", "ct_dir", "state_dir", "signing_key", "server_key", "ca", "cert", "key"):
             value = getattr(self, name)
             if value is not None and not value.is_absolute():
                 update[name] = folder / value

@@ -8,6 +8,7 @@ from edge_client.agent import Agent
 from edge_client.config import AgentConfig
 from fedge.data import ImageSplits, dirichlet_split, load_medmnist
 from fedge.tasks import ClassificationTask
+from fedge.tasks.ldct import LdctTask
 
 
 def load_site_data(config: AgentConfig) -> ImageSplits:
@@ -18,7 +19,22 @@ def load_site_data(config: AgentConfig) -> ImageSplits:
     return load_medmnist(config.dataset, config.data_dir)
 
 
+def build_ldct_task(config: AgentConfig) -> LdctTask:
+    """This site's share of the CT series in --ct-dir, simulated under its scan protocol (cached on disk)."""
+    from edge_client.ingest.ct import read_ct_dir
+    from fedge.data.ldct import ScanProtocol, default_ct_dir
+
+    if config.protocol is None:
+        raise ValueError("the ldct task needs the site's scan protocol: set protocol: I0:VIEWS[:NOISE] (e.g. 1e4:180) in the agent config")
+    folder = config.ct_dir or default_ct_dir(config.data_dir)
+    if folder is None:
+        raise ValueError("the ldct task needs ct_dir (--ct-dir: a folder of CT DICOM series), or FEDGE_DATA_DIR holding ct/ge_head_human_28slice")
+    return LdctTask.for_site(read_ct_dir(folder), ScanProtocol.parse(config.protocol), shard=config.shard or 0, num_shards=config.num_shards or 1)
+
+
 def build_agent(config: AgentConfig) -> Agent:
+    if config.task == "ldct":
+        return Agent(config, build_ldct_task(config))
     splits = load_site_data(config)
     indices = None
     if config.num_shards is not None:

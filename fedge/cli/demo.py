@@ -10,13 +10,17 @@ from fedge.cli.options import DP_HELP, MODE_OPTIONS_HELP, STRATEGY_HELP, STRATEG
 
 
 def demo(
+    task: str = typer.Option("classification", help="What the sites learn: classification (MedMNIST) | ldct (low-dose CT denoising from real CT)"),
     dataset: str = typer.Option("pneumoniamnist", help="MedMNIST subset: <name>.npz in --data-dir, else downloaded"),
     data_dir: str = typer.Option(None, envvar="FEDGE_DATA_DIR", help="Folder holding <dataset>.npz (or medmnist/<dataset>.npz)"),
+    ct_dir: str = typer.Option(None, help="ldct: folder of CT DICOM series the sites share out (default: ct/ge_head_human_28slice in the data folder)"),
+    protocol: list[str] = typer.Option(None, help="ldct: one scan protocol per site, I0:VIEWS[:ELECTRONIC_NOISE] (repeat the flag; default: fedge.data.ldct.SITE_PROTOCOLS, from 1e5:360 down to 5e3:90:5)"),
+    film: bool = typer.Option(False, "--film", help="ldct: condition the denoiser on each site's protocol (FiLM scales and shifts from (I0, views))"),
     clients: int = typer.Option(4, min=1, help="Number of hospital sites (agent processes)"),
     rounds: int = typer.Option(10, min=1, help="Federated rounds"),
     codec: str = typer.Option("fp32", help="Uplink codec spec, e.g. 'fp16' or 'topk:0.01,ef|q8|zstd:3'"),
     downlink_codec: str = typer.Option(None, help="Downlink delta codec spec, e.g. 'q8,ef|zstd'; default sends the full model"),
-    arch: str = typer.Option("cnn", help="Model architecture from the zoo (cnn, resnet, vit)"),
+    arch: str = typer.Option(None, help="Model architecture from the zoo (cnn, resnet, vit; redcnn for ldct); default: the task's (cnn, redcnn)"),
     broker: str = typer.Option(None, help="MQTT broker URL (mqtt://host:port); default: embedded amqtt on 127.0.0.1"),
     seed: int = typer.Option(0, help="Seed for the site split, initial model and local training"),
     alpha: float = typer.Option(1.0, help="Dirichlet label-skew of the site split (smaller = more skewed)"),
@@ -52,15 +56,28 @@ def demo(
     from fedge.cli.federation import FederationSettings, run_federation
     from fedge.cli.options import fail_with, parse_mode_options, parse_strategy_options
 
+    if task not in ("classification", "ldct"):
+        raise fail_with(ValueError(f"--task {task!r}: choose classification or ldct"))
+    headline = ("psnr", "ssim") if task == "ldct" else ("auc", "accuracy")
+    if task == "ldct":
+        from fedge.data.ldct import SITE_PROTOCOLS
+
+        protocols = tuple(protocol or SITE_PROTOCOLS[:clients])
+    else:
+        protocols = ()
+    model_options = {"cond": 2} if film else {}
+    if film and task != "ldct":
+        raise fail_with(ValueError("--film conditions the ldct denoiser on the scan protocol; it needs --task ldct"))
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     console = Console()
-    table = Table(title=f"fedge demo: {dataset}, {clients} sites, mode {mode}, codec {codec}")
-    for col in ("round", "AUC", "accuracy", "uplink bytes", "downlink bytes", "seconds"):
+    table = Table(title=f"fedge demo: {dataset if task == 'classification' else 'ldct'}, {clients} sites, mode {mode}, codec {codec}")
+    for col in ("round", *headline, "uplink bytes", "downlink bytes", "seconds"):
         table.add_column(col, justify="right")
     try:
         settings = FederationSettings(
+            task=task, ct_dir=ct_dir, protocols=protocols, model_options=model_options,  # type: ignore[arg-type]
             dataset=dataset, data_dir=data_dir, clients=clients, rounds=rounds, codec=codec, downlink_codec=downlink_codec,
-            arch=arch, broker=broker, seed=seed, alpha=alpha, epochs=epochs, lr=lr, workdir=workdir,
+            arch=arch or ("redcnn" if task == "ldct" else "cnn"), broker=broker, seed=seed, alpha=alpha, epochs=epochs, lr=lr, workdir=workdir,
             mode=mode, mode_options=parse_mode_options(mode_options), init=init, emulate_link=emulate_link, secure=secure,  # type: ignore[arg-type]
             strategy=strategy, strategy_options=parse_strategy_options(strategy_options), dp_noise_multiplier=dp_noise_multiplier,
             dp_max_grad_norm=dp_max_grad_norm, dp_delta=dp_delta,
@@ -74,11 +91,12 @@ def demo(
         bar = progress.add_task("rounds", total=rounds)
 
         def on_round(record: dict) -> None:
+            scores = "  ".join(f"{k} {record[k]:.4f}" for k in headline)
             progress.console.print(
-                f"round {record['round']:>3}  AUC {record['auc']:.4f}  acc {record['accuracy']:.4f}  "
+                f"round {record['round']:>3}  {scores}  "
                 f"up {record['uplink_bytes']:>10,d} B  down {record['downlink_bytes']:>10,d} B  {record['seconds']:.1f}s"
             )
-            table.add_row(str(record["round"]), f"{record['auc']:.4f}", f"{record['accuracy']:.4f}", f"{record['uplink_bytes']:,}", f"{record['downlink_bytes']:,}", f"{record['seconds']:.1f}")
+            table.add_row(str(record["round"]), *[f"{record[k]:.4f}" for k in headline], f"{record['uplink_bytes']:,}", f"{record['downlink_bytes']:,}", f"{record['seconds']:.1f}")
             progress.advance(bar)
 
         try:
@@ -86,8 +104,9 @@ def demo(
         except (FileNotFoundError, ValueError, ConnectionError, TimeoutError, RuntimeError) as exc:  # ProfileError, ProvisionError are ValueErrors
             raise fail_with(exc) from None
     console.print(table)
+    final = ", ".join(f"{k} {v:.4f}" for k, v in result["final"].items())
     console.print(
-        f"final AUC {result['final']['auc']:.4f}, accuracy {result['final']['accuracy']:.4f} in {result['seconds']:.0f}s; "
+        f"final {final} in {result['seconds']:.0f}s; "
         f"model: {result['checkpoint']}"
     )
     privacy = result["privacy"]

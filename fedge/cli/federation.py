@@ -19,13 +19,17 @@ from typing import TYPE_CHECKING, Any
 from fedge.protocol.messages import ModeName
 
 if TYPE_CHECKING:
+    from fedge.tasks.base import Task, TaskName
     from server.watch import WatchSettings
 
 
 @dataclass(frozen=True)
 class FederationSettings:
+    task: TaskName = "classification"
     dataset: str = "pneumoniamnist"
     data_dir: str | None = None
+    ct_dir: str | None = None  # ldct: the CT series the sites share out (default: the data root's head CT)
+    protocols: tuple[str, ...] = ()  # ldct: one scan protocol I0:VIEWS[:NOISE] per site
     clients: int = 4
     rounds: int = 10
     codec: str = "fp32"
@@ -74,6 +78,8 @@ def _check(settings: FederationSettings) -> None:
         raise ValueError("clients, rounds and epochs must each be at least 1")
     if settings.alpha <= 0 or settings.round_timeout <= 0:
         raise ValueError("alpha (Dirichlet skew) and round_timeout must be positive")
+    if settings.task == "ldct" and (len(settings.protocols) != settings.clients or settings.arch != "redcnn"):
+        raise ValueError(f"--task ldct: give one --protocol per site ({settings.clients}, got {len(settings.protocols)}) and --arch redcnn")
     if settings.secure and settings.broker:
         raise ValueError("--secure starts its own Mosquitto with the generated config; leave out --broker")
     from fedge.modes import get_mode
@@ -103,9 +109,10 @@ def _plot(report: dict[str, Any], path: Path) -> None:
         total += r["uplink_bytes"]
         cumulative.append(total / 1e6)
     fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
-    ax.plot(cumulative, [r["auc"] for r in rounds], marker="o")
+    metric = next(iter(report["final"]))
+    ax.plot(cumulative, [r[metric] for r in rounds], marker="o")
     ax.set_xlabel("cumulative uplink (MB)")
-    ax.set_ylabel("test AUC")
+    ax.set_ylabel(f"test {metric}")
     ax.set_title(f"{report['task']}: {report['clients']} sites, codec {report['codec']}")
     ax.grid(alpha=0.3)
     fig.tight_layout()
@@ -125,10 +132,9 @@ def run_federation(
     from fedge import weights as W
     from fedge.broker import EmbeddedBroker
     from fedge.cli.options import profile_link_rates
-    from fedge.data import load_medmnist
     from fedge.models import build_model
     from fedge.protocol import TrainSettings
-    from fedge.tasks import ClassificationTask
+    from fedge.tasks.base import HEADLINE
     from server.config import ServerConfig
     from server.rounds import RoundServer
 
@@ -137,8 +143,7 @@ def run_federation(
     # Every setting is checked before anything is deleted: a typo must not cost the last run's folder.
     train = TrainSettings(epochs=settings.epochs, lr=settings.lr, batch_size=settings.batch_size, mode=settings.mode, mode_options=settings.mode_options,
                           dp_noise_multiplier=settings.dp_noise_multiplier, dp_max_grad_norm=settings.dp_max_grad_norm, dp_delta=settings.dp_delta)
-    splits = load_medmnist(settings.dataset, settings.data_dir)  # fail fast, before any process starts
-    task = ClassificationTask(splits)
+    task = _evaluation_task(settings)  # fail fast, before any process starts
     model_options = dict(settings.model_options)
     if settings.dp_noise_multiplier is not None and settings.arch == "cnn":
         model_options.setdefault("norm", "group")  # DP-SGD cannot train BatchNorm (--dp-noise-multiplier's help says so)
@@ -194,6 +199,9 @@ def run_federation(
                 federation=settings.federation,
                 dataset=settings.dataset,
                 data_dir=Path(settings.data_dir) if settings.data_dir else None,
+                task=settings.task,
+                ct_dir=Path(settings.ct_dir) if settings.ct_dir else None,
+                protocol=settings.protocols[i] if settings.protocols else None,
                 shard=i,
                 num_shards=settings.clients,
                 alpha=settings.alpha,
@@ -217,7 +225,7 @@ def run_federation(
             proc.join(timeout=60)
     history = state.history
     report = {
-        "task": f"classification/{settings.dataset}",
+        "task": f"classification/{settings.dataset}" if settings.task == "classification" else settings.task,
         "dataset": settings.dataset,
         "clients": settings.clients,
         "codec": settings.codec,
@@ -226,10 +234,10 @@ def run_federation(
         "downlink_codec": settings.downlink_codec or "full fp32 snapshot",
         "seed": settings.seed,
         "rounds": [
-            {k: r[k] for k in ("round", "auc", "accuracy", "uplink_bytes", "downlink_bytes", "seconds", "dp_epsilon") if k in r} for r in history
+            {k: r[k] for k in ("round", *HEADLINE[settings.task], "uplink_bytes", "downlink_bytes", "seconds", "dp_epsilon") if k in r} for r in history
         ],
         "strategy": {"name": settings.strategy, "options": settings.strategy_options},
-        "final": {"auc": history[-1]["auc"], "accuracy": history[-1]["accuracy"]},
+        "final": {k: history[-1][k] for k in HEADLINE[settings.task]},
         "dense_update_bytes": W.dense_bytes(state.weights),
         "checkpoint": str(server.store.final_path.resolve()),
         "rejected_updates": sum(r["rejected"] for r in history),
@@ -243,6 +251,26 @@ def run_federation(
         report_path.write_text(json.dumps(report, indent=2))
         _plot(report, report_path.with_suffix(".png"))
     return report
+
+
+def _evaluation_task(settings: FederationSettings) -> Task:
+    """What the server scores each global on: the dataset's test split, or (ldct) every site's held-out
+    CT slices under its protocol (simulated here first, so the agents read them from the cache)."""
+    if settings.task == "classification":
+        from fedge.data import load_medmnist
+        from fedge.tasks import ClassificationTask
+
+        return ClassificationTask(load_medmnist(settings.dataset, settings.data_dir))
+    from edge_client.ingest.ct import read_ct_dir
+    from fedge.data.ldct import ScanProtocol, default_ct_dir
+    from fedge.tasks.ldct import LdctTask
+
+    folder = settings.ct_dir or default_ct_dir(settings.data_dir)
+    if folder is None:
+        raise ValueError("--task ldct needs --ct-dir (a folder of CT DICOM series), or FEDGE_DATA_DIR holding ct/ge_head_human_28slice")
+    series = read_ct_dir(folder)
+    n = settings.clients
+    return LdctTask.pool([LdctTask.for_site(series, ScanProtocol.parse(p), shard=i, num_shards=n) for i, p in enumerate(settings.protocols)])
 
 
 def _privacy(uploads: dict, history: list[dict[str, Any]], settings: FederationSettings) -> dict[str, Any]:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,12 +23,13 @@ from fedge.data import ImageSplits, dirichlet_split
 from fedge.models import build_model
 from fedge.protocol import TrainSettings
 from fedge.tasks import ClassificationTask
+from fedge.tasks.base import Task
 from server.simulation.attacks import Attack, AttackContext
 from server.strategies import ClientUpdate, Strategy, announced_train
 from server.validation import RejectedUpdate, check_update
 
 Dense = dict[str, np.ndarray]
-SiteTrainer = Callable[[ClassificationTask, torch.nn.Module, str, np.ndarray, int], int]  # (task, model, site, indices, seed) -> samples
+SiteTrainer = Callable[[Task, torch.nn.Module, str, np.ndarray | None, int], int]  # (task, model, site, indices, seed) -> samples
 
 
 @dataclass(frozen=True)
@@ -89,7 +90,7 @@ def finite_aggregate(strategy: Strategy, updates: list[ClientUpdate], weights: D
 def default_trainer(settings: SimulationSettings, prox_mu: float = 0.0) -> SiteTrainer:
     """The agent's local step with the simulation's settings and what the strategy announces (FedProx's mu)."""
 
-    def train(task: ClassificationTask, model: torch.nn.Module, site: str, indices: np.ndarray, seed: int) -> int:
+    def train(task: Task, model: torch.nn.Module, site: str, indices: np.ndarray | None, seed: int) -> int:
         return task.train_local(
             model, indices, epochs=settings.epochs, lr=settings.lr, batch_size=settings.batch_size, seed=seed, prox_mu=prox_mu
         ).num_samples
@@ -99,19 +100,24 @@ def default_trainer(settings: SimulationSettings, prox_mu: float = 0.0) -> SiteT
 
 class InProcessFederation:
     """One federation run. `local_noise` (client-level local DP) transforms each honest delta before
-    the codec; `trainer` replaces the local step (record-level DP-SGD)."""
+    the codec; `trainer` replaces the local step (record-level DP-SGD). `site_tasks` gives each site
+    its own task (all of its data; e.g. one scan protocol per site) instead of a Dirichlet shard of `task`."""
 
     def __init__(
         self,
         settings: SimulationSettings,
-        task: ClassificationTask,
+        task: Task,
         strategy: Strategy,
         adversary: Adversary | None = None,
         *,
         trainer: SiteTrainer | None = None,
         local_noise: Callable[[Dense, np.random.Generator], Dense] | None = None,
         on_round: Callable[[dict[str, Any]], None] | None = None,
+        site_tasks: Mapping[str, Task] | None = None,
     ) -> None:
+        self.site_tasks = dict(site_tasks or {})
+        if self.site_tasks and (len(self.site_tasks) != settings.sites or adversary is not None):
+            raise ValueError(f"site_tasks: give settings.sites ({settings.sites}) tasks, one per site, and no adversary")
         self.settings, self.task, self.strategy, self.adversary = settings, task, strategy, adversary
         # What the server would announce: FedProx's mu reaches the local step, FedBN keeps normalisation layers at the sites.
         self.train = announced_train(TrainSettings(epochs=settings.epochs, lr=settings.lr, batch_size=settings.batch_size), strategy)
@@ -119,12 +125,15 @@ class InProcessFederation:
         self.local_noise = local_noise
         self.on_round = on_round
         self.codec = UpdateCodec.from_spec(settings.codec)
-        self.names = [f"site-{i + 1}" for i in range(settings.sites)]
-        self.shards = dict(zip(self.names, dirichlet_split(task.splits.labels["train"], settings.sites, settings.alpha, settings.seed)))
+        self.names = list(self.site_tasks) or [f"site-{i + 1}" for i in range(settings.sites)]
+        self.shards: dict[str, np.ndarray | None] = (
+            dict.fromkeys(self.names) if self.site_tasks
+            else dict(zip(self.names, dirichlet_split(task.splits.labels["train"], settings.sites, settings.alpha, settings.seed)))  # type: ignore[attr-defined]
+        )
         rng = np.random.default_rng(settings.seed)
         count = adversary.count if adversary else 0
         self.malicious = set(rng.permutation(self.names)[:count].tolist())
-        self.flipped = flipped_task(task) if adversary and adversary.attack.flips_labels else None
+        self.flipped = flipped_task(task) if adversary and adversary.attack.flips_labels and isinstance(task, ClassificationTask) else None
         torch.manual_seed(settings.seed)
         self.model = build_model(task.model_config(settings.arch, **settings.model_options))
         initial = W.float_state(self.model)
@@ -134,7 +143,7 @@ class InProcessFederation:
         self.manifest = UpdateCodec.manifest(self.weights)
         self.residuals = {name: ErrorFeedback() for name in self.names}
 
-    def _train(self, task: ClassificationTask, site: str, rnd: int) -> tuple[Dense, int]:
+    def _train(self, task: Task, site: str, rnd: int) -> tuple[Dense, int]:
         W.load_float_state(self.model, self.weights | self.site_local[site])
         seed = site_seed(self.settings.seed, site, rnd)
         torch.manual_seed(seed)
@@ -153,7 +162,7 @@ class InProcessFederation:
 
     def round(self, rnd: int) -> dict[str, Any]:
         started = time.perf_counter()
-        honest = {site: self._train(self.task, site, rnd) for site in self.names if site not in self.malicious}
+        honest = {site: self._train(self.site_tasks.get(site, self.task), site, rnd) for site in self.names if site not in self.malicious}
         updates: list[ClientUpdate] = []
         rejected: list[str] = []
         noise_rng = np.random.default_rng([self.settings.seed, rnd, 1])
@@ -169,7 +178,7 @@ class InProcessFederation:
             attack = self.adversary.attack
             rng = np.random.default_rng([self.settings.seed, rnd, 2])
             for site in sorted(self.malicious):
-                own, samples = self._train(self.flipped or self.task, site, rnd) if attack.trains else (None, len(self.shards[site]))
+                own, samples = self._train(self.flipped or self.task, site, rnd) if attack.trains else (None, len(self.shards[site] or ()))
                 ctx = AttackContext(own, [d for d, _ in honest.values()], samples, self.settings.max_samples, len(self.malicious), rng)
                 forged, claimed = attack.forge(ctx)
                 try:

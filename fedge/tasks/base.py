@@ -1,0 +1,37 @@
+"""The task contract: what the agent, the server's evaluator, the in-process simulation and the demo
+call on a task, whatever it learns (classification, low-dose CT denoising).
+
+A structural Protocol rather than a base class: a task is data + model config + local step +
+metrics, and the existing classification task already has exactly this shape.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Literal, Protocol, get_args
+
+import numpy as np
+from torch import nn
+
+from fedge.models import ModelConfig
+
+if TYPE_CHECKING:
+    from fedge.tasks.classification import TrainResult
+    from fedge.tasks.dp import DPSettings
+
+TaskName = Literal["classification", "ldct"]
+TASK_NAMES: tuple[str, ...] = get_args(TaskName)
+# The metric each task's round table and report lead with (`evaluate` returns it among others).
+HEADLINE: dict[str, tuple[str, str]] = {"classification": ("auc", "accuracy"), "ldct": ("psnr", "ssim")}
+
+
+class Task(Protocol):
+    name: str
+
+    def model_config(self, arch: str = ..., **options) -> ModelConfig: ...
+
+    def train_local(
+        self, model: nn.Module, indices: np.ndarray | None = None, *, epochs: int = 1, lr: float = 1e-3, batch_size: int = 32,
+        seed: int = 0, weight_decay: float = 0.0, device: str = "cpu", dp: DPSettings | None = None, prox_mu: float = 0.0,
+    ) -> TrainResult: ...
+
+    def evaluate(self, model: nn.Module, split: str = "test") -> dict[str, float]: ...

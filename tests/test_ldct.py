@@ -1,0 +1,190 @@
+"""Low-dose CT denoising: real CT read in HU, the physics simulation and its cache, the RED-CNN with
+FiLM, the task's metrics and local step, the in-process federation with one task per site, and the
+export to ONNX / int8 QDQ ONNX with parity in PSNR."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from data_fixtures import data_path
+
+from edge_client.ingest.ct import NoCtError, read_ct_dir
+from fedge.data.ldct import ScanProtocol, SimulationConfig, body_mask, simulate
+from fedge.errors import NotFoundError, UsageError
+from fedge.models import ModelConfig, build_model
+from fedge.tasks.ldct import HU_SCALE, LdctTask, denoise_metrics, model_inputs, site_slices
+
+SMALL = SimulationConfig(image_size=64)
+
+
+@pytest.fixture(scope="module")
+def head(data_dir: Path):
+    """The 28-slice human head CT, in HU, through the project's reader."""
+    [series] = read_ct_dir(data_path(data_dir, "ct", "ge_head_human_28slice"))
+    return series
+
+
+@pytest.fixture(scope="module")
+def site(head, tmp_path_factory) -> LdctTask:
+    """A tiny low-dose site: 4 slices at 64 px, one held out."""
+    return LdctTask.simulate(head.hu[10:14], head.pixel_mm, ScanProtocol.parse("5e3:90:5"), test_slices=[1], sim=SMALL,
+                             patch=32, stride=16, cache_dir=tmp_path_factory.mktemp("ldct"))
+
+
+def test_head_ct_is_read_in_hounsfield_units(head):
+    assert head.hu.shape == (28, 512, 512)
+    assert head.hu.dtype == np.float32 and head.hu.min() == -1024.0  # padding below air is clipped to air
+    brain = head.hu[14, 226:286, 226:286]  # the middle of the middle slice: brain tissue, about 20-50 HU
+    assert 0.0 < float(np.median(brain)) < 80.0
+    assert head.pixel_mm == pytest.approx(0.488, abs=1e-3)
+
+
+def test_folders_without_ct_say_what_they_hold(data_dir: Path, tmp_path: Path):
+    with pytest.raises(NoCtError, match="20 modality MR"):
+        read_ct_dir(data_path(data_dir, "dicom", "mr_series_prostate_adc_20slice"))
+    bad = data_path(data_dir, "bad_inputs")
+    for name in ("MR_truncated.dcm", "no_meta.dcm"):
+        shutil.copy(bad / name, tmp_path / name)
+    (tmp_path / "notes.txt").write_text("not DICOM")
+    with pytest.raises(NoCtError, match="unreadable.*--ct-dir|no readable CT") as info:
+        read_ct_dir(tmp_path)
+    assert "unreadable (no_meta)" in str(info.value)
+    with pytest.raises(NotFoundError, match="--ct-dir"):
+        read_ct_dir(tmp_path / "absent")
+
+
+def test_protocol_parses_and_refuses_nonsense():
+    assert ScanProtocol.parse("5e3:90:5") == ScanProtocol(5000.0, 90, 5.0)
+    assert ScanProtocol.parse(str(ScanProtocol(2e4, 120))) == ScanProtocol(2e4, 120)
+    for text, field in (("1e4", "I0:VIEWS"), ("1e4:x", "VIEWS an integer"), ("10:180", "i0=10"), ("1e4:2", "views=2"), ("1e4:90:-1", "electronic_noise")):
+        with pytest.raises(UsageError, match=field):
+            ScanProtocol.parse(text)
+
+
+def test_lower_dose_means_more_noise_and_pairs_are_cached(head, tmp_path: Path):
+    hu = head.hu[13:14]
+    errors = {}
+    for text in ("1e5:360", "5e3:90"):
+        pairs = simulate(hu, head.pixel_mm, ScanProtocol.parse(text), SMALL, cache_dir=tmp_path)
+        mask = body_mask(pairs.normal)
+        errors[text] = float(np.sqrt(((pairs.low - pairs.normal)[mask] ** 2).mean()))
+    assert errors["5e3:90"] > 3 * errors["1e5:360"] > 0
+    assert len(list(tmp_path.glob("*.npz"))) == 2  # one file per (source, protocol)
+    again = simulate(hu, head.pixel_mm, ScanProtocol.parse("5e3:90"), SMALL, cache_dir=tmp_path)
+    first = np.load(next(p for p in tmp_path.glob("*.npz") if np.array_equal(np.load(p)["low"], again.low)))
+    assert np.array_equal(first["normal"], again.normal)
+    assert len(list(tmp_path.glob("*.npz"))) == 2
+
+
+def test_metrics_are_psnr_and_ssim_in_hu_over_the_body(head):
+    ref = head.hu[13:15, ::8, ::8].copy()
+    noisy = ref + np.random.default_rng(0).normal(0.0, 20.0, ref.shape).astype(np.float32)
+    m = denoise_metrics(ref, noisy)
+    assert m["psnr"] == pytest.approx(20 * np.log10(2000 / 20), abs=0.5)  # data range 2000 HU, sigma 20 HU
+    with np.errstate(divide="ignore"):  # PSNR of identical images is infinite
+        assert denoise_metrics(ref, ref)["ssim"] == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="NaN"):
+        denoise_metrics(ref, noisy * np.nan)
+
+
+def test_redcnn_starts_as_identity_and_film_reads_the_protocol():
+    torch.manual_seed(0)
+    config = ModelConfig(arch="redcnn", in_channels=1, num_classes=1, image_size=16, options={"width": 8, "depth": 2})
+    plain = build_model(config)
+    x = torch.randn(2, 1, 16, 16)
+    assert torch.equal(plain(x), x)
+    film = build_model(config.replace(in_channels=3, options={**config.options, "cond": 2}))
+    torch.nn.init.normal_(film.head.weight)
+    for layer in (film.film.net[-1].weight, film.film.net[-1].bias):
+        torch.nn.init.normal_(layer)
+    low = np.zeros((1, 16, 16), np.float32)
+    a = film(model_inputs(low, np.array([[0.0, 0.0]], np.float32), 2))
+    b = film(model_inputs(low, np.array([[1.0, 1.0]], np.float32), 2))
+    assert not torch.allclose(a, b)
+    with pytest.raises(ValueError, match="one image channel"):
+        build_model(config.replace(in_channels=3))
+
+
+def test_local_training_denoises_the_held_out_slice(site: LdctTask):
+    torch.manual_seed(0)
+    model = build_model(site.model_config("redcnn", width=8, depth=3))
+    before = site.evaluate(model)
+    assert before["psnr"] == pytest.approx(before["psnr_in"], abs=1e-3)  # identity at start
+    site.train_local(model, epochs=4, lr=3e-3, batch_size=8, seed=0)
+    after = site.evaluate(model)
+    assert after["psnr"] > after["psnr_in"] + 1.0
+    assert after["ssim"] > after["ssim_in"]
+
+
+def test_sites_share_a_folder_without_overlap(head):
+    shares = [site_slices([head], k, 4) for k in range(4)]
+    seen = [j for share in shares for _, j, _ in share]
+    assert sorted(seen) == list(range(28))
+    assert all(sum(test for *_, test in share) == 2 for share in shares)
+    with pytest.raises(UsageError, match="fewer sites"):
+        site_slices([head], 0, 14)
+
+
+def test_in_process_federation_takes_one_task_per_site(head, site, tmp_path: Path):
+    from server.simulation import InProcessFederation, SimulationSettings
+    from server.strategies import get_strategy
+
+    other = LdctTask.simulate(head.hu[20:23], head.pixel_mm, ScanProtocol.parse("1e5:360"), test_slices=[1], sim=SMALL,
+                              patch=32, stride=16, cache_dir=tmp_path)
+    settings = SimulationSettings(sites=2, rounds=1, codec="q8|zstd", arch="redcnn", model_options={"width": 8, "depth": 2}, batch_size=8)
+    fed = InProcessFederation(settings, site, get_strategy("fedavg"), site_tasks={"low": site, "high": other})
+    before = {k: v.copy() for k, v in fed.weights.items()}
+    record = fed.round(1)
+    assert record["updates"] == 2 and record["applied"] and not record["rejected"]
+    assert any(not np.array_equal(before[k], fed.weights[k]) for k in before)
+    with pytest.raises(ValueError, match="one per site"):
+        InProcessFederation(settings.__class__(sites=3, arch="redcnn"), site, get_strategy("fedavg"), site_tasks={"a": site})
+
+
+@pytest.mark.integration
+def test_denoiser_exports_to_onnx_and_int8_with_psnr_parity(site: LdctTask, tmp_path: Path):
+    from exporters.onnx_fp import export_onnx
+    from exporters.onnx_int8 import check_qdq, quantize_qdq
+    from exporters.ort import ort_runner
+
+    torch.manual_seed(0)
+    config = site.model_config("redcnn", width=8, depth=3)
+    model = build_model(config)
+    site.train_local(model, epochs=2, lr=3e-3, batch_size=8, seed=0)
+    x = model_inputs(site.test.low, site.test.cond, 0).numpy()
+    torch_psnr = denoise_metrics(site.test.normal, site.denoise(model, site.test.low, site.test.cond))["psnr"]
+    fp32 = export_onnx(model, config, tmp_path / "model.onnx")
+    calib = model_inputs(site.train.low[:8], site.train.cond[:8], 0).numpy()
+    calib = np.ascontiguousarray(np.block([[calib[0], calib[1]], [calib[2], calib[3]]])[None])  # four 32-px patches: one 64-px input
+    int8 = quantize_qdq(fp32, tmp_path / "model.int8.onnx", calib)
+    check_qdq(int8)
+    for path, tolerance in ((fp32, 0.01), (int8, 1.0)):
+        out = ort_runner(path, threads=1).run(x)[:, 0] * HU_SCALE
+        assert denoise_metrics(site.test.normal, out)["psnr"] == pytest.approx(torch_psnr, abs=tolerance)
+
+
+@pytest.mark.integration
+def test_demo_federates_the_denoiser_over_the_broker_in_lora_mode(data_dir: Path, tmp_path: Path, monkeypatch):
+    from fedge.cli.federation import FederationSettings, run_federation
+
+    monkeypatch.setenv("FEDGE_CACHE_DIR", str(tmp_path / "cache"))  # the spawned agents read the pairs the server simulated
+    ct = tmp_path / "ct"  # 6 of the 28 slices: 3 per site (2 to test, 1 to train) keep the simulation short
+    ct.mkdir()
+    for name in ("08", "10", "12", "14", "16", "18"):
+        (ct / f"{name}.dcm").symlink_to(data_path(data_dir, "ct", "ge_head_human_28slice", f"{name}.dcm"))
+    settings = FederationSettings(
+        task="ldct", ct_dir=str(ct), protocols=("1e4:180", "5e3:90:5"),
+        clients=2, rounds=1, arch="redcnn", model_options={"width": 8, "depth": 2, "cond": 2}, mode="lora",
+        codec="topk:0.1,ef|q8|zstd", workdir=tmp_path / "run",
+    )
+    report = run_federation(settings, report_path=tmp_path / "report.json")
+    assert report["task"] == "ldct" and report["rejected_updates"] == 0
+    assert [r["round"] for r in report["rounds"]] == [1]
+    assert 15.0 < report["final"]["psnr"] < 60.0 and 0.0 < report["final"]["ssim"] <= 1.0
+    assert report["rounds"][0]["uplink_bytes"] < 2 * report["dense_update_bytes"] / 4  # adapters, top-10%, 8 bits
+    with pytest.raises(ValueError, match="one --protocol per site"):
+        run_federation(FederationSettings(task="ldct", clients=2, protocols=("1e4:180",), arch="redcnn", workdir=tmp_path / "x"))
