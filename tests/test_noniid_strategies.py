@@ -58,6 +58,9 @@ def test_fedprox_keeps_a_site_closer_to_the_global(breast_task: ClassificationTa
 def test_prox_mu_is_announced_bounded_and_older_announcements_still_parse() -> None:
     assert announced_train(TrainSettings(), get_strategy("fedprox", mu=0.1)).prox_mu == 0.1
     assert TrainSettings.model_validate_json('{"epochs": 2}').prox_mu == 0.0  # an announcement from before FedProx
+    assert "prox_mu" not in TrainSettings().model_dump_json() and "local_norm" not in TrainSettings().model_dump_json()  # agents from before accept it
+    used = TrainSettings(prox_mu=0.1, local_norm=True)
+    assert TrainSettings.model_validate_json(used.model_dump_json()) == used
     with pytest.raises(ValueError):
         TrainSettings(prox_mu=1e4)
     with pytest.raises(UsageError, match="mu must be"):

@@ -11,9 +11,9 @@ the server sends also names the run, so a record recorded in one run means nothi
 from __future__ import annotations
 
 import time
-from typing import Literal, TypeVar, get_args
+from typing import Any, Literal, TypeVar, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler, ValidationError, model_serializer
 
 from fedge.protocol.envelope import NAME_PATTERN, RUN_PATTERN, SHA256_PATTERN
 from fedge.protocol.errors import ProtocolError, first_error
@@ -58,6 +58,19 @@ class TrainSettings(_Message):
     # and FedBN's normalisation layers kept at the site (they are in neither the global nor the update).
     prox_mu: float = Field(default=0.0, ge=0, le=1e3)
     local_norm: bool = False
+
+    @model_serializer(mode="wrap")
+    def _without_unused_newer_fields(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        """prox_mu and local_norm are left out at their defaults: agents from before them (whose
+        records forbid unknown fields) still accept every announcement that does not use them."""
+        data = handler(self)
+        for key, default in NEWER_DEFAULTS.items():
+            if key in data and data[key] == default:
+                del data[key]
+        return data
+
+
+NEWER_DEFAULTS: dict[str, object] = {"prox_mu": 0.0, "local_norm": False}
 
 
 class Record(_Message):
