@@ -116,3 +116,24 @@ def test_footprint_of_a_tiny_pretrained_vit(bench, mode, medmnist_root: Path, tm
     else:
         assert cost["prune"]["params_after"] < cost["prune"]["params_before"]
         assert cost["prune"]["macs_after"] < cost["prune"]["macs_before"]
+
+
+@pytest.mark.integration
+def test_bounds_fine_tune_the_pretrained_backbone_on_the_federations_split(bench, medmnist_root: Path, tmp_path: Path):
+    import torch
+
+    from fedge.checkpoint import save_checkpoint
+    from fedge.models import ModelConfig, build_model
+
+    config = ModelConfig(arch="vit", in_channels=1, num_classes=2, image_size=28, options={"preset": "tiny"})
+    torch.manual_seed(0)
+    ckpt = save_checkpoint(tmp_path / "tiny.safetensors", build_model(config).state_dict(), config)
+    args = bench.build_parser().parse_args(["--report", str(tmp_path / "r.json"), "--data-dir", str(medmnist_root), "--seeds", "1",
+                                            "--rounds", "1", "--epochs", "1", "--clients", "2"])  # fmt: skip
+    threads = torch.get_num_threads()
+    try:
+        out = bench.learning_bounds(args, ckpt)
+    finally:
+        torch.set_num_threads(threads)
+    assert set(out["bounds"]) == {"centralized_auc", "local_only_auc"} and all(0 <= v <= 1 for v in out["bounds"].values())
+    assert out["bounds_detail"]["sites"] == 2 and len(out["bounds_detail"]["local_only_auc_per_seed_and_site"][0]) == 2
