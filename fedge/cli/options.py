@@ -55,7 +55,8 @@ STRATEGY_OPTIONS_HELP = (
 )
 DP_HELP = (
     "Record-level DP: DP-SGD at every site with this noise multiplier (opacus; SGD with momentum 0.9 at --lr, "
-    "e.g. --lr 0.5; the cnn is then built with GroupNorm)"
+    "e.g. --lr 0.5; the cnn is then built with GroupNorm). Pair it with a dense codec such as --codec 'q8,ef|zstd': "
+    "top-k of a DP-SGD delta sends mostly noise"
 )
 
 
