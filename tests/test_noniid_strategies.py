@@ -138,6 +138,20 @@ def test_fedbn_server_keeps_norm_layers_out_of_its_global_checkpoint_and_uplink_
         _server(tmp_path, "fedavg")
 
 
+def test_an_agent_keeps_its_norm_layers_across_a_restart(tmp_path) -> None:
+    from edge_client.state import AgentState
+
+    trained = build_model(CNN)
+    local = W.norm_layer_names(trained)
+    with torch.no_grad():
+        for k in local:
+            trained.state_dict()[k].add_(0.5)
+    AgentState(tmp_path).save_local(trained, local)
+    fresh = build_model(CNN)
+    AgentState(tmp_path).restore_local(fresh, local)  # a restarted agent's new model
+    assert all(torch.equal(fresh.state_dict()[k], trained.state_dict()[k]) for k in local)
+
+
 # ---- end to end over the in-process broker -------------------------------------------------------
 def _globals(broker: MemoryBroker) -> list[list[str]]:
     """The tensor names of every global and snapshot envelope the server published."""
