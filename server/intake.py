@@ -55,6 +55,10 @@ def _init_worker(trusted_keys: str | None) -> None:
     _worker_verifier = Verifier.from_dir(trusted_keys) if trusted_keys else None
 
 
+def _ready() -> None:
+    """Nothing: submitting it starts a worker."""
+
+
 def _decode_in_worker(data: bytes, rnd: int, client: str, expected: Expected, max_norm: float) -> Decoded:
     try:
         return decode_update(data, rnd, client, expected, _worker_verifier, max_norm)
@@ -81,6 +85,8 @@ class UpdateIntake:
             context.set_forkserver_preload(["server.intake"])
             self._pool = ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker,
                                              initargs=(str(trusted_keys) if trusted_keys else None,))  # fmt: skip
+            for _ in range(workers):  # start them now, while the server waits for sites, not at the first update
+                self._pool.submit(_ready)
 
     @property
     def full(self) -> bool:
