@@ -210,19 +210,22 @@ def plot(results: list[dict[str, Any]], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(METRICS), figsize=(4.2 * len(METRICS), 3.6))
-    for ax, (key, label) in zip(axes, METRICS.items()):
+    fig, grid = plt.subplots(2, 3, figsize=(13, 7.5))
+    axes = grid.flat
+    for ax, (key, title) in zip(axes, METRICS.items()):
         for model, workers in sorted({(r["model"], r["decode_workers"]) for r in results}):
             rows = sorted((r for r in results if (r["model"], r["decode_workers"]) == (model, workers) and r[key] is not None),
                           key=lambda r: r["sites"])  # fmt: skip
-            label = f"{model}, {workers} decode workers" if workers else model
-            ax.plot([r["sites"] for r in rows], [r[key] for r in rows], marker="o" if not workers else "s", label=label,
+            series = f"{model}, {workers} decode workers" if workers else model
+            ax.plot([r["sites"] for r in rows], [r[key] for r in rows], marker="o" if not workers else "s", label=series,
                     linestyle="-" if not workers else "--")  # fmt: skip
         ax.set_xscale("log")
         ax.set_xlabel("simulated sites")
-        ax.set_title(label, fontsize=9)
+        ax.set_title(title, fontsize=10)
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=8)
+    legend = grid.flat[len(METRICS)]
+    legend.axis("off")
+    legend.legend(*grid.flat[0].get_legend_handles_labels(), loc="center", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
@@ -230,6 +233,7 @@ def plot(results: list[dict[str, Any]], path: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--report", type=Path, required=True)
+    parser.add_argument("--replot", action="store_true", help="Only redraw the PNG beside an existing --report")
     parser.add_argument("--sites", default="10,100,300,1000")
     parser.add_argument("--models", default=",".join(MODELS))
     parser.add_argument("--rounds", type=int, default=3)
@@ -239,6 +243,9 @@ def main() -> None:
     parser.add_argument("--profile", type=Path, help="Run the server under cProfile; .prof files and the top functions go here")
     parser.add_argument("--workdir", type=Path, help="Keep checkpoints and logs here (default: a temporary folder)")
     args = parser.parse_args()
+    if args.replot:
+        plot(json.loads(args.report.read_text())["results"], args.report.with_suffix(".png"))
+        return
     fds = raise_fd_limit()
     results = []
     with tempfile.TemporaryDirectory(prefix="fedge-scale-") as tmp:
@@ -271,14 +278,21 @@ def main() -> None:
     print(json.dumps(report["growth_from_100"], indent=2))
 
 
-def profile_top(path: Path, count: int = 25) -> list[str]:
-    """The functions with the most own time (cProfile measures the server's main thread)."""
+def profile_top(path: Path, count: int = 25) -> dict[str, list[str]]:
+    """The functions with the most own time, and the server's own functions by cumulative time
+    (cProfile measures the server's main thread: the round loop)."""
     import io
     import pstats
 
-    text = io.StringIO()
-    pstats.Stats(str(path), stream=text).sort_stats("tottime").print_stats(count)
-    return [line.rstrip() for line in text.getvalue().splitlines() if line.strip()][-count - 1 :]
+    def listing(order: str, *restrict: object) -> list[str]:
+        text = io.StringIO()
+        pstats.Stats(str(path), stream=text).sort_stats(order).print_stats(*restrict)
+        lines = [line.rstrip() for line in text.getvalue().splitlines() if line.strip()]
+        start = next(i for i, line in enumerate(lines) if line.lstrip().startswith("ncalls"))
+        return lines[start:]
+
+    return {"by_own_time": listing("tottime", count),
+            "server_by_cumulative_time": listing("cumulative", r"server/(rounds|intake)\.py|fedge/rounds/update\.py|strategies/", count)}  # fmt: skip
 
 
 def mosquitto_version() -> str:
