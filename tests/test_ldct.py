@@ -188,3 +188,14 @@ def test_demo_federates_the_denoiser_over_the_broker_in_lora_mode(data_dir: Path
     assert report["rounds"][0]["uplink_bytes"] < 2 * report["dense_update_bytes"] / 4  # adapters, top-10%, 8 bits
     with pytest.raises(ValueError, match="one --protocol per site"):
         run_federation(FederationSettings(task="ldct", clients=2, protocols=("1e4:180",), arch="redcnn", workdir=tmp_path / "x"))
+
+
+def test_an_ldct_agent_needs_its_protocol_and_a_ct_folder(data_dir: Path, tmp_path: Path):
+    from edge_client.config import AgentConfig
+    from edge_client.runner import build_ldct_task
+
+    base = {"broker": "mqtt://127.0.0.1:1", "site": "s1", "task": "ldct", "state_dir": tmp_path}
+    with pytest.raises(ValueError, match="protocol: I0:VIEWS"):
+        build_ldct_task(AgentConfig(**base))
+    with pytest.raises(NoCtError, match="modality MR"):
+        build_ldct_task(AgentConfig(**base, protocol="1e4:180", ct_dir=data_path(data_dir, "dicom", "mr_series_prostate_adc_20slice")))
