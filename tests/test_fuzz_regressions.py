@@ -169,17 +169,18 @@ def _feed(world, side: str, signed: bool, messages: list) -> Counter:
 @pytest.mark.parametrize("signed", [True, False], ids=["signed", "unsigned"])
 @pytest.mark.parametrize("reproducer", REPRODUCERS, ids=lambda r: r.name)
 def test_each_reproducer_is_refused_by_its_handler_in_bounded_time_and_memory(world, reproducer, signed: bool) -> None:
-    """Refused and counted, never the safety net (`handler-error`); under 2 s (1 s in the campaign,
-    with slack for a shared machine) and under 100x the bytes sent in traced memory (1 MiB floor)."""
+    """Refused and counted, never the safety net (`handler-error`); under 5 s of this thread's CPU
+    time (the quadratic manifest check took 22 s; CPU time, not wall time, so a loaded machine does
+    not fail it) and under 100x the bytes sent in traced memory (1 MiB floor)."""
     messages = reproducer.build(world.attack_target(signed))
     sent = sum(len(m.topic) + len(m.payload) for m in messages)
     refusals, _, peak = _traced(lambda: _feed(world, reproducer.side, signed, messages))
     assert isinstance(refusals, Counter), refusals
     assert sum(refusals.values()) >= 1 and "handler-error" not in refusals, refusals
     assert peak <= max(100 * sent, 1 << 20), f"{peak / 2**20:.1f} MiB traced for {sent} bytes sent"
-    started = time.perf_counter()
+    started = time.thread_time()
     _feed(world, reproducer.side, signed, messages)
-    assert time.perf_counter() - started < 2.0
+    assert time.thread_time() - started < 5.0
 
 
 def test_a_model_config_over_the_agents_cap_is_sized_on_the_meta_device_and_refused(world) -> None:
