@@ -197,6 +197,7 @@ def test_two_bridged_hospitals_federate_and_a_cut_link_loses_no_update(tmp_path,
         for thread in threads:
             thread.join(timeout=60)
             assert not thread.is_alive(), "the federation did not finish after the link came back"
+        _a_foreign_site_writes_nothing_through_the_bridge(fed, ports["hospital-1"], central_port)
     assert not errors, errors
     assert [r["clients"] for r in records] == [["h1-site", "h2-site"]] * 2
     assert server.refusals.total == 0 and all(a.refusals.total == 0 for a in agents.values())
@@ -217,3 +218,40 @@ def test_cli_writes_a_hospital_broker_and_names_what_it_needs(tmp_path) -> None:
     assert "fedge provision broker --dir" in result.output  # the central config must be re-written to let the bridge in
     sans = x509.load_pem_x509_certificate((tmp_path / "a" / "broker.crt").read_bytes()).extensions.get_extension_for_class(x509.SubjectAlternativeName)
     assert "mqtt.hospital-a.example" in sans.value.get_values_for_type(x509.DNSName)
+
+
+def _a_foreign_site_writes_nothing_through_the_bridge(fed, hospital_port: int, central_port: int) -> None:
+    """hospital-2's site on hospital-1's broker: its own update topic, hospital-1's site's and a server
+    topic are all denied there; hospital-1's site's own update, sent after them, reaches the central broker."""
+    from fedge.transport import MqttSession, TlsFiles
+
+    def session(identity: str, port: int) -> MqttSession:
+        if identity == "server":
+            tls = TlsFiles(fed.server_ca, fed.server_cert, fed.server_tls_key)
+        else:
+            kit = fed.kit(identity)
+            tls = TlsFiles(kit.ca, kit.cert, kit.key)
+        return MqttSession(f"mqtts://127.0.0.1:{port}", identity, clean_session=True, tls=tls)
+
+    root = f"fedge/{fed.name}/round/9"
+    observer = session("server", central_port)
+    observer.subscribe(f"{root}/#")
+    observer.connect()
+    foreign, own = session("h2-site", hospital_port).connect(), session("h1-site", hospital_port).connect()
+    try:
+        for topic in (f"{root}/update/h2-site/0", f"{root}/update/h1-site/0", f"{root}/global"):
+            foreign.publish(topic, b"from another hospital's site")
+        own.publish(f"{root}/update/h1-site/0", b"from hospital-1's site")
+        seen: list[tuple[str, bytes]] = []
+        deadline = time.monotonic() + 30
+        while (f"{root}/update/h1-site/0", b"from hospital-1's site") not in seen:
+            assert time.monotonic() < deadline, f"hospital-1's site's own update never reached the central broker: {seen}"
+            msg = observer.get(timeout=0.1)
+            if msg is not None:
+                seen.append((msg.topic, msg.payload))
+        while (msg := observer.get(timeout=0.5)) is not None:
+            seen.append((msg.topic, msg.payload))
+        assert seen == [(f"{root}/update/h1-site/0", b"from hospital-1's site")]
+    finally:
+        for s in (foreign, own, observer):
+            s.close()
