@@ -109,6 +109,7 @@ def test_redcnn_starts_as_identity_and_film_reads_the_protocol():
         build_model(config.replace(in_channels=3))
 
 
+@pytest.mark.integration  # trains for a few epochs
 def test_local_training_denoises_the_held_out_slice(site: LdctTask):
     torch.manual_seed(0)
     model = build_model(site.model_config("redcnn", width=8, depth=3))
