@@ -26,6 +26,7 @@ class AgentConfig(BaseModel):
     task: TaskName = "classification"
     ct_dir: Path | None = None
     protocol: str | None = None
+    image_size: int | None = Field(default=None, ge=16, le=1024)  # ldct: resample slices to this size (default: SimulationConfig's)
     shard: int | None = Field(default=None, ge=0)  # simulation: this site's Dirichlet shard of a public dataset
     num_shards: int | None = Field(default=None, ge=1)
     alpha: float = Field(default=0.5, gt=0)

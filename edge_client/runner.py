@@ -22,14 +22,13 @@ def load_site_data(config: AgentConfig) -> ImageSplits:
 def build_ldct_task(config: AgentConfig) -> LdctTask:
     """This site's share of the CT series in --ct-dir, simulated under its scan protocol (cached on disk)."""
     from edge_client.ingest.ct import read_ct_dir
-    from fedge.data.ldct import ScanProtocol, default_ct_dir
+    from fedge.data.ldct import ScanProtocol, SimulationConfig, resolve_ct_dir
 
     if config.protocol is None:
         raise ValueError("the ldct task needs the site's scan protocol: set protocol: I0:VIEWS[:NOISE] (e.g. 1e4:180) in the agent config")
-    folder = config.ct_dir or default_ct_dir(config.data_dir)
-    if folder is None:
-        raise ValueError("the ldct task needs ct_dir (--ct-dir: a folder of CT DICOM series), or FEDGE_DATA_DIR holding ct/ge_head_human_28slice")
-    return LdctTask.for_site(read_ct_dir(folder), ScanProtocol.parse(config.protocol), shard=config.shard or 0, num_shards=config.num_shards or 1)
+    return LdctTask.for_site(read_ct_dir(resolve_ct_dir(config.ct_dir, config.data_dir)), ScanProtocol.parse(config.protocol),
+                             shard=config.shard or 0, num_shards=config.num_shards or 1,
+                             sim=SimulationConfig(image_size=config.image_size or SimulationConfig.image_size))
 
 
 def build_agent(config: AgentConfig) -> Agent:

@@ -25,7 +25,8 @@ if TYPE_CHECKING:
     from server.strategies import Strategy
 
 # Round records carry these numbers (anything else an evaluator adds stays off the operator's view).
-RECORD_NUMBERS = ("round", "uplink_bytes", "downlink_bytes", "rejected", "seconds", "auc", "accuracy")
+EVALUATED = ("auc", "accuracy", "psnr", "ssim")  # every task's headline metrics (fedge.tasks.base.HEADLINE), as evaluators return them
+RECORD_NUMBERS = ("round", "uplink_bytes", "downlink_bytes", "rejected", "seconds", *EVALUATED)
 ROUND_BUCKETS = (0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300, 600, 1800)
 AGGREGATION_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 DETAIL_CHARS = 200  # a refusal's detail, as shown: names and reasons, cut short
@@ -147,7 +148,7 @@ class _ServerCollector(Collector):
             if site.last_upload_seconds is not None:
                 site_seconds.add_metric([site.site], site.last_upload_seconds)
         families: list[Metric] = [info, rounds, target, received, rejected, uplink, downlink, online, site_online, site_round, site_bytes, site_seconds]
-        for key in ("auc", "accuracy"):
+        for key in EVALUATED:
             value = view.last(key)
             if value is not None:
                 families.append(GaugeMetricFamily(f"fedge_last_{key}", f"Test {key} of the newest global model", value=value))

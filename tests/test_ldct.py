@@ -200,3 +200,96 @@ def test_an_ldct_agent_needs_its_protocol_and_a_ct_folder(data_dir: Path, tmp_pa
         build_ldct_task(AgentConfig(**base))
     with pytest.raises(NoCtError, match="modality MR"):
         build_ldct_task(AgentConfig(**base, protocol="1e4:180", ct_dir=data_path(data_dir, "dicom", "mr_series_prostate_adc_20slice")))
+
+
+def _invoke_server(*args: str) -> tuple[int, str]:
+    """`fedge server` in this process: for the refusals, which all happen before a broker starts."""
+    import typer
+    from typer.testing import CliRunner
+
+    from fedge.cli.server import server
+
+    app = typer.Typer()
+    app.command()(server)
+    result = CliRunner().invoke(app, ["--quiet", *args])
+    assert result.exception is None or isinstance(result.exception, SystemExit), result.exception
+    return result.exit_code, " ".join(result.output.split())
+
+
+def test_fedge_server_refuses_ldct_settings_that_cannot_run(data_dir: Path):
+    mr = str(data_path(data_dir, "dicom", "mr_series_prostate_adc_20slice"))
+    for args, message in (
+        (("--task", "ldct", "--arch", "cnn"), "--arch cnn does not fit --task ldct: use --arch redcnn"),
+        (("--arch", "redcnn"), "--arch redcnn does not fit --task classification"),
+        (("--task", "denoise"), "choose one of classification, ldct"),
+        (("--task", "ldct", "--protocol", "1e4"), "I0:VIEWS"),
+        (("--task", "ldct", "--protocol", "1e4:180"), "add --ct-dir"),
+        (("--task", "ldct", "--dp-noise-multiplier", "1.0"), "DP-SGD is not available for the ldct task"),
+        (("--ct-dir", mr), "options of the ldct task: add --task ldct"),
+        (("--task", "ldct", "--ct-dir", mr), "20 modality MR"),
+    ):
+        code, output = _invoke_server(*args)
+        assert code == 2 and output.startswith("error:") and message in output, (args, output)
+
+
+@pytest.mark.integration  # a broker, a `fedge server` process and two `fedge agent run` processes
+def test_fedge_server_runs_the_ldct_task_with_agents_as_separate_processes(data_dir: Path, tmp_path: Path):
+    """What a deployment runs: the server scores each global on its own CT (a scanner no site has),
+    the agents train on theirs, each from its YAML (task, ct_dir, protocol)."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    import yaml
+
+    from fedge.broker import EmbeddedBroker
+    from fedge.checkpoint import load_checkpoint
+
+    env = {**os.environ, "FEDGE_CACHE_DIR": str(tmp_path / "cache")}
+    fedge = [sys.executable, "-m", "fedge.cli.main"]
+    sites = tmp_path / "site-ct"  # 6 head slices: 3 per site (2 to test, 1 to train)
+    sites.mkdir()
+    for name in ("08", "10", "12", "14", "16", "18"):
+        (sites / f"{name}.dcm").symlink_to(data_path(data_dir, "ct", "ge_head_human_28slice", f"{name}.dcm"))
+    server_ct = data_path(data_dir, "dicom", "ct_series_liver_3slice")
+    with EmbeddedBroker() as broker:
+        agents = []
+        for i, protocol in enumerate(("1e4:180", "5e3:90:5")):
+            site = f"site-{i + 1}"
+            config = tmp_path / f"{site}.yaml"
+            config.write_text(yaml.safe_dump({"broker": broker.url, "site": site, "federation": "ldct", "task": "ldct", "ct_dir": str(sites),
+                                              "protocol": protocol, "image_size": 64, "shard": i, "num_shards": 2, "state_dir": site}))
+            agents.append(subprocess.Popen([*fedge, "agent", "run", "--config", str(config)], env=env, stdout=subprocess.DEVNULL,
+                                           stderr=open(tmp_path / f"{site}.log", "wb")))
+        server = subprocess.run(
+            [*fedge, "server", "--broker", broker.url, "--federation", "ldct", "--task", "ldct", "--ct-dir", str(server_ct), "--protocol", "2e4:120",
+             "--image-size", "64", "--rounds", "2", "--min-clients", "2", "--clients", "site-1,site-2", "--batch-size", "8",
+             "--codec", "q8|zstd", "--checkpoint-dir", str(tmp_path / "ckpt"), "--round-timeout", "120", "--quiet"],
+            env=env, capture_output=True, text=True, timeout=300,
+        )
+        assert server.returncode == 0, server.stderr[-3000:]
+        for site, agent in zip(("site-1", "site-2"), agents):
+            assert agent.wait(timeout=60) == 0, (tmp_path / f"{site}.log").read_text()[-3000:]
+    history = json.loads((tmp_path / "ckpt" / "state.json").read_text())["history"]
+    assert [r["round"] for r in history] == [1, 2] and all(r["rejected"] == 0 for r in history)
+    # The scores are the task's, on the server's --ct-dir under its --protocol at its --image-size (the pairs come from the cache it wrote).
+    from fedge.tasks.ldct import LdctTask
+
+    scoring = LdctTask.scoring(read_ct_dir(server_ct), [ScanProtocol.parse("2e4:120")], sim=SMALL, cache_dir=tmp_path / "cache" / "ldct")
+    assert len(scoring.test) == 3 and not len(scoring.train)
+    before = denoise_metrics(scoring.test.normal, scoring.test.low)
+    for record in history:
+        assert record["psnr_in"] == pytest.approx(before["psnr"]) and record["ssim_in"] == pytest.approx(before["ssim"])
+        assert 15.0 < record["psnr"] < 60.0 and 0.0 < record["ssim"] <= 1.0
+    assert history[-1]["psnr"] != pytest.approx(history[-1]["psnr_in"], abs=1e-3)  # the identity-initialised denoiser was trained
+    final = load_checkpoint(tmp_path / "ckpt" / "final.safetensors")
+    assert final.config.arch == "redcnn" and final.config.image_size == 64
+    assert final.build()(model_inputs(scoring.test.low, scoring.test.cond, 0)).shape == (3, 1, 64, 64)
+
+
+def test_the_operator_sees_every_task_headline_metric():
+    from fedge.tasks.base import HEADLINE
+    from server.metrics import EVALUATED, RECORD_NUMBERS
+
+    assert {m for pair in HEADLINE.values() for m in pair} == set(EVALUATED) <= set(RECORD_NUMBERS)  # Prometheus gauges, dashboard rows

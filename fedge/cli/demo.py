@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from fedge.cli.options import DP_HELP, MODE_OPTIONS_HELP, STRATEGY_HELP, STRATEGY_OPTIONS_HELP
+from fedge.cli.options import DP_HELP, FILM_HELP, IMAGE_SIZE_HELP, MODE_OPTIONS_HELP, STRATEGY_HELP, STRATEGY_OPTIONS_HELP
 
 
 def demo(
@@ -15,7 +15,8 @@ def demo(
     data_dir: str = typer.Option(None, envvar="FEDGE_DATA_DIR", help="Folder holding <dataset>.npz (or medmnist/<dataset>.npz)"),
     ct_dir: str = typer.Option(None, help="ldct: folder of CT DICOM series the sites share out (default: ct/ge_head_human_28slice in the data folder)"),
     protocol: list[str] = typer.Option(None, help="ldct: one scan protocol per site, I0:VIEWS[:ELECTRONIC_NOISE] (repeat the flag; default: fedge.data.ldct.SITE_PROTOCOLS, from 1e5:360 down to 5e3:90:5)"),
-    film: bool = typer.Option(False, "--film", help="ldct: condition the denoiser on each site's protocol (FiLM scales and shifts from (I0, views))"),
+    film: bool = typer.Option(False, "--film", help=FILM_HELP),
+    image_size: int = typer.Option(None, min=16, max=1024, help=IMAGE_SIZE_HELP),
     clients: int = typer.Option(4, min=1, help="Number of hospital sites (agent processes)"),
     rounds: int = typer.Option(10, min=1, help="Federated rounds"),
     codec: str = typer.Option("fp32", help="Uplink codec spec, e.g. 'fp16' or 'topk:0.01,ef|q8|zstd:3'"),
@@ -55,10 +56,11 @@ def demo(
 
     from fedge.cli.federation import FederationSettings, run_federation
     from fedge.cli.options import fail_with, parse_mode_options, parse_strategy_options
+    from fedge.tasks.base import DEFAULT_ARCH, HEADLINE, TASK_NAMES
 
-    if task not in ("classification", "ldct"):
-        raise fail_with(ValueError(f"--task {task!r}: choose classification or ldct"))
-    headline = ("psnr", "ssim") if task == "ldct" else ("auc", "accuracy")
+    if task not in TASK_NAMES:
+        raise fail_with(ValueError(f"--task {task!r}: choose one of {', '.join(TASK_NAMES)}"))
+    headline = HEADLINE[task]
     if task == "ldct":
         from fedge.data.ldct import SITE_PROTOCOLS
 
@@ -75,9 +77,9 @@ def demo(
         table.add_column(col, justify="right")
     try:
         settings = FederationSettings(
-            task=task, ct_dir=ct_dir, protocols=protocols, model_options=model_options,  # type: ignore[arg-type]
+            task=task, ct_dir=ct_dir, protocols=protocols, model_options=model_options, image_size=image_size,  # type: ignore[arg-type]
             dataset=dataset, data_dir=data_dir, clients=clients, rounds=rounds, codec=codec, downlink_codec=downlink_codec,
-            arch=arch or ("redcnn" if task == "ldct" else "cnn"), broker=broker, seed=seed, alpha=alpha, epochs=epochs, lr=lr, workdir=workdir,
+            arch=arch or DEFAULT_ARCH[task], broker=broker, seed=seed, alpha=alpha, epochs=epochs, lr=lr, workdir=workdir,
             mode=mode, mode_options=parse_mode_options(mode_options), init=init, emulate_link=emulate_link, secure=secure,  # type: ignore[arg-type]
             strategy=strategy, strategy_options=parse_strategy_options(strategy_options), dp_noise_multiplier=dp_noise_multiplier,
             dp_max_grad_norm=dp_max_grad_norm, dp_delta=dp_delta,

@@ -30,6 +30,7 @@ class FederationSettings:
     data_dir: str | None = None
     ct_dir: str | None = None  # ldct: the CT series the sites share out (default: the data root's head CT)
     protocols: tuple[str, ...] = ()  # ldct: one scan protocol I0:VIEWS[:NOISE] per site
+    image_size: int | None = None  # ldct: resample slices to this size (default: SimulationConfig's, 128)
     clients: int = 4
     rounds: int = 10
     codec: str = "fp32"
@@ -78,8 +79,15 @@ def _check(settings: FederationSettings) -> None:
         raise ValueError("clients, rounds and epochs must each be at least 1")
     if settings.alpha <= 0 or settings.round_timeout <= 0:
         raise ValueError("alpha (Dirichlet skew) and round_timeout must be positive")
-    if settings.task == "ldct" and (len(settings.protocols) != settings.clients or settings.arch != "redcnn"):
-        raise ValueError(f"--task ldct: give one --protocol per site ({settings.clients}, got {len(settings.protocols)}) and --arch redcnn")
+    from fedge.tasks.base import check_task_arch
+
+    check_task_arch(settings.task, settings.arch)
+    if settings.task == "ldct" and len(settings.protocols) != settings.clients:
+        raise ValueError(f"--task ldct: give one --protocol per site ({settings.clients}, got {len(settings.protocols)})")
+    if settings.task == "ldct" and settings.dp_noise_multiplier is not None:
+        from fedge.tasks.ldct import NO_DP
+
+        raise ValueError(NO_DP)
     if settings.secure and settings.broker:
         raise ValueError("--secure starts its own Mosquitto with the generated config; leave out --broker")
     from fedge.modes import get_mode
@@ -202,6 +210,7 @@ def run_federation(
                 task=settings.task,
                 ct_dir=Path(settings.ct_dir) if settings.ct_dir else None,
                 protocol=settings.protocols[i] if settings.protocols else None,
+                image_size=settings.image_size,
                 shard=i,
                 num_shards=settings.clients,
                 alpha=settings.alpha,
@@ -262,15 +271,12 @@ def _evaluation_task(settings: FederationSettings) -> Task:
 
         return ClassificationTask(load_medmnist(settings.dataset, settings.data_dir))
     from edge_client.ingest.ct import read_ct_dir
-    from fedge.data.ldct import ScanProtocol, default_ct_dir
+    from fedge.data.ldct import ScanProtocol, SimulationConfig, resolve_ct_dir
     from fedge.tasks.ldct import LdctTask
 
-    folder = settings.ct_dir or default_ct_dir(settings.data_dir)
-    if folder is None:
-        raise ValueError("--task ldct needs --ct-dir (a folder of CT DICOM series), or FEDGE_DATA_DIR holding ct/ge_head_human_28slice")
-    series = read_ct_dir(folder)
-    n = settings.clients
-    return LdctTask.pool([LdctTask.for_site(series, ScanProtocol.parse(p), shard=i, num_shards=n) for i, p in enumerate(settings.protocols)])
+    series = read_ct_dir(resolve_ct_dir(settings.ct_dir, settings.data_dir))
+    n, sim = settings.clients, SimulationConfig(image_size=settings.image_size or SimulationConfig.image_size)
+    return LdctTask.pool([LdctTask.for_site(series, ScanProtocol.parse(p), shard=i, num_shards=n, sim=sim) for i, p in enumerate(settings.protocols)])
 
 
 def _privacy(uploads: dict, history: list[dict[str, Any]], settings: FederationSettings) -> dict[str, Any]:

@@ -53,6 +53,8 @@ STRATEGY_OPTIONS_HELP = (
     "trimmed_mean: beta; multikrum: f, selected; centered_clipping: iterations, tau; dp_fedavg: noise_multiplier, "
     "max_norm, delta, sample_rate; fedprox: mu; fedadam, fedyogi: lr, beta1, beta2, tau. E.g. 'beta=0.1' or 'noise_multiplier=1.1,max_norm=1.0'"
 )
+FILM_HELP = "ldct: condition the denoiser on each scan's protocol (FiLM scales and shifts from (I0, views))"
+IMAGE_SIZE_HELP = "ldct: resample CT slices to this many pixels before the simulation (default 128; agents set image_size in their YAML)"
 DP_HELP = (
     "Record-level DP: DP-SGD at every site with this noise multiplier (opacus; SGD with momentum 0.9 at --lr, "
     "e.g. --lr 0.5; the cnn is then built with GroupNorm). Pair it with a dense codec such as --codec 'q8,ef|zstd': "

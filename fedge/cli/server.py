@@ -2,21 +2,31 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
 
-from fedge.cli.options import DP_HELP, MODE_OPTIONS_HELP, STRATEGY_HELP, STRATEGY_OPTIONS_HELP, one_line_errors
+from fedge.cli.options import DP_HELP, FILM_HELP, IMAGE_SIZE_HELP, MODE_OPTIONS_HELP, STRATEGY_HELP, STRATEGY_OPTIONS_HELP, one_line_errors
+
+if TYPE_CHECKING:
+    from fedge.models import ModelConfig
 
 
 @one_line_errors
 def server(
     broker: str = typer.Option(None, help="MQTT broker URL, e.g. mqtt://127.0.0.1:1883; default: start an embedded broker"),
     federation: str = typer.Option("demo", help="Federation name (topic prefix fedge/<name>/)"),
+    task: str = typer.Option("classification", help="What the sites learn: classification (MedMNIST) | ldct (low-dose CT denoising; agents set task, ct_dir and protocol in their YAML)"),
     dataset: str = typer.Option("pneumoniamnist", help="Dataset that fixes the model's input/classes (and evaluation with --evaluate)"),
-    data_dir: str = typer.Option(None, envvar="FEDGE_DATA_DIR", help="Folder holding <dataset>.npz"),
+    data_dir: str = typer.Option(None, envvar="FEDGE_DATA_DIR", help="Folder holding <dataset>.npz (ldct: the data root whose ct/ge_head_human_28slice --ct-dir defaults to)"),
+    ct_dir: str = typer.Option(None, help="ldct: the server's own CT DICOM series; each global is scored (PSNR/SSIM) on all of its slices (implies --evaluate)"),
+    protocol: list[str] = typer.Option(None, help="ldct: scan protocol(s) I0:VIEWS[:NOISE] the evaluation simulates on --ct-dir (repeat the flag; default: the four of `fedge demo`, 1e5:360 to 5e3:90:5)"),
+    image_size: int = typer.Option(None, min=16, max=1024, help=IMAGE_SIZE_HELP),
+    film: bool = typer.Option(False, "--film", help=FILM_HELP),
     init: Path = typer.Option(None, help="Start from this checkpoint (e.g. a pretrained backbone) instead of --arch"),
-    arch: str = typer.Option("cnn", help="Architecture from the zoo, when no --init"),
+    arch: str = typer.Option(None, help="Architecture from the zoo, when no --init; default: the task's (cnn, redcnn)"),
     rounds: int = typer.Option(10, min=1),
     min_clients: int = typer.Option(2, min=1, help="Quorum: aggregate at the deadline once this many updates arrived"),
     clients: str = typer.Option(None, help="Comma-separated site names to wait for each round (default: whoever is online)"),
@@ -28,7 +38,7 @@ def server(
     epochs: int = typer.Option(1), lr: float = typer.Option(1e-3), batch_size: int = typer.Option(32),
     seed: int = typer.Option(0),
     checkpoint_dir: Path = typer.Option(Path("runs/server"), help="Per-round checkpoints; a restart resumes from here"),
-    evaluate: bool = typer.Option(False, help="Score each global on the dataset's test split (needs --data-dir)"),
+    evaluate: bool = typer.Option(False, help="Score each global on the dataset's test split (needs --data-dir); ldct: on --ct-dir"),
     trusted_keys: Path = typer.Option(None, help="Folder of <site>.pub Ed25519 keys; unsigned updates are then rejected"),
     signing_key: Path = typer.Option(None, help="Server Ed25519 private key: signs globals, announcements, snapshots and control"),
     ca: Path = typer.Option(None, help="Federation CA certificate (`fedge provision init`): the broker's TLS certificate must chain to it"),
@@ -67,6 +77,7 @@ def server(
     from fedge.data import load_medmnist
     from fedge.protocol import TrainSettings
     from fedge.tasks import ClassificationTask
+    from fedge.tasks.base import DEFAULT_ARCH, TASK_NAMES, check_task_arch
     from server.config import ServerConfig
     from server.rounds import RoundServer
     from server.strategies import get_strategy
@@ -85,16 +96,26 @@ def server(
     get_strategy(strategy, **parse_strategy_options(strategy_options))  # so does a wrong strategy or option
     watch = WatchSettings(metrics_port=metrics_port, metrics_host=metrics_host, dashboard=dashboard, dashboard_token=dashboard_token,
                           mlflow=mlflow, tensorboard=tensorboard, linger=linger)  # fmt: skip
+    if task not in TASK_NAMES:
+        raise fail(f"--task {task!r}: choose one of {', '.join(TASK_NAMES)}")
+    arch = arch or DEFAULT_ARCH[task]
+    check_task_arch(task, arch)
     console = Console()
-    task = None
-    if init is not None and data_dir is None:
-        model_config = load_checkpoint(init).config
+    classifier = None
+    if task == "ldct":
+        model_config, evaluator = _denoiser(ct_dir, data_dir, protocol, image_size, film=film, arch=arch,
+                                            evaluate=evaluate or ct_dir is not None, dp=dp_noise_multiplier is not None, seed=seed)
+        if init is not None:
+            model_config = load_checkpoint(init).config
     else:
-        task = ClassificationTask(load_medmnist(dataset, data_dir))
-        model_config = task.model_config(arch, **({"norm": "group"} if dp_noise_multiplier is not None and arch == "cnn" else {}))
-    evaluator = None
-    if evaluate:
-        evaluator = (task or ClassificationTask(load_medmnist(dataset, data_dir))).evaluate
+        if ct_dir or protocol or image_size or film:
+            raise fail("--ct-dir, --protocol, --image-size and --film are options of the ldct task: add --task ldct")
+        if init is not None and data_dir is None:
+            model_config = load_checkpoint(init).config
+        else:
+            classifier = ClassificationTask(load_medmnist(dataset, data_dir))
+            model_config = classifier.model_config(arch, **({"norm": "group"} if dp_noise_multiplier is not None and arch == "cnn" else {}))
+        evaluator = (classifier or ClassificationTask(load_medmnist(dataset, data_dir))).evaluate if evaluate else None
 
     with ExitStack() as stack:
         if broker is None:
@@ -104,7 +125,7 @@ def server(
             federation=federation, broker=broker, model=model_config, checkpoint_dir=checkpoint_dir, rounds=rounds,
             min_clients=min_clients, expected_clients=tuple(c for c in (clients or "").split(",") if c),
             round_timeout=round_timeout, uplink_codec=codec, downlink_codec=downlink_codec,
-            train=train, seed=seed, init_checkpoint=init, dataset=dataset if task is not None else None,
+            train=train, seed=seed, init_checkpoint=init, dataset=dataset if classifier is not None else None,
             trusted_keys=trusted_keys, signing_key=signing_key, ca=ca, cert=cert, key=key,
             max_samples=max_samples, max_update_norm=max_update_norm,
             strategy=strategy, strategy_options=parse_strategy_options(strategy_options), decode_workers=decode_workers,
@@ -113,3 +134,25 @@ def server(
         with watched(round_server, watch, say=console.print):
             state = round_server.run()
     console.print(f"federation {federation} finished after round {state.round}; model: {checkpoint_dir / 'final.safetensors'}")
+
+
+def _denoiser(ct_dir: str | None, data_dir: str | None, protocols: Sequence[str] | None, image_size: int | None, *, film: bool, arch: str,
+              evaluate: bool, dp: bool, seed: int) -> tuple[ModelConfig, Callable | None]:
+    """The ldct denoiser's config and, when evaluating, its scorer on the server's own CT: every slice of
+    --ct-dir under each --protocol (a real server holds no site's slices, unlike the demo's evaluator)."""
+    from fedge.data.ldct import SITE_PROTOCOLS, ScanProtocol, SimulationConfig, resolve_ct_dir
+    from fedge.errors import UsageError
+    from fedge.tasks.ldct import COND, NO_DP, LdctTask, denoiser_config
+
+    if dp:
+        raise UsageError(NO_DP)
+    parsed = [ScanProtocol.parse(p) for p in protocols or SITE_PROTOCOLS[:4]]  # a typo fails before any CT is read
+    sim = SimulationConfig(image_size=image_size or SimulationConfig.image_size)
+    config = denoiser_config(sim.image_size, arch, **({"cond": COND} if film else {}))
+    if not evaluate:
+        if protocols:
+            raise UsageError("--protocol sets what the evaluation simulates: add --ct-dir DIR (or --evaluate, for the data root's head CT)")
+        return config, None
+    from edge_client.ingest.ct import read_ct_dir
+
+    return config, LdctTask.scoring(read_ct_dir(resolve_ct_dir(ct_dir, data_dir)), parsed, sim=sim, seed=seed).evaluate

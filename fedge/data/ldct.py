@@ -150,6 +150,15 @@ def default_ct_dir(data_dir: str | os.PathLike[str] | None = None) -> Path | Non
     return None if root is None else root / "ct" / "ge_head_human_28slice"
 
 
+def resolve_ct_dir(ct_dir: str | os.PathLike[str] | None, data_dir: str | os.PathLike[str] | None = None) -> Path:
+    """--ct-dir, else the data root's head CT: one rule and one error for the agent, the server and the demo."""
+    folder = ct_dir or default_ct_dir(data_dir)
+    if folder is None:
+        raise UsageError("the ldct task needs --ct-dir (ct_dir in an agent's YAML): a folder of CT DICOM series, "
+                         "or FEDGE_DATA_DIR holding ct/ge_head_human_28slice")
+    return Path(folder)
+
+
 def default_cache_dir() -> Path:
     return Path(os.environ.get("FEDGE_CACHE_DIR") or Path.home() / ".cache" / "fedge") / "ldct"
 

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Literal, Protocol, get_args
 import numpy as np
 from torch import nn
 
+from fedge.errors import UsageError
 from fedge.models import ModelConfig
 
 if TYPE_CHECKING:
@@ -22,6 +23,17 @@ TaskName = Literal["classification", "ldct"]
 TASK_NAMES: tuple[str, ...] = get_args(TaskName)
 # The metric each task's round table and report lead with (`evaluate` returns it among others).
 HEADLINE: dict[str, tuple[str, str]] = {"classification": ("auc", "accuracy"), "ldct": ("psnr", "ssim")}
+# The architecture each task builds by default, and the only one that fits it among the zoo's.
+DEFAULT_ARCH: dict[str, str] = {"classification": "cnn", "ldct": "redcnn"}
+
+
+def check_task_arch(task: str, arch: str) -> None:
+    """A denoiser cannot classify, nor a classifier denoise: refuse the pair before a broker starts or data loads."""
+    if task not in TASK_NAMES:
+        raise UsageError(f"--task {task!r}: choose one of {', '.join(TASK_NAMES)}")
+    if (arch == DEFAULT_ARCH["ldct"]) != (task == "ldct"):
+        raise UsageError(f"--arch {arch} does not fit --task {task}: use --arch {DEFAULT_ARCH[task]}"
+                         + ("" if task == "ldct" else " or another classifier of the zoo (resnet, vit)"))
 
 
 class Task(Protocol):

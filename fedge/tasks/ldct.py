@@ -28,6 +28,7 @@ if TYPE_CHECKING:
 HU_SCALE = 1000.0  # network input/output: HU / 1000 (water 0, air -1)
 DATA_RANGE = 2000.0  # HU: the peak of PSNR and the dynamic range of SSIM
 COND = 2  # conditioning planes: (log dose, views), `ScanProtocol.condition()`
+NO_DP = "DP-SGD is not available for the ldct task; leave out --dp-noise-multiplier"
 
 
 @dataclass(frozen=True)
@@ -81,6 +82,12 @@ def eval_pairs(series: Sequence[Series], protocol: ScanProtocol, sim: Simulation
         pairs = simulate(s.hu, s.pixel_mm, protocol, sim, seed=seed, cache_dir=cache_dir)
         sets.append(PairSet(pairs.low, pairs.normal, _cond_of(protocol, len(pairs.low))))
     return PairSet.concat(sets)
+
+
+def denoiser_config(image_size: int, arch: str = "redcnn", **options) -> ModelConfig:
+    """The denoiser's config from the image size alone: a server builds it before (or without) its evaluation CT."""
+    cond = int(options.get("cond", 0))
+    return ModelConfig(arch=arch, in_channels=1 + cond, num_classes=1, image_size=image_size, options=options)
 
 
 def _cond_of(protocol: ScanProtocol, n: int) -> np.ndarray:
@@ -159,13 +166,22 @@ class LdctTask:
         return cls.pool(tasks)
 
     @classmethod
+    def scoring(cls, series: Sequence[Series], protocols: Sequence[ScanProtocol], *, sim: SimulationConfig = SimulationConfig(),
+                seed: int = 0, cache_dir=None) -> "LdctTask":
+        """Score-only: every slice of `series` under each protocol, whole, and nothing to train on; what
+        `fedge server --task ldct` evaluates each global on (its own CT, which no site holds)."""
+        if not protocols:
+            raise UsageError("the ldct evaluation needs at least one scan protocol (--protocol I0:VIEWS[:NOISE])")
+        test = PairSet.concat([eval_pairs(series, p, sim, seed=seed, cache_dir=cache_dir) for p in protocols])
+        return cls(PairSet(test.low[:0], test.normal[:0], test.cond[:0]), test, sim.image_size)
+
+    @classmethod
     def pool(cls, tasks: Sequence["LdctTask"]) -> "LdctTask":
         """Every site's data in one task: the centralized bound and the server's evaluator."""
         return cls(PairSet.concat([t.train for t in tasks]), PairSet.concat([t.test for t in tasks]), tasks[0].image_size)
 
     def model_config(self, arch: str = "redcnn", **options) -> ModelConfig:
-        cond = int(options.get("cond", 0))
-        return ModelConfig(arch=arch, in_channels=1 + cond, num_classes=1, image_size=self.image_size, options=options)
+        return denoiser_config(self.image_size, arch, **options)
 
     def train_local(
         self, model: nn.Module, indices: np.ndarray | None = None, *, epochs: int = 1, lr: float = 1e-3, batch_size: int = 16,
@@ -175,7 +191,7 @@ class LdctTask:
         mu/2 ||w - w_round||^2 when announced). `accuracy` is 0: a denoiser has none (the wire's train
         metrics keep the classification names)."""
         if dp is not None:
-            raise UsageError("DP-SGD is not available for the ldct task; leave out --dp-noise-multiplier")
+            raise UsageError(NO_DP)
         data = self.train
         if indices is not None:
             data = PairSet(data.low[indices], data.normal[indices], data.cond[indices])
