@@ -19,6 +19,24 @@ from fedge.models import ModelConfig, build_model
 from fedge.tasks.ldct import HU_SCALE, LdctTask, denoise_metrics, model_inputs, site_slices
 
 SMALL = SimulationConfig(image_size=64)
+SITE_PROTOCOLS = ("1e4:180", "5e3:90:5")  # the two sites of both broker federations (the demo and `fedge server`)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """Two cores shared by everything: a second torch thread only contends (a first training call
+    took 8 s with two threads, 2.7 s with one, under load)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def pair_cache(tmp_path_factory) -> Path:
+    """FEDGE_CACHE_DIR for the whole session: each (slices, protocol, size) is simulated once, whichever
+    test or process (the demo's evaluator, an agent) asks first; the others read the npz."""
+    return tmp_path_factory.mktemp("fedge-cache")
 
 
 @pytest.fixture(scope="module")
@@ -29,10 +47,29 @@ def head(data_dir: Path):
 
 
 @pytest.fixture(scope="module")
-def site(head, tmp_path_factory) -> LdctTask:
+def site(head, pair_cache: Path) -> LdctTask:
     """A tiny low-dose site: 4 slices at 64 px, one held out."""
     return LdctTask.simulate(head.hu[10:14], head.pixel_mm, ScanProtocol.parse("5e3:90:5"), test_slices=[1], sim=SMALL,
-                             patch=32, stride=16, cache_dir=tmp_path_factory.mktemp("ldct"))
+                             patch=32, stride=16, cache_dir=pair_cache / "ldct")
+
+
+@pytest.fixture(scope="module")
+def trained(site: LdctTask):
+    """A small denoiser trained on `site` for 4 epochs: what the training test scores and the export tests export."""
+    torch.manual_seed(0)
+    config = site.model_config("redcnn", width=8, depth=3)
+    model = build_model(config)
+    site.train_local(model, epochs=4, lr=3e-3, batch_size=8, seed=0)
+    return config, model
+
+
+@pytest.fixture(scope="session")
+def site_ct(data_dir: Path, tmp_path_factory) -> Path:
+    """6 of the 28 head slices for the two broker federations: 3 per site (2 to test, 1 to train)."""
+    ct = tmp_path_factory.mktemp("site-ct")
+    for name in ("08", "10", "12", "14", "16", "18"):
+        (ct / f"{name}.dcm").symlink_to(data_path(data_dir, "ct", "ge_head_human_28slice", f"{name}.dcm"))
+    return ct
 
 
 def test_head_ct_is_read_in_hounsfield_units(head):
@@ -110,12 +147,10 @@ def test_redcnn_starts_as_identity_and_film_reads_the_protocol():
 
 
 @pytest.mark.integration  # trains for a few epochs
-def test_local_training_denoises_the_held_out_slice(site: LdctTask):
-    torch.manual_seed(0)
-    model = build_model(site.model_config("redcnn", width=8, depth=3))
-    before = site.evaluate(model)
+def test_local_training_denoises_the_held_out_slice(site: LdctTask, trained):
+    config, model = trained
+    before = site.evaluate(build_model(config))
     assert before["psnr"] == pytest.approx(before["psnr_in"], abs=1e-3)  # identity at start
-    site.train_local(model, epochs=4, lr=3e-3, batch_size=8, seed=0)
     after = site.evaluate(model)
     assert after["psnr"] > after["psnr_in"] + 1.0
     assert after["ssim"] > after["ssim_in"]
@@ -130,12 +165,12 @@ def test_sites_share_a_folder_without_overlap(head):
         site_slices([head], 0, 14)
 
 
-def test_in_process_federation_takes_one_task_per_site(head, site, tmp_path: Path):
+def test_in_process_federation_takes_one_task_per_site(head, site, pair_cache: Path):
     from server.simulation import InProcessFederation, SimulationSettings
     from server.strategies import get_strategy
 
     other = LdctTask.simulate(head.hu[20:23], head.pixel_mm, ScanProtocol.parse("1e5:360"), test_slices=[1], sim=SMALL,
-                              patch=32, stride=16, cache_dir=tmp_path)
+                              patch=32, stride=16, cache_dir=pair_cache / "ldct")
     settings = SimulationSettings(sites=2, rounds=1, codec="q8|zstd", arch="redcnn", model_options={"width": 8, "depth": 2}, batch_size=8)
     fed = InProcessFederation(settings, site, get_strategy("fedavg"), site_tasks={"low": site, "high": other})
     before = {k: v.copy() for k, v in fed.weights.items()}
@@ -147,15 +182,12 @@ def test_in_process_federation_takes_one_task_per_site(head, site, tmp_path: Pat
 
 
 @pytest.mark.integration
-def test_denoiser_exports_to_onnx_and_int8_with_psnr_parity(site: LdctTask, tmp_path: Path):
+def test_denoiser_exports_to_onnx_and_int8_with_psnr_parity(site: LdctTask, trained, tmp_path: Path):
     from exporters.onnx_fp import export_onnx
     from exporters.onnx_int8 import check_qdq, quantize_qdq
     from exporters.ort import ort_runner
 
-    torch.manual_seed(0)
-    config = site.model_config("redcnn", width=8, depth=3)
-    model = build_model(config)
-    site.train_local(model, epochs=2, lr=3e-3, batch_size=8, seed=0)
+    config, model = trained
     x = model_inputs(site.test.low, site.test.cond, 0).numpy()
     torch_psnr = denoise_metrics(site.test.normal, site.denoise(model, site.test.low, site.test.cond))["psnr"]
     fp32 = export_onnx(model, config, tmp_path / "model.onnx")
@@ -169,16 +201,12 @@ def test_denoiser_exports_to_onnx_and_int8_with_psnr_parity(site: LdctTask, tmp_
 
 
 @pytest.mark.integration
-def test_demo_federates_the_denoiser_over_the_broker_in_lora_mode(data_dir: Path, tmp_path: Path, monkeypatch):
+def test_demo_federates_the_denoiser_over_the_broker_in_lora_mode(site_ct: Path, pair_cache: Path, tmp_path: Path, monkeypatch):
     from fedge.cli.federation import FederationSettings, run_federation
 
-    monkeypatch.setenv("FEDGE_CACHE_DIR", str(tmp_path / "cache"))  # the spawned agents read the pairs the server simulated
-    ct = tmp_path / "ct"  # 6 of the 28 slices: 3 per site (2 to test, 1 to train) keep the simulation short
-    ct.mkdir()
-    for name in ("08", "10", "12", "14", "16", "18"):
-        (ct / f"{name}.dcm").symlink_to(data_path(data_dir, "ct", "ge_head_human_28slice", f"{name}.dcm"))
+    monkeypatch.setenv("FEDGE_CACHE_DIR", str(pair_cache))  # the spawned agents read the pairs the server simulated
     settings = FederationSettings(
-        task="ldct", ct_dir=str(ct), protocols=("1e4:180", "5e3:90:5"),
+        task="ldct", ct_dir=str(site_ct), protocols=SITE_PROTOCOLS, image_size=SMALL.image_size,
         clients=2, rounds=1, arch="redcnn", model_options={"width": 8, "depth": 2, "cond": 2}, mode="lora",
         codec="topk:0.1,ef|q8|zstd", workdir=tmp_path / "run",
     )
@@ -187,8 +215,17 @@ def test_demo_federates_the_denoiser_over_the_broker_in_lora_mode(data_dir: Path
     assert [r["round"] for r in report["rounds"]] == [1]
     assert 15.0 < report["final"]["psnr"] < 60.0 and 0.0 < report["final"]["ssim"] <= 1.0
     assert report["rounds"][0]["uplink_bytes"] < 2 * report["dense_update_bytes"] / 4  # adapters, top-10%, 8 bits
-    with pytest.raises(ValueError, match="one --protocol per site"):
-        run_federation(FederationSettings(task="ldct", clients=2, protocols=("1e4:180",), arch="redcnn", workdir=tmp_path / "x"))
+
+
+def test_the_demo_refuses_ldct_settings_that_cannot_run(tmp_path: Path):
+    from fedge.cli.federation import FederationSettings, run_federation
+
+    ldct = {"task": "ldct", "clients": 2, "protocols": SITE_PROTOCOLS, "arch": "redcnn", "workdir": tmp_path / "x"}
+    for change, message in (({"protocols": ("1e4:180",)}, "one --protocol per site"), ({"arch": "cnn"}, "use --arch redcnn"),
+                            ({"dp_noise_multiplier": 1.0}, "DP-SGD is not available")):
+        with pytest.raises(ValueError, match=message):
+            run_federation(FederationSettings(**{**ldct, **change}))  # type: ignore[arg-type]
+    assert not (tmp_path / "x").exists()  # refused before the workdir is made
 
 
 def test_an_ldct_agent_needs_its_protocol_and_a_ct_folder(data_dir: Path, tmp_path: Path):
@@ -233,7 +270,7 @@ def test_fedge_server_refuses_ldct_settings_that_cannot_run(data_dir: Path):
 
 
 @pytest.mark.integration  # a broker, a `fedge server` process and two `fedge agent run` processes
-def test_fedge_server_runs_the_ldct_task_with_agents_as_separate_processes(data_dir: Path, tmp_path: Path):
+def test_fedge_server_runs_the_ldct_task_with_agents_as_separate_processes(data_dir: Path, site_ct: Path, pair_cache: Path, tmp_path: Path):
     """What a deployment runs: the server scores each global on its own CT (a scanner no site has),
     the agents train on theirs, each from its YAML (task, ct_dir, protocol)."""
     import json
@@ -246,20 +283,16 @@ def test_fedge_server_runs_the_ldct_task_with_agents_as_separate_processes(data_
     from fedge.broker import EmbeddedBroker
     from fedge.checkpoint import load_checkpoint
 
-    env = {**os.environ, "FEDGE_CACHE_DIR": str(tmp_path / "cache")}
+    env = {**os.environ, "FEDGE_CACHE_DIR": str(pair_cache)}
     fedge = [sys.executable, "-m", "fedge.cli.main"]
-    sites = tmp_path / "site-ct"  # 6 head slices: 3 per site (2 to test, 1 to train)
-    sites.mkdir()
-    for name in ("08", "10", "12", "14", "16", "18"):
-        (sites / f"{name}.dcm").symlink_to(data_path(data_dir, "ct", "ge_head_human_28slice", f"{name}.dcm"))
     server_ct = data_path(data_dir, "dicom", "ct_series_liver_3slice")
     with EmbeddedBroker() as broker:
         agents = []
-        for i, protocol in enumerate(("1e4:180", "5e3:90:5")):
+        for i, protocol in enumerate(SITE_PROTOCOLS):
             site = f"site-{i + 1}"
             config = tmp_path / f"{site}.yaml"
-            config.write_text(yaml.safe_dump({"broker": broker.url, "site": site, "federation": "ldct", "task": "ldct", "ct_dir": str(sites),
-                                              "protocol": protocol, "image_size": 64, "shard": i, "num_shards": 2, "state_dir": site}))
+            config.write_text(yaml.safe_dump({"broker": broker.url, "site": site, "federation": "ldct", "task": "ldct", "ct_dir": str(site_ct),
+                                              "protocol": protocol, "image_size": SMALL.image_size, "shard": i, "num_shards": 2, "state_dir": site}))
             agents.append(subprocess.Popen([*fedge, "agent", "run", "--config", str(config)], env=env, stdout=subprocess.DEVNULL,
                                            stderr=open(tmp_path / f"{site}.log", "wb")))
         server = subprocess.run(
@@ -276,7 +309,7 @@ def test_fedge_server_runs_the_ldct_task_with_agents_as_separate_processes(data_
     # The scores are the task's, on the server's --ct-dir under its --protocol at its --image-size (the pairs come from the cache it wrote).
     from fedge.tasks.ldct import LdctTask
 
-    scoring = LdctTask.scoring(read_ct_dir(server_ct), [ScanProtocol.parse("2e4:120")], sim=SMALL, cache_dir=tmp_path / "cache" / "ldct")
+    scoring = LdctTask.scoring(read_ct_dir(server_ct), [ScanProtocol.parse("2e4:120")], sim=SMALL, cache_dir=pair_cache / "ldct")
     assert len(scoring.test) == 3 and not len(scoring.train)
     before = denoise_metrics(scoring.test.normal, scoring.test.low)
     for record in history:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import numpy as np
-from sklearn.metrics import roc_auc_score
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
@@ -22,6 +21,8 @@ def classification_metrics(logits: np.ndarray, labels: np.ndarray) -> dict[str, 
             "the model (e.g. a negative BatchNorm variance). Lower --lr or use a less lossy codec, and restart from "
             "the last checkpoint (the server keeps the round before this one)"
         )
+    from sklearn.metrics import roc_auc_score  # here, not at import: a second of every agent's start, and ldct never needs it
+
     probs = softmax(logits)
     accuracy = float((probs.argmax(axis=1) == labels).mean()) if len(labels) else float("nan")
     present = np.unique(labels)
