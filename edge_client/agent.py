@@ -178,7 +178,9 @@ class Agent:
                 glob = self._read_global(data, ann.downlink.sha256, ann)
                 if ann.downlink_kind == "full" and not glob.is_delta:
                     self._install(glob, glob.tensors, ann.round - 1, ann)
-                elif glob.is_delta and self.held is not None and self.held.round == ann.base_round == glob.header.base_round:
+                # A delta "from round r-1" applies to the global that round r-1 started from, which `held`
+                # records as the global after round r-2 (held.round); the model hash below checks the result.
+                elif glob.is_delta and self.held is not None and self.held.round + 1 == ann.base_round == glob.header.base_round:
                     self._install(glob, W.add(self.held.weights, glob.tensors), ann.round - 1, ann)
             except (ProtocolError, CodecError, ValueError) as exc:
                 self.refusals("bad-global", f"unusable global for round {ann.round}: {exc}")

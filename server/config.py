@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from fedge.models import ModelConfig
 from fedge.protocol import TrainSettings
@@ -45,6 +45,11 @@ class ServerConfig:
     max_update_norm: float = 1e4
     max_queue_bytes: int = 256 << 20  # inbound messages waiting to be handled; beyond, dropped and counted
     decode_workers: int = 0  # processes that decode and check updates (server.intake); 0: in the round loop
+    # Asynchronous rounds (server.fedbuff): an aggregate every `buffer` accepted updates, each trained
+    # from one of the last `max_staleness` + 1 versions and weighted by its staleness.
+    rounds_mode: Literal["sync", "async"] = "sync"
+    buffer: int = 2
+    max_staleness: int = 4
 
     def __post_init__(self) -> None:
         if self.rounds < 1 or self.min_clients < 1:
@@ -53,6 +58,9 @@ class ServerConfig:
             raise ValueError("max_samples must be >= 1 and max_update_norm > 0")
         if self.decode_workers < 0:
             raise ValueError(f"decode_workers must be >= 0 (0: decode in the round loop), got {self.decode_workers}")
+        if self.rounds_mode not in ("sync", "async") or self.buffer < 1 or not 0 <= self.max_staleness <= 1000:
+            raise ValueError(f"rounds_mode sync|async, buffer >= 1 and max_staleness in [0, 1000], got {self.rounds_mode!r}, "
+                             f"{self.buffer}, {self.max_staleness}")  # fmt: skip
         if self.round_timeout <= 0 or self.chunk_size < 1024:
             raise ValueError("round_timeout must be positive and chunk_size at least 1024 bytes")
         # A wrong name or option, or a strategy the training settings exclude, fails before anything starts.

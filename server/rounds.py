@@ -204,6 +204,7 @@ class RoundServer:
             base_round=base,
             uplink_codec=self.uplink.spec,
             train=self.train,
+            **self._announced(),
             **self._signed_by(),
         )
         self._publish_record(self.topics.announce(rnd), announcement)
@@ -215,18 +216,24 @@ class RoundServer:
             raise RuntimeError("the server is not connected: call run()")
         return self.session
 
+    def _announced(self) -> dict[str, Any]:
+        """Announcement fields of a rounds mode (server.fedbuff: max_staleness); none for synchronous rounds."""
+        return {}
+
     def _signed_by(self) -> dict[str, Any]:
         return {"federation": self.config.federation, "sender": self.config.client_id, "run": self.run_id}
 
     def _publish_record(self, topic: str, record: Any) -> None:
         self._mq.publish(topic, sign_record(record, self.signer), retain=True)
 
-    def _clear_round(self, rnd: int, chunks: int) -> None:
-        """Drop a finished round's retained messages so late subscribers do not fetch stale data."""
+    def _clear_round(self, rnd: int, chunks: int, *, keep_uploads: bool = False) -> None:
+        """Drop a finished round's retained messages so late subscribers do not fetch stale data, and
+        its half-received updates unless `keep_uploads` (asynchronous rounds still take them)."""
         for i in range(chunks):
             self._mq.publish(self.topics.global_chunk(rnd, i), b"", retain=True)
         self._mq.publish(self.topics.announce(rnd), b"", retain=True)
-        self.reassembler.discard(f"{rnd}/")
+        if not keep_uploads:
+            self.reassembler.discard(f"{rnd}/")
 
     # ---- message handling ----------------------------------------------------------------------
     def _accept(self, topic: str) -> str | None:
@@ -461,21 +468,7 @@ class RoundServer:
         self._mq.publish(self.topics.control, b"", retain=True)  # forget a previous run's "finished"
         log.info("federation %s, run %s", self.config.federation, self.run_id)
         try:
-            while self.state.round < self.config.rounds:
-                rnd = self.state.round + 1
-                selected = self._wait_for_clients()
-                started = time.monotonic()
-                env_bytes = self._publish_round(rnd, selected)
-                current = _Round(rnd, selected, time.time() + self.config.round_timeout, started, env_bytes, W.state_sha256(self.state.weights))
-                log.info("round %d announced to %s", rnd, ", ".join(selected))
-                record = None
-                while record is None:
-                    self._collect(current)
-                    record = self._advance(current)
-                self._set_open(None)
-                self._clear_round(rnd, -(-env_bytes // self.config.chunk_size))
-                if self.on_round:
-                    self.on_round(record)
+            self._rounds()
             self._save_final()
             self._await_upload_reports(grace=2.0)
             self._publish_final()
@@ -485,6 +478,24 @@ class RoundServer:
             if self.refusals.total:
                 log.warning("refused inputs this run, by kind: %s", json.dumps(dict(self.refusals.counts), sort_keys=True))
         return self.state
+
+    def _rounds(self) -> None:
+        """Synchronous rounds: each waits for its selected sites (or the deadline's quorum)."""
+        while self.state.round < self.config.rounds:
+            rnd = self.state.round + 1
+            selected = self._wait_for_clients()
+            started = time.monotonic()
+            env_bytes = self._publish_round(rnd, selected)
+            current = _Round(rnd, selected, time.time() + self.config.round_timeout, started, env_bytes, W.state_sha256(self.state.weights))
+            log.info("round %d announced to %s", rnd, ", ".join(selected))
+            record = None
+            while record is None:
+                self._collect(current)
+                record = self._advance(current)
+            self._set_open(None)
+            self._clear_round(rnd, -(-env_bytes // self.config.chunk_size))
+            if self.on_round:
+                self.on_round(record)
 
     def _await_upload_reports(self, grace: float) -> None:
         """Sites report their measured upload time just after their last update: give them a moment."""

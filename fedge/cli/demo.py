@@ -36,6 +36,9 @@ def demo(
     dp_delta: float = typer.Option(1e-5, help="DP-SGD: the delta each site's epsilon is reported at"),
     init: Path = typer.Option(None, help="Pretrained checkpoint to federate from (`fedge pretrain`)"),
     emulate_link: str = typer.Option(None, help="Device profile (name or YAML path) whose uplink/downlink paces each agent"),
+    rounds_mode: str = typer.Option("sync", help="sync (the default) | async: FedBuff, an aggregate every --buffer updates weighted by staleness (`fedge server --help`)"),
+    buffer: int = typer.Option(2, min=1, help="--rounds-mode async: accepted updates per aggregate (FedBuff's K)"),
+    max_staleness: int = typer.Option(4, min=0, max=1000, help="--rounds-mode async: how many versions behind an update may be and still count"),
     secure: bool = typer.Option(False, "--secure", help="Provision a CA, certificates and ACLs (as `fedge provision` does) into WORKDIR/pki and run the demo over a Mosquitto started with them (needs mosquitto)"),
     workdir: Path = typer.Option(Path("runs/demo"), help="Where checkpoints and agent state go (wiped first)"),
     report: Path = typer.Option(None, help="Write the JSON report here (and a PNG plot beside it)"),
@@ -84,7 +87,7 @@ def demo(
             strategy=strategy, strategy_options=parse_strategy_options(strategy_options), dp_noise_multiplier=dp_noise_multiplier,
             dp_max_grad_norm=dp_max_grad_norm, dp_delta=dp_delta,
             metrics_port=metrics_port, dashboard=dashboard, dashboard_token=dashboard_token, mlflow=mlflow, tensorboard=tensorboard,
-            linger=linger,
+            linger=linger, rounds_mode=rounds_mode, buffer=buffer, max_staleness=max_staleness,  # type: ignore[arg-type]
         )
         settings.watch()  # a bad --dashboard, token or tracking option fails before anything starts
     except ValueError as exc:

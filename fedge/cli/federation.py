@@ -14,7 +14,7 @@ from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from fedge.protocol.messages import ModeName
 
@@ -57,6 +57,10 @@ class FederationSettings:
     dp_noise_multiplier: float | None = None  # record-level DP: DP-SGD at every site (the cnn is then built with GroupNorm)
     dp_max_grad_norm: float = 1.0
     dp_delta: float = 1e-5
+    # server.fedbuff: asynchronous rounds, an aggregate every `buffer` updates (sync: the default rounds)
+    rounds_mode: Literal["sync", "async"] = "sync"
+    buffer: int = 2
+    max_staleness: int = 4
     # The operator's view of the server (server.watch): Prometheus metrics, live dashboard, experiment tracking.
     metrics_port: int | None = None
     dashboard: str | None = None  # HOST:PORT or PORT (host 127.0.0.1)
@@ -79,6 +83,8 @@ def _check(settings: FederationSettings) -> None:
         raise ValueError("clients, rounds and epochs must each be at least 1")
     if settings.alpha <= 0 or settings.round_timeout <= 0:
         raise ValueError("alpha (Dirichlet skew) and round_timeout must be positive")
+    if settings.rounds_mode not in ("sync", "async") or settings.buffer < 1 or not 0 <= settings.max_staleness <= 1000:
+        raise ValueError(f"--rounds-mode sync|async (got {settings.rounds_mode!r}), --buffer >= 1, --max-staleness 0..1000")
     from fedge.tasks.base import check_task_arch
 
     check_task_arch(settings.task, settings.arch)
@@ -144,7 +150,7 @@ def run_federation(
     from fedge.protocol import TrainSettings
     from fedge.tasks.base import HEADLINE
     from server.config import ServerConfig
-    from server.rounds import RoundServer
+    from server.fedbuff import round_server
 
     _check(settings)
     link: dict[str, Any] = profile_link_rates(settings.emulate_link) if settings.emulate_link else {}
@@ -172,7 +178,7 @@ def run_federation(
             broker, keys, tls = _secure_broker(stack, workdir / "pki", settings.federation, sites)
         else:
             broker = settings.broker or stack.enter_context(EmbeddedBroker()).url
-        server = RoundServer(
+        server = round_server(
             ServerConfig(
                 federation=settings.federation,
                 broker=broker,
@@ -194,6 +200,9 @@ def run_federation(
                 signing_key=keys.get("server"),
                 **tls.get("server", {}),
                 dataset=settings.dataset,
+                rounds_mode=settings.rounds_mode,
+                buffer=settings.buffer,
+                max_staleness=settings.max_staleness,
             ),
             evaluator=task.evaluate,
             on_round=on_round,

@@ -58,6 +58,9 @@ def server(
     mlflow: str = typer.Option(None, help="Log each round's numbers and the final model to MLflow: a tracking URL or a folder (file store); needs fedge[tracking]"),
     tensorboard: Path = typer.Option(None, help="Write each round's numbers as TensorBoard event files under this folder; needs fedge[tracking]"),
     decode_workers: int = typer.Option(0, min=0, max=256, help="Processes that decode and check updates beside the round loop (0: in it); for hundreds of sites"),
+    rounds_mode: str = typer.Option("sync", help="sync: each round waits for its selected sites (or the deadline's quorum); async: FedBuff, an aggregate every --buffer updates, each trained from one of the last --max-staleness + 1 versions and weighted 1/sqrt(1 + staleness)"),
+    buffer: int = typer.Option(2, min=1, max=100_000, help="--rounds-mode async: accepted updates per aggregate (FedBuff's K)"),
+    max_staleness: int = typer.Option(4, min=0, max=1000, help="--rounds-mode async: the oldest version whose updates still count, in versions behind the open one"),
     linger: float = typer.Option(0.0, min=0, max=86400, help="After the last round, keep the dashboard and metrics up this many seconds (a last scrape, open pages)"),
     verbose: bool = typer.Option(True, "--verbose/--quiet"),
 ) -> None:
@@ -79,7 +82,7 @@ def server(
     from fedge.tasks import ClassificationTask
     from fedge.tasks.base import DEFAULT_ARCH, TASK_NAMES, check_task_arch
     from server.config import ServerConfig
-    from server.rounds import RoundServer
+    from server.fedbuff import round_server as make_round_server
     from server.strategies import get_strategy
     from server.watch import WatchSettings, watched
 
@@ -94,6 +97,8 @@ def server(
     for spec in filter(None, (codec, downlink_codec)):
         UpdateCodec.from_spec(spec)  # a typo fails here, before a broker starts or a dataset loads
     get_strategy(strategy, **parse_strategy_options(strategy_options))  # so does a wrong strategy or option
+    if rounds_mode not in ("sync", "async"):
+        raise fail(f"--rounds-mode {rounds_mode!r}: choose sync or async")
     watch = WatchSettings(metrics_port=metrics_port, metrics_host=metrics_host, dashboard=dashboard, dashboard_token=dashboard_token,
                           mlflow=mlflow, tensorboard=tensorboard, linger=linger)  # fmt: skip
     if task not in TASK_NAMES:
@@ -129,8 +134,9 @@ def server(
             trusted_keys=trusted_keys, signing_key=signing_key, ca=ca, cert=cert, key=key,
             max_samples=max_samples, max_update_norm=max_update_norm,
             strategy=strategy, strategy_options=parse_strategy_options(strategy_options), decode_workers=decode_workers,
+            rounds_mode=rounds_mode, buffer=buffer, max_staleness=max_staleness,  # type: ignore[arg-type]
         )
-        round_server = RoundServer(config, evaluator=evaluator, on_round=lambda r: console.print(r))
+        round_server = make_round_server(config, evaluator=evaluator, on_round=lambda r: console.print(r))
         with watched(round_server, watch, say=console.print):
             state = round_server.run()
     console.print(f"federation {federation} finished after round {state.round}; model: {checkpoint_dir / 'final.safetensors'}")

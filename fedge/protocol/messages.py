@@ -98,6 +98,17 @@ class RoundAnnouncement(ServerRecord):
     base_round: int | None = Field(default=None, ge=0)
     uplink_codec: str = Field(min_length=1, max_length=256)
     train: TrainSettings = TrainSettings()
+    # Asynchronous rounds (FedBuff): updates trained from any of versions round - max_staleness .. round
+    # are accepted. None: synchronous, only this round's. Left out of the JSON when None, so agents from
+    # before it (records forbid unknown fields) accept every synchronous announcement.
+    max_staleness: int | None = Field(default=None, ge=0, le=1000)
+
+    @model_serializer(mode="wrap")
+    def _without_unused_newer_fields(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        data = handler(self)
+        if data.get("max_staleness", 0) is None:
+            del data["max_staleness"]
+        return data
 
 
 class SnapshotAnnouncement(ServerRecord):

@@ -1,0 +1,315 @@
+"""Asynchronous rounds (FedBuff, Nguyen et al. 2022): a straggler does not hold the federation back.
+
+The server keeps one open version (round number = model version). It accepts a site's update trained
+from any of the last `max_staleness` + 1 versions, buffers it scaled by `staleness_weight`, and every
+`buffer` accepted updates aggregates the buffer with the configured strategy (same validation and
+non-finite guard as synchronous rounds), checkpoints and announces the next version.
+
+Every check of a synchronous round still applies, per version: signature, run, the version's announced
+model hash, selection, codec, sample count, nonce, and one update per site per version (counted,
+never twice, also across restarts). Staleness = open version - the update's version, measured when
+it is accepted; nothing older than `max_staleness` is reassembled.
+
+Restart: each accepted update's envelope is written to `async/` in the checkpoint folder, then
+`async.json` (the commit) names it beside every open version's hash, selection and counted sites.
+A restarted server re-verifies and re-decodes the buffered envelopes, so an accepted update is not
+lost; `async.json` names the round it was written after (`base`), so a crash between an aggregate's
+checkpoint and the next `async.json` drops a buffer that was already applied instead of applying it
+twice. An update whose envelope was written but not yet committed by `async.json` is dropped (its
+site was never counted, and the site's next version goes on as usual).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from compression import SparseTensor
+from fedge import weights as W
+from fedge.errors import check_schema_version
+from fedge.files import atomic_write_bytes
+from fedge.protocol import Chunk, ProtocolError
+from fedge.rounds import Expected
+from server.config import ServerConfig
+from server.intake import Decoded, decode_update
+from server.rounds import Evaluator, RoundServer, _Round
+from server.strategies import ClientUpdate
+
+log = logging.getLogger("fedge.server")
+
+ASYNC_SCHEMA_VERSION = 1
+
+
+def staleness_weight(staleness: int) -> float:
+    """FedBuff's polynomial staleness discount 1/sqrt(1 + staleness): a fresh update counts fully."""
+    if staleness < 0:
+        raise ValueError(f"staleness must be >= 0, got {staleness}")
+    return 1.0 / math.sqrt(1.0 + staleness)
+
+
+def scale_delta(delta: dict[str, np.ndarray | SparseTensor], weight: float) -> dict[str, np.ndarray | SparseTensor]:
+    """`delta` times `weight`, sparse tensors kept sparse (the strategies sum them without densifying)."""
+    w = np.float32(weight)
+    return {
+        k: SparseTensor(v.shape, v.indices, v.values * w) if isinstance(v, SparseTensor) else (v * w).astype(np.float32, copy=False)
+        for k, v in delta.items()
+    }
+
+
+@dataclass
+class _Version:
+    """A version that still takes updates: what they must have been trained from, and who counted."""
+
+    number: int
+    model_sha256: str
+    selected: tuple[str, ...]
+    counted: set[str] = field(default_factory=set)  # accepted (buffered or applied): once per site per version
+    nonces: set[str] = field(default_factory=set)
+    decoding: set[str] = field(default_factory=set)
+
+
+@dataclass(frozen=True)
+class _Buffered:
+    version: int
+    client: str
+    file: str  # the envelope, under the checkpoint folder
+
+
+class AsyncRoundServer(RoundServer):
+    """`RoundServer` with FedBuff's buffered asynchronous aggregation (config.rounds_mode == "async")."""
+
+    def __init__(self, config: ServerConfig, evaluator: Evaluator | None = None, on_round: Any = None):
+        if config.rounds_mode != "async":
+            raise ValueError("AsyncRoundServer needs rounds_mode='async'")
+        super().__init__(config, evaluator, on_round)
+        self.versions: dict[int, _Version] = {}
+        self.buffer: dict[str, tuple[_Buffered, ClientUpdate]] = {}  # by label "<site>@<version>"
+        self._raw: dict[tuple[int, str], bytes] = {}  # envelopes in the intake, written to disk once accepted
+        # Read by paho's thread: which sites may still send chunks for which version (edited in place by the loop).
+        self._window: dict[int, set[str]] = {}
+        (self.store.folder / "async").mkdir(exist_ok=True)
+        self._resume_async()
+
+    # ---- persistence ---------------------------------------------------------------------------------
+    @property
+    def async_file(self) -> Path:
+        return self.store.folder / "async.json"
+
+    def _save_async(self) -> None:
+        """The commit of the buffer and of who counted for which version."""
+        record = {
+            "schema_version": ASYNC_SCHEMA_VERSION,
+            "run": self.run_id,
+            "base": self.state.round,
+            "versions": [{"number": v.number, "model_sha256": v.model_sha256, "selected": list(v.selected), "counted": sorted(v.counted)}
+                         for v in self.versions.values()],  # fmt: skip
+            "buffer": [{"version": b.version, "client": b.client, "file": b.file} for b, _ in self.buffer.values()],
+        }
+        atomic_write_bytes(self.async_file, json.dumps(record, indent=1).encode())
+
+    def _resume_async(self) -> None:
+        if not self.async_file.exists():
+            return
+        record = json.loads(self.async_file.read_text())
+        check_schema_version(record.get("schema_version"), ASYNC_SCHEMA_VERSION, str(self.async_file))
+        if record.get("run") != self.run_id:
+            return  # another run's (a new run.json): nothing of it counts here
+        low = self.state.round + 1 - self.config.max_staleness
+        for v in record["versions"]:
+            if v["number"] >= low:
+                self.versions[v["number"]] = _Version(v["number"], v["model_sha256"], tuple(v["selected"]), set(v["counted"]))
+        if record["base"] != self.state.round:  # the checkpoint after it applied this buffer (crash before the next commit)
+            log.warning("async buffer of %d updates was applied before the restart: not applied again", len(record["buffer"]))
+            return
+        current = self.state.round + 1
+        for entry in record["buffer"]:
+            item = _Buffered(entry["version"], entry["client"], entry["file"])
+            version = self.versions.get(item.version)
+            path = self.store.folder / item.file
+            if version is None or not path.exists():
+                log.warning("async buffer: %s of version %d is gone; dropped", item.client, item.version)
+                continue
+            expected = self._expected_for(version, item.client)
+            decoded = decode_update(path.read_bytes(), item.version, item.client, expected, self.verifier, self.config.max_update_norm)
+            if decoded.update is None:
+                self.refusals(*(decoded.refusal or ("handler-error", "no update")))
+                continue
+            self._buffer(item, decoded, current - item.version)
+        log.warning("resumed an async buffer of %d updates (aggregate every %d)", len(self.buffer), self.config.buffer)
+
+    # ---- intake --------------------------------------------------------------------------------------
+    def _announced(self) -> dict[str, Any]:
+        return {"max_staleness": self.config.max_staleness}
+
+    def _accept(self, topic: str) -> str | None:
+        """In paho's thread: update chunks only for a version in the window, from a site not yet counted for it."""
+        prefix = f"{self.topics.root}/round/"
+        if not topic.startswith(prefix):
+            return None
+        parts = topic[len(prefix) :].split("/")
+        if len(parts) != 4 or parts[1] != "update":
+            return None
+        sites = self._window.get(int(parts[0])) if parts[0].isdigit() and len(parts[0]) < 12 else None
+        if sites is None:
+            return f"version {parts[0]} takes no updates (open: {sorted(self._window)}, max staleness {self.config.max_staleness})"
+        if parts[2] not in sites:
+            return f"no update expected from {parts[2]!r} for version {parts[0]} (not selected, already counted, or its share of the buffer is full)"
+        return None
+
+    def _expected_for(self, version: _Version, client: str) -> Expected:
+        max_samples = min(self.config.max_samples, self.config.site_max_samples.get(client, self.config.max_samples))
+        return Expected(
+            federation=self.config.federation, run=self.run_id, round=version.number, model_sha256=version.model_sha256,
+            selected=version.selected, codec=self.uplink.spec, manifest=self.uplink_manifest, max_samples=max_samples,
+        )  # fmt: skip
+
+    def _version(self, rnd: int) -> _Version | None:
+        """The version `rnd` if it takes updates now: in the window, and at most max_staleness behind
+        the open version (state.round + 1, also between an aggregate and the next announcement)."""
+        if rnd not in self._window or not 0 <= self.state.round + 1 - rnd <= self.config.max_staleness:
+            return None
+        return self.versions.get(rnd)
+
+    def _handle_update(self, rnd: int, client: str, raw: bytes, current: _Round | None) -> None:
+        """As RoundServer's, for any version in the window (a round that closed is not the end of its updates)."""
+        version = self._version(rnd)
+        if version is None:
+            kind = "future" if rnd > self.state.round + 1 else "stale"
+            why = "the federation finished" if self.state.round >= self.config.rounds else f"open: {self.state.round + 1}"
+            self._reject(rnd, client, kind, f"version {rnd} takes no updates ({why}, max staleness {self.config.max_staleness})", current)
+            return
+        if client not in version.selected or client in version.counted or client in version.decoding:
+            self._reject(rnd, client, "not-expected", f"not selected for version {rnd}, or its update was already counted", current)
+            return
+        if self._share_full(client, version):
+            self._reject(rnd, client, "not-expected", "its share of the buffer is full (one site must not make an aggregate alone)", current)
+            return
+        try:
+            data = self.reassembler.add(f"{rnd}/{client}", Chunk.decode(raw), max_bytes=self.max_update_bytes)
+        except ProtocolError as exc:
+            self._reject(rnd, client, "bad-chunk", f"bad chunk: {exc}", current)
+            return
+        if data is None:
+            return
+        version.decoding.add(client)
+        self._window.get(rnd, set()).discard(client)
+        self._raw[(rnd, client)] = data
+        self.intake.submit(data, rnd, client, self._expected_for(version, client))
+        self._take(current)
+
+    def _take_one(self, decoded: Decoded, current: _Round | None) -> None:
+        rnd, client, update = decoded.round, decoded.client, decoded.update
+        data = self._raw.pop((rnd, client), None)
+        known = self.versions.get(rnd)
+        if known is not None:
+            known.decoding.discard(client)
+        version = self._version(rnd)
+        if version is None or data is None:
+            self._reject(rnd, client, "stale", f"version {rnd} left the window while its update was decoded", current)
+            return
+        if decoded.refusal is not None or update is None:
+            self._reject(rnd, client, *(decoded.refusal or ("handler-error", "no update")), current)
+            self._window.get(rnd, set()).add(client)  # it may send again
+            return
+        if update.header.nonce in version.nonces:
+            self._reject(rnd, client, "replay", f"nonce {update.header.nonce} was already seen for version {rnd}", current)
+            self._window.get(rnd, set()).add(client)
+            return
+        if self._share_full(client, version):
+            self._reject(rnd, client, "not-expected", "its share of the buffer is full (one site must not make an aggregate alone)", current)
+            return
+        version.nonces.add(update.header.nonce)
+        version.counted.add(client)
+        item = _Buffered(rnd, client, f"async/{rnd:06d}_{client}.fdg")
+        atomic_write_bytes(self.store.folder / item.file, data)
+        staleness = self.state.round + 1 - rnd
+        self._buffer(item, decoded, staleness)
+        self._share_full(client, version)  # when it is: the site's further chunks are dropped unread
+        self._save_async()  # the commit: from here the update is counted and survives a restart
+        log.info("version %d: update from %s trained from version %d (staleness %d, weight %.3f); buffer %d/%d",
+                 rnd + staleness, client, rnd, staleness, staleness_weight(staleness), len(self.buffer), self.config.buffer)  # fmt: skip
+
+    def _share_full(self, client: str, version: _Version) -> bool:
+        """A site may hold ceil(K / sites) updates of a buffer: else one site with updates trained from
+        every version in the window (each valid on its own) could fill a buffer and make the aggregate
+        alone. Its window closes until the next version (then recomputed from what was counted)."""
+        share = -(-self.config.buffer // max(1, len(version.selected)))
+        full = sum(item.client == client for item, _ in self.buffer.values()) >= share
+        if full:
+            for sites in self._window.values():
+                sites.discard(client)
+        return full
+
+    def _buffer(self, item: _Buffered, decoded: Decoded, staleness: int) -> None:
+        update = decoded.update
+        if update is None:
+            raise ValueError("only a decoded update is buffered")
+        label = f"{item.client}@{item.version}"
+        scaled = scale_delta(update.delta, staleness_weight(staleness))
+        self.buffer[label] = (item, ClientUpdate(label, update.header.num_samples, scaled, update.nbytes, decoded.norm))
+
+    # ---- the loop ------------------------------------------------------------------------------------
+    def _open_version(self, number: int, selected: tuple[str, ...]) -> None:
+        """Version `number` opens; those older than max_staleness close (their partial uploads dropped)."""
+        sha = W.state_sha256(self.state.weights)
+        known = self.versions.get(number)
+        if known is None or known.model_sha256 != sha:
+            self.versions[number] = _Version(number, sha, selected)
+        low = number - self.config.max_staleness
+        for old in [v for v in self.versions if v < low]:
+            del self.versions[old]
+            self.reassembler.discard(f"{old}/")
+        self._window = {v.number: set(v.selected) - v.counted - v.decoding for v in self.versions.values()}
+        self._save_async()
+
+    def _collect_buffer(self, current: _Round) -> None:
+        while len(self.buffer) < self.config.buffer:
+            if time.time() > current.deadline:
+                if any(v.decoding for v in self.versions.values()):
+                    self._take(current, timeout=0.2)
+                    continue
+                # Re-announce: a restarted broker may have lost the retained global; agents resend cached updates.
+                log.warning("version %d deadline with %d of %d buffered updates; re-announcing", current.number, len(self.buffer), self.config.buffer)
+                self._publish_round(current.number, current.selected)
+                current.deadline = time.time() + self.config.round_timeout
+            self._pump(0.2, current)
+
+    def _rounds(self) -> None:
+        while self.state.round < self.config.rounds:
+            number = self.state.round + 1
+            selected = self._wait_for_clients()
+            started = time.monotonic()
+            self._open_version(number, selected)  # before the announcement: an answer may come at once
+            env_bytes = self._publish_round(number, selected)
+            current = _Round(number, selected, time.time() + self.config.round_timeout, started, env_bytes, self.versions[number].model_sha256)
+            log.info("version %d announced to %s (async: aggregate every %d updates)", number, ", ".join(selected), self.config.buffer)
+            record = None
+            while record is None:
+                self._collect_buffer(current)
+                current.updates = {label: update for label, (_, update) in self.buffer.items()}
+                record = self._advance(current)
+                for label in [label for label in self.buffer if label not in current.updates]:
+                    del self.buffer[label]  # excluded by the non-finite guard (refused and counted there)
+            files = [item.file for item, _ in self.buffer.values()]
+            self.buffer.clear()
+            self._save_async()  # after the checkpoint: base = this version
+            for name in files:
+                (self.store.folder / name).unlink(missing_ok=True)
+            self._clear_round(number, -(-env_bytes // self.config.chunk_size), keep_uploads=True)
+            if self.on_round:
+                self.on_round(record)
+        self._window = {}
+
+
+def round_server(config: ServerConfig, evaluator: Evaluator | None = None, on_round: Any = None) -> RoundServer:
+    """The server for `config.rounds_mode`: synchronous rounds (the default) or FedBuff."""
+    if config.rounds_mode == "async":
+        return AsyncRoundServer(config, evaluator, on_round)
+    return RoundServer(config, evaluator, on_round)
