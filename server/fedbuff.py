@@ -10,6 +10,12 @@ model hash, selection, codec, sample count, nonce, and one update per site per v
 never twice, also across restarts). Staleness = open version - the update's version, measured when
 it is accepted; nothing older than `max_staleness` is reassembled.
 
+Normalisation statistics (BatchNorm running mean/var) are values, not gradients: a stale site's
+statistics are rebased onto the open version before they are averaged (delta + stats of its version
+- stats now), so the aggregate stays a convex mix of the sites' statistics and of the current ones.
+Applied as plain deltas, a stale update's running_var delta (trained from when the variances were
+larger) made variances negative and the model output NaN (measured: the first async benchmark run).
+
 Restart: each accepted update's envelope is written to `async/` in the checkpoint folder, then
 `async.json` (the commit) names it beside every open version's hash, selection and counted sites.
 A restarted server re-verifies and re-decodes the buffered envelopes, so an accepted update is not
@@ -30,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from safetensors.numpy import load_file, save
 
 from compression import SparseTensor
 from fedge import weights as W
@@ -73,6 +80,7 @@ class _Version:
     counted: set[str] = field(default_factory=set)  # accepted (buffered or applied): once per site per version
     nonces: set[str] = field(default_factory=set)
     decoding: set[str] = field(default_factory=set)
+    stats: dict[str, np.ndarray] = field(default_factory=dict)  # its normalisation statistics (rebasing stale ones)
 
 
 @dataclass(frozen=True)
@@ -124,7 +132,9 @@ class AsyncRoundServer(RoundServer):
         low = self.state.round + 1 - self.config.max_staleness
         for v in record["versions"]:
             if v["number"] >= low:
-                self.versions[v["number"]] = _Version(v["number"], v["model_sha256"], tuple(v["selected"]), set(v["counted"]))
+                stats_file = self._stats_file(v["number"])
+                stats = load_file(str(stats_file)) if stats_file.exists() else {}
+                self.versions[v["number"]] = _Version(v["number"], v["model_sha256"], tuple(v["selected"]), set(v["counted"]), stats=stats)
         if record["base"] != self.state.round:  # the checkpoint after it applied this buffer (crash before the next commit)
             log.warning("async buffer of %d updates was applied before the restart: not applied again", len(record["buffer"]))
             return
@@ -247,12 +257,28 @@ class AsyncRoundServer(RoundServer):
                 sites.discard(client)
         return full
 
+    def _stats_file(self, number: int) -> Path:
+        return self.store.folder / "async" / f"stats_{number:06d}.safetensors"
+
+    def _rebased(self, delta: dict[str, np.ndarray | SparseTensor], version: _Version) -> dict[str, np.ndarray | SparseTensor]:
+        """`delta` with its normalisation statistics taken from the open version's instead of its own."""
+        out = dict(delta)
+        for name, base in version.stats.items():
+            value = delta.get(name)
+            if value is None:
+                continue
+            dense = value.to_dense() if isinstance(value, SparseTensor) else value
+            out[name] = (dense + (base - self.state.weights[name])).astype(np.float32)
+        return out
+
     def _buffer(self, item: _Buffered, decoded: Decoded, staleness: int) -> None:
         update = decoded.update
         if update is None:
             raise ValueError("only a decoded update is buffered")
         label = f"{item.client}@{item.version}"
-        scaled = scale_delta(update.delta, staleness_weight(staleness))
+        version = self.versions.get(item.version)
+        delta = self._rebased(update.delta, version) if staleness and version is not None else update.delta
+        scaled = scale_delta(delta, staleness_weight(staleness))
         self.buffer[label] = (item, ClientUpdate(label, update.header.num_samples, scaled, update.nbytes, decoded.norm))
 
     # ---- the loop ------------------------------------------------------------------------------------
@@ -261,11 +287,14 @@ class AsyncRoundServer(RoundServer):
         sha = W.state_sha256(self.state.weights)
         known = self.versions.get(number)
         if known is None or known.model_sha256 != sha:
-            self.versions[number] = _Version(number, sha, selected)
+            stats = {k: self.state.weights[k].copy() for k in W.norm_stat_names(self.state.weights)}
+            self.versions[number] = _Version(number, sha, selected, stats=stats)
+            atomic_write_bytes(self._stats_file(number), save(stats) if stats else save({}))
         low = number - self.config.max_staleness
         for old in [v for v in self.versions if v < low]:
             del self.versions[old]
             self.reassembler.discard(f"{old}/")
+            self._stats_file(old).unlink(missing_ok=True)
         self._window = {v.number: set(v.selected) - v.counted - v.decoding for v in self.versions.values()}
         self._save_async()
 

@@ -126,9 +126,13 @@ class Hand:
         assert not self.thread.is_alive() and not self.errors, self.errors
 
 
-def _moved(before: dict[str, np.ndarray], after: dict[str, np.ndarray]) -> float:
-    """The one value every tensor moved by (the updates are constants)."""
-    diffs = {k: after[k] - before[k] for k in before}
+def _moved(before: dict[str, np.ndarray], after: dict[str, np.ndarray], stats: bool | None = None) -> float:
+    """The one value every tensor moved by (the updates are constants); `stats`: only the normalisation
+    statistics (True) or only the rest (False)."""
+    from fedge.weights import norm_stat_names
+
+    names = set(norm_stat_names(before))
+    diffs = {k: after[k] - before[k] for k in before if stats is None or (k in names) == stats}
     value = float(next(iter(diffs.values())).flat[0])
     assert all(np.allclose(d, value, atol=1e-6) for d in diffs.values())
     return value
@@ -167,7 +171,10 @@ def test_a_late_update_is_weighted_by_its_staleness_and_one_past_max_staleness_o
     w1, w2, w3 = weights(1), weights(2), weights(3)
     # By hand: FedAvg by samples of each update times 1/sqrt(1 + staleness).
     assert _moved(start, w1) == pytest.approx((10 * 0.01 + 30 * 0.04) / 40, rel=1e-5)
-    assert _moved(w1, w2) == pytest.approx((20 * 0.02 / math.sqrt(2) + 10 * -0.03) / 30, rel=1e-5)
+    assert _moved(w1, w2, stats=False) == pytest.approx((20 * 0.02 / math.sqrt(2) + 10 * -0.03) / 30, rel=1e-5)
+    # BatchNorm statistics are values: the late site's are rebased onto version 2's (its delta minus how far they moved since).
+    moved_1 = (10 * 0.01 + 30 * 0.04) / 40
+    assert _moved(w1, w2, stats=True) == pytest.approx((20 * (0.02 - moved_1) / math.sqrt(2) + 10 * -0.03) / 30, rel=1e-4)
     assert _moved(w2, w3) == pytest.approx((10 * 0.05 + 30 * 0.07) / 40, rel=1e-5)
     refused = [detail for kind, detail in hand.server.refusals.recent if kind == "unexpected-topic"]
     assert any("site-1" in d and "already counted" in d and "/round/2/" in d for d in refused)
@@ -204,7 +211,7 @@ def test_a_restart_mid_buffer_keeps_the_accepted_update_and_still_refuses_its_re
     state = load_checkpoint(second.server.store.model_path(1)).state
     assert _moved(start, {k: state[k].numpy() for k in start}) == pytest.approx((10 * 0.01 + 30 * 0.04) / 40, rel=1e-5)
     assert any("site-1" in d and "already counted" in d for k, d in second.server.refusals.recent if k == "unexpected-topic")
-    assert not list((tmp_path / "ckpt" / "async").iterdir())  # applied updates' envelopes are deleted
+    assert not list((tmp_path / "ckpt" / "async").glob("*.fdg"))  # applied updates' envelopes are deleted
 
 
 @pytest.fixture(scope="module")
