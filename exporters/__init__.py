@@ -25,6 +25,7 @@ from exporters import triton as _triton  # noqa: F401,E402
 from exporters.base import (
     EXPORTERS,
     Artifact,
+    Calibration,
     CalibrationError,
     Exporter,
     ExportError,
@@ -157,6 +158,7 @@ __all__ = [
     "EXPORTERS",
     "REPORT_NAME",
     "Artifact",
+    "Calibration",
     "CalibrationError",
     "ExportError",
     "ExportResult",

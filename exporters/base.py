@@ -10,7 +10,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import ClassVar
+from typing import ClassVar, Literal, get_args
 
 import numpy as np
 from torch import nn
@@ -43,6 +43,33 @@ class CalibrationError(ExportError, UsageError):
     exit_code = 6
 
 
+CalibrationMethodName = Literal["minmax", "percentile", "entropy"]
+CALIBRATION_METHODS: tuple[str, ...] = get_args(CalibrationMethodName)
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """How int8 activation ranges come from the calibration data (onnxruntime's calibrators), all in
+    the same symmetric QDQ form TensorRT consumes. MinMax keeps every outlier in range; percentile
+    clips the top (100 - percentile)% of |activation|; entropy picks the clip that loses least
+    information (KL). `float_ops`: op types left unquantized (TensorRT runs them in fp16/fp32), e.g.
+    a denoiser's skip Adds and the BatchNorms after them, whose offset sums int8 resolves poorly."""
+
+    method: CalibrationMethodName = "minmax"
+    percentile: float = 99.9
+    float_ops: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.method not in CALIBRATION_METHODS:
+            raise UsageError(f"calibration method {self.method!r}: choose one of {', '.join(CALIBRATION_METHODS)}")
+        if not 90.0 <= self.percentile < 100.0:
+            raise UsageError(f"calibration percentile {self.percentile}: use 90 to below 100 (e.g. 99.9)")
+
+    def __str__(self) -> str:
+        name = f"percentile {self.percentile}" if self.method == "percentile" else {"minmax": "MinMax", "entropy": "entropy"}[self.method]
+        return name + (f", float {'/'.join(self.float_ops)}" if self.float_ops else "")
+
+
 @dataclass(frozen=True)
 class ExportSpec:
     """How to export: validated once here, so exporters never re-check strings.
@@ -61,6 +88,7 @@ class ExportSpec:
     latency_warmup: int = 10
     latency_iters: int = 100
     model_name: str | None = None
+    calibration: Calibration = Calibration()  # int8: how activation ranges are calibrated
 
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:

@@ -11,7 +11,7 @@ import numpy as np
 from onnx import numpy_helper
 from torch import nn
 
-from exporters.base import INPUT_NAME, Artifact, CalibrationError, Exporter, ExportError, ExportSpec, Runner, register_exporter
+from exporters.base import INPUT_NAME, Artifact, Calibration, CalibrationError, Exporter, ExportError, ExportSpec, Runner, register_exporter
 from exporters.onnx_fp import check_onnx_file, export_onnx
 from exporters.ort import ort_runner, set_disabled_optimizers
 from fedge.models import ModelConfig
@@ -21,7 +21,6 @@ _CALIB_BATCH = 32
 # Graph optimizers onnxruntime sessions must skip to run this artifact at int8 speed on x86 CPUs
 # (why: exporters.ort); recorded in the model's metadata.
 ORT_DISABLED_OPTIMIZERS = ("CommonSubexpressionElimination",)
-
 
 def load_calibration(source: np.ndarray | str | os.PathLike) -> np.ndarray:
     """Raw calibration images (uint8 NHWC) from an array or an npz file.
@@ -88,7 +87,7 @@ def _reader(inputs: np.ndarray):  # noqa: ANN202 - the base class lives in an op
     return BatchReader()
 
 
-def quantize_qdq(fp32_path: Path, out_path: Path, inputs: np.ndarray) -> Path:
+def quantize_qdq(fp32_path: Path, out_path: Path, inputs: np.ndarray, calibration: Calibration = Calibration()) -> Path:
     """Shape-infer and optimise (onnxruntime's quant pre-processing), then quantize statically."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.registry import QDQRegistry, QLinearOpsRegistry
@@ -97,10 +96,14 @@ def quantize_qdq(fp32_path: Path, out_path: Path, inputs: np.ndarray) -> Path:
     # LayerNorm stays float: its per-feature weight has no channel axis to quantize along (ORT warns
     # once per layer), and TensorRT runs normalisation in fp16/fp32 in any case.
     op_types = sorted((set(QDQRegistry) | set(QLinearOpsRegistry)) - {"LayerNormalization"})  # ORT's default, less LN
+    method = {"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile, "entropy": CalibrationMethod.Entropy}[calibration.method]
+    # The histogram calibrators measure |activation| when asked to, matching the symmetric int8 ranges.
+    histogram = {"CalibTensorRangeSymmetric": True, "CalibPercentile": calibration.percentile} if calibration.method != "minmax" else {}
 
     with tempfile.TemporaryDirectory(dir=out_path.parent, prefix=".quant.") as tmp:
         prepared = Path(tmp) / "prepared.onnx"
         quant_pre_process(str(fp32_path), str(prepared))
+        excluded = _nodes_of(prepared, calibration.float_ops)
         quantize_static(
             str(prepared),
             str(out_path),
@@ -108,15 +111,25 @@ def quantize_qdq(fp32_path: Path, out_path: Path, inputs: np.ndarray) -> Path:
             quant_format=QuantFormat.QDQ,
             per_channel=True,
             op_types_to_quantize=op_types,
+            nodes_to_exclude=excluded,
             activation_type=QuantType.QInt8,
             weight_type=QuantType.QInt8,
-            calibrate_method=CalibrationMethod.MinMax,
+            calibrate_method=method,
             # Biases stay float: TensorRT's explicit quantization fuses them itself and takes no int32 DQ.
             # One Q->DQ pair per consumer of a fanned-out tensor: see ORT_DISABLED_OPTIMIZERS.
-            extra_options={"ActivationSymmetric": True, "WeightSymmetric": True, "QuantizeBias": False, "DedicatedQDQPair": True},
+            extra_options={"ActivationSymmetric": True, "WeightSymmetric": True, "QuantizeBias": False, "DedicatedQDQPair": True, **histogram},
         )
     set_disabled_optimizers(out_path, ORT_DISABLED_OPTIMIZERS)
     return out_path
+
+
+def _nodes_of(path: Path, op_types: tuple[str, ...]) -> list[str]:
+    """Names of the graph's nodes of these op types (what stays float)."""
+    if not op_types:
+        return []
+    import onnx
+
+    return [n.name for n in onnx.load(str(path)).graph.node if n.op_type in op_types]
 
 
 def check_qdq(path: Path) -> None:
@@ -151,8 +164,8 @@ class OnnxInt8Exporter(Exporter):
         path = out_dir / "model.int8.onnx"
         with tempfile.TemporaryDirectory(dir=out_dir, prefix=".fp32.") as tmp:
             fp32 = export_onnx(model, config, Path(tmp) / "model.onnx", "fp32")
-            quantize_qdq(fp32, path, inputs)
-        return Artifact(path=path, onnx_path=path, files=(path,), notes=(f"calibrated on {len(inputs)} images (MinMax, symmetric)",))
+            quantize_qdq(fp32, path, inputs, spec.calibration)
+        return Artifact(path=path, onnx_path=path, files=(path,), notes=(f"calibrated on {len(inputs)} images ({spec.calibration}, symmetric)",))
 
     def verify(self, artifact: Artifact, spec: ExportSpec) -> None:
         check_qdq(artifact.onnx_path)
