@@ -116,7 +116,8 @@ def run_one(mode: str, seed: int, settings: Settings, task: Any, workdir: Path) 
 
     def on_round(record: dict[str, Any]) -> None:
         elapsed = time.monotonic() - started
-        curve.append({"version": record["round"], "seconds": round(elapsed, 2), "auc": record.get("auc"), "clients": record["clients"]})
+        curve.append({"version": record["round"], "seconds": round(elapsed, 2), "auc": record.get("auc"),
+                      "updates": record.get("staleness") or dict.fromkeys(record["clients"], 0)})  # label: staleness (sync: 0)
         if record.get("auc", 0.0) >= settings.target_auc:
             reached.append(elapsed)
             raise _Reached
@@ -144,15 +145,15 @@ def run_one(mode: str, seed: int, settings: Settings, task: Any, workdir: Path) 
         stop.set()
         for thread in threads:
             thread.join(60)
-    staleness = [r["version"] - int(c.rsplit("@", 1)[1]) for r in curve for c in r["clients"] if "@" in c]
+    staleness = [s for r in curve for s in r["updates"].values()]
     return {
         "mode": mode,
         "seed": seed,
         "seconds_to_target": round(reached[0], 2) if reached else None,
         "versions_to_target": curve[-1]["version"] if reached else None,
         "final_auc": curve[-1]["auc"] if curve else None,
-        "updates_applied": sum(len(r["clients"]) for r in curve),
-        "straggler_updates_applied": sum(c.split("@")[0] in stragglers for r in curve for c in r["clients"]),
+        "updates_applied": len(staleness),
+        "straggler_updates_applied": sum(label.split("@")[0] in stragglers for r in curve for label in r["updates"]),
         "staleness_max": max(staleness, default=0),
         "staleness_mean": round(float(np.mean(staleness)), 2) if staleness else 0.0,
         "refusals": dict(server.refusals.counts),

@@ -281,6 +281,13 @@ class AsyncRoundServer(RoundServer):
         scaled = scale_delta(delta, staleness_weight(staleness))
         self.buffer[label] = (item, ClientUpdate(label, update.header.num_samples, scaled, update.nbytes, decoded.norm))
 
+    def _clients_of(self, current: _Round) -> dict[str, Any]:
+        """Sites by name (metrics and the dashboard count them per site), and each update's staleness
+        by `<site>@<version>`."""
+        trained = {label: int(label.rsplit("@", 1)[1]) for label in current.updates}
+        return {"clients": sorted({label.rsplit("@", 1)[0] for label in trained}),
+                "staleness": {label: current.number - version for label, version in sorted(trained.items())}}  # fmt: skip
+
     # ---- the loop ------------------------------------------------------------------------------------
     def _open_version(self, number: int, selected: tuple[str, ...]) -> None:
         """Version `number` opens; those older than max_staleness close (their partial uploads dropped)."""

@@ -433,7 +433,7 @@ class RoundServer:
         uplink = sum(u.nbytes for u in current.updates.values())
         record: dict[str, Any] = {
             "round": current.number,
-            "clients": sorted(current.updates),
+            **self._clients_of(current),
             "uplink_bytes": int(uplink),
             "downlink_bytes": int(current.downlink_bytes * len(current.selected)),
             "rejected": len(current.rejected),
@@ -445,6 +445,10 @@ class RoundServer:
         self.state.history.append(record)
         self._checkpoint()
         return record
+
+    def _clients_of(self, current: _Round) -> dict[str, Any]:
+        """The round record's sites (server.fedbuff adds which version each update was trained from)."""
+        return {"clients": sorted(current.updates)}
 
     def _session(self, transport: SessionFactory | None) -> Session:
         """With a client certificate, the broker knows the server by its certificate identity (and

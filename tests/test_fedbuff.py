@@ -161,7 +161,8 @@ def test_a_late_update_is_weighted_by_its_staleness_and_one_past_max_staleness_o
     hand.join()
 
     history = hand.server.state.history
-    assert [r["clients"] for r in history] == [["site-1@1", "site-2@1"], ["site-1@2", "site-3@1"], ["site-2@3", "site-3@3"]]
+    assert [r["staleness"] for r in history] == [{"site-1@1": 0, "site-2@1": 0}, {"site-1@2": 0, "site-3@1": 1}, {"site-2@3": 0, "site-3@3": 0}]
+    assert [r["clients"] for r in history] == [["site-1", "site-2"], ["site-1", "site-3"], ["site-2", "site-3"]]  # per site, for metrics
     from fedge.checkpoint import load_checkpoint
 
     def weights(rnd: int) -> dict[str, np.ndarray]:
@@ -205,7 +206,7 @@ def test_a_restart_mid_buffer_keeps_the_accepted_update_and_still_refuses_its_re
     second.send("site-1", 2, second.update("site-1", 2, 0.02, 10))
     second.send("site-3", 2, second.update("site-3", 2, 0.02, 10))
     second.join()
-    assert [r["clients"] for r in second.server.state.history] == [["site-1@1", "site-2@1"], ["site-1@2", "site-3@2"]]
+    assert [list(r["staleness"]) for r in second.server.state.history] == [["site-1@1", "site-2@1"], ["site-1@2", "site-3@2"]]
     from fedge.checkpoint import load_checkpoint
 
     state = load_checkpoint(second.server.store.model_path(1)).state
@@ -299,8 +300,8 @@ def test_a_straggling_agent_is_counted_late_then_skips_to_the_newest_version_thr
         thread.join(60)
     assert not thread.is_alive() and not errors and agent.finished
     history = hand.server.state.history
-    assert history[2]["clients"] == ["site-1@1"]  # two versions late, within max staleness 2: counted (weight 1/sqrt(3))
-    assert history[3]["clients"] in (["site-1@3"], ["site-1@4"])  # it trained the newest version it had, not version 2
+    assert history[2]["staleness"] == {"site-1@1": 2}  # two versions late, within max staleness 2: counted (weight 1/sqrt(3))
+    assert list(history[3]["staleness"]) in (["site-1@3"], ["site-1@4"])  # it trained the newest version it had, not version 2
     assert agent.rounds_done[:2] in ([1, 3], [1, 4]) and 2 not in agent.rounds_done  # (it may train version 4 as the end comes)
     assert "site-1: fetching a full snapshot" in caplog.text and agent.refusals.total == 0
 
