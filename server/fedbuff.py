@@ -1,14 +1,19 @@
 """Asynchronous rounds (FedBuff, Nguyen et al. 2022): a straggler does not hold the federation back.
 
 The server keeps one open version (round number = model version). It accepts a site's update trained
-from any of the last `max_staleness` + 1 versions, buffers it scaled by `staleness_weight`, and every
-`buffer` accepted updates aggregates the buffer with the configured strategy (same validation and
-non-finite guard as synchronous rounds), checkpoints and announces the next version.
+from any of the last `max_staleness` + 1 versions and buffers it; once `buffer` (K) updates are ready
+it aggregates them, each scaled by `staleness_weight`, with the configured strategy (same validation
+and non-finite guard as synchronous rounds), checkpoints and announces the next version.
+
+A site's updates count at most ceil(K / sites) per aggregate, the rest wait (in order) for the
+next: otherwise one site, with an update trained from each version in the window (each valid alone),
+could fill a buffer and make an aggregate by itself. Staleness and its weight are taken when the
+update is aggregated, so one that waited counts as older.
 
 Every check of a synchronous round still applies, per version: signature, run, the version's announced
 model hash, selection, codec, sample count, nonce, and one update per site per version (counted,
-never twice, also across restarts). Staleness = open version - the update's version, measured when
-it is accepted; nothing older than `max_staleness` is reassembled.
+never twice, also across restarts). Nothing trained from a version more than `max_staleness` behind
+the open one is reassembled.
 
 Normalisation statistics (BatchNorm running mean/var) are values, not gradients: a stale site's
 statistics are rebased onto the open version before they are averaged (delta + stats of its version
@@ -19,9 +24,9 @@ larger) made variances negative and the model output NaN (measured: the first as
 Restart: each accepted update's envelope is written to `async/` in the checkpoint folder, then
 `async.json` (the commit) names it beside every open version's hash, selection and counted sites.
 A restarted server re-verifies and re-decodes the buffered envelopes, so an accepted update is not
-lost; `async.json` names the round it was written after (`base`), so a crash between an aggregate's
-checkpoint and the next `async.json` drops a buffer that was already applied instead of applying it
-twice. An update whose envelope was written but not yet committed by `async.json` is dropped (its
+lost; `async.json` names the round it was written after (`base`), and `applying` what the aggregate
+after it takes, so a crash between that aggregate's checkpoint and the next `async.json` drops what
+was applied instead of applying it twice, and keeps what waits for a later aggregate. An update whose envelope was written but not yet committed by `async.json` is dropped (its
 site was never counted, and the site's next version goes on as usual).
 """
 
@@ -98,7 +103,7 @@ class AsyncRoundServer(RoundServer):
             raise ValueError("AsyncRoundServer needs rounds_mode='async'")
         super().__init__(config, evaluator, on_round)
         self.versions: dict[int, _Version] = {}
-        self.buffer: dict[str, tuple[_Buffered, ClientUpdate]] = {}  # by label "<site>@<version>"
+        self.buffer: dict[str, tuple[_Buffered, Decoded]] = {}  # by label "<site>@<version>", in the order accepted
         self._raw: dict[tuple[int, str], bytes] = {}  # envelopes in the intake, written to disk once accepted
         # Read by paho's thread: which sites may still send chunks for which version (edited in place by the loop).
         self._window: dict[int, set[str]] = {}
@@ -110,12 +115,14 @@ class AsyncRoundServer(RoundServer):
     def async_file(self) -> Path:
         return self.store.folder / "async.json"
 
-    def _save_async(self) -> None:
-        """The commit of the buffer and of who counted for which version."""
+    def _save_async(self, applying: list[str] | None = None) -> None:
+        """The commit of the buffer and of who counted for which version; `applying`: the labels the
+        aggregate after round `base` takes (kept by a crash after its checkpoint)."""
         record = {
             "schema_version": ASYNC_SCHEMA_VERSION,
             "run": self.run_id,
             "base": self.state.round,
+            "applying": applying or [],
             "versions": [{"number": v.number, "model_sha256": v.model_sha256, "selected": list(v.selected), "counted": sorted(v.counted)}
                          for v in self.versions.values()],  # fmt: skip
             "buffer": [{"version": b.version, "client": b.client, "file": b.file} for b, _ in self.buffer.values()],
@@ -129,18 +136,21 @@ class AsyncRoundServer(RoundServer):
         check_schema_version(record.get("schema_version"), ASYNC_SCHEMA_VERSION, str(self.async_file))
         if record.get("run") != self.run_id:
             return  # another run's (a new run.json): nothing of it counts here
-        low = self.state.round + 1 - self.config.max_staleness
-        for v in record["versions"]:
-            if v["number"] >= low:
-                stats_file = self._stats_file(v["number"])
-                stats = load_file(str(stats_file)) if stats_file.exists() else {}
-                self.versions[v["number"]] = _Version(v["number"], v["model_sha256"], tuple(v["selected"]), set(v["counted"]), stats=stats)
-        if record["base"] != self.state.round:  # the checkpoint after it applied this buffer (crash before the next commit)
-            log.warning("async buffer of %d updates was applied before the restart: not applied again", len(record["buffer"]))
+        for v in record["versions"]:  # those in the window, and older ones that buffered updates were trained from
+            stats_file = self._stats_file(v["number"])
+            stats = load_file(str(stats_file)) if stats_file.exists() else {}
+            self.versions[v["number"]] = _Version(v["number"], v["model_sha256"], tuple(v["selected"]), set(v["counted"]), stats=stats)
+        applied: set[str] = set()
+        if record["base"] == self.state.round - 1:  # its aggregate was checkpointed, then the server stopped before this commit
+            applied = set(record["applying"])
+            log.warning("async: %d buffered updates were applied before the restart: not applied again", len(applied))
+        elif record["base"] != self.state.round:
+            log.warning("async.json follows round %d, the checkpoint round %d: its buffer is dropped", record["base"], self.state.round)
             return
-        current = self.state.round + 1
         for entry in record["buffer"]:
             item = _Buffered(entry["version"], entry["client"], entry["file"])
+            if f"{item.client}@{item.version}" in applied:
+                continue
             version = self.versions.get(item.version)
             path = self.store.folder / item.file
             if version is None or not path.exists():
@@ -151,7 +161,7 @@ class AsyncRoundServer(RoundServer):
             if decoded.update is None:
                 self.refusals(*(decoded.refusal or ("handler-error", "no update")))
                 continue
-            self._buffer(item, decoded, current - item.version)
+            self.buffer[f"{item.client}@{item.version}"] = (item, decoded)
         log.warning("resumed an async buffer of %d updates (aggregate every %d)", len(self.buffer), self.config.buffer)
 
     # ---- intake --------------------------------------------------------------------------------------
@@ -170,7 +180,7 @@ class AsyncRoundServer(RoundServer):
         if sites is None:
             return f"version {parts[0]} takes no updates (open: {sorted(self._window)}, max staleness {self.config.max_staleness})"
         if parts[2] not in sites:
-            return f"no update expected from {parts[2]!r} for version {parts[0]} (not selected, already counted, or its share of the buffer is full)"
+            return f"no update expected from {parts[2]!r} for version {parts[0]} (not selected, or already counted)"
         return None
 
     def _expected_for(self, version: _Version, client: str) -> Expected:
@@ -197,9 +207,6 @@ class AsyncRoundServer(RoundServer):
             return
         if client not in version.selected or client in version.counted or client in version.decoding:
             self._reject(rnd, client, "not-expected", f"not selected for version {rnd}, or its update was already counted", current)
-            return
-        if self._share_full(client, version):
-            self._reject(rnd, client, "not-expected", "its share of the buffer is full (one site must not make an aggregate alone)", current)
             return
         try:
             data = self.reassembler.add(f"{rnd}/{client}", Chunk.decode(raw), max_bytes=self.max_update_bytes)
@@ -232,30 +239,26 @@ class AsyncRoundServer(RoundServer):
             self._reject(rnd, client, "replay", f"nonce {update.header.nonce} was already seen for version {rnd}", current)
             self._window.get(rnd, set()).add(client)
             return
-        if self._share_full(client, version):
-            self._reject(rnd, client, "not-expected", "its share of the buffer is full (one site must not make an aggregate alone)", current)
-            return
         version.nonces.add(update.header.nonce)
         version.counted.add(client)
         item = _Buffered(rnd, client, f"async/{rnd:06d}_{client}.fdg")
         atomic_write_bytes(self.store.folder / item.file, data)
-        staleness = self.state.round + 1 - rnd
-        self._buffer(item, decoded, staleness)
-        self._share_full(client, version)  # when it is: the site's further chunks are dropped unread
+        self.buffer[f"{client}@{rnd}"] = (item, decoded)
         self._save_async()  # the commit: from here the update is counted and survives a restart
-        log.info("version %d: update from %s trained from version %d (staleness %d, weight %.3f); buffer %d/%d",
-                 rnd + staleness, client, rnd, staleness, staleness_weight(staleness), len(self.buffer), self.config.buffer)  # fmt: skip
+        log.info("version %d: update from %s trained from version %d buffered (%d in the buffer, aggregate every %d)",
+                 self.state.round + 1, client, rnd, len(self.buffer), self.config.buffer)  # fmt: skip
 
-    def _share_full(self, client: str, version: _Version) -> bool:
-        """A site may hold ceil(K / sites) updates of a buffer: else one site with updates trained from
-        every version in the window (each valid on its own) could fill a buffer and make the aggregate
-        alone. Its window closes until the next version (then recomputed from what was counted)."""
-        share = -(-self.config.buffer // max(1, len(version.selected)))
-        full = sum(item.client == client for item, _ in self.buffer.values()) >= share
-        if full:
-            for sites in self._window.values():
-                sites.discard(client)
-        return full
+    def _ready(self, current: _Round) -> list[str]:
+        """The next aggregate's updates, in the order accepted: at most ceil(K / sites) per site (one
+        site must not make an aggregate alone), at most K."""
+        share = -(-self.config.buffer // max(1, len(current.selected)))
+        taken: dict[str, int] = {}
+        ready: list[str] = []
+        for label, (item, _) in self.buffer.items():
+            if taken.get(item.client, 0) < share and len(ready) < self.config.buffer:
+                taken[item.client] = taken.get(item.client, 0) + 1
+                ready.append(label)
+        return ready
 
     def _stats_file(self, number: int) -> Path:
         return self.store.folder / "async" / f"stats_{number:06d}.safetensors"
@@ -271,15 +274,17 @@ class AsyncRoundServer(RoundServer):
             out[name] = (dense + (base - self.state.weights[name])).astype(np.float32)
         return out
 
-    def _buffer(self, item: _Buffered, decoded: Decoded, staleness: int) -> None:
+    def _weighted(self, label: str, current: _Round) -> ClientUpdate:
+        """A buffered update as the strategy takes it: statistics rebased, times its staleness weight now."""
+        item, decoded = self.buffer[label]
         update = decoded.update
         if update is None:
             raise ValueError("only a decoded update is buffered")
-        label = f"{item.client}@{item.version}"
+        staleness = current.number - item.version
         version = self.versions.get(item.version)
         delta = self._rebased(update.delta, version) if staleness and version is not None else update.delta
         scaled = scale_delta(delta, staleness_weight(staleness))
-        self.buffer[label] = (item, ClientUpdate(label, update.header.num_samples, scaled, update.nbytes, decoded.norm))
+        return ClientUpdate(label, update.header.num_samples, scaled, update.nbytes, decoded.norm)
 
     def _clients_of(self, current: _Round) -> dict[str, Any]:
         """Sites by name (metrics and the dashboard count them per site), and each update's staleness
@@ -298,15 +303,17 @@ class AsyncRoundServer(RoundServer):
             self.versions[number] = _Version(number, sha, selected, stats=stats)
             atomic_write_bytes(self._stats_file(number), save(stats) if stats else save({}))
         low = number - self.config.max_staleness
+        waiting = {item.version for item, _ in self.buffer.values()}  # their statistics are still needed
         for old in [v for v in self.versions if v < low]:
-            del self.versions[old]
             self.reassembler.discard(f"{old}/")
-            self._stats_file(old).unlink(missing_ok=True)
-        self._window = {v.number: set(v.selected) - v.counted - v.decoding for v in self.versions.values()}
+            if old not in waiting:
+                del self.versions[old]
+                self._stats_file(old).unlink(missing_ok=True)
+        self._window = {v.number: set(v.selected) - v.counted - v.decoding for v in self.versions.values() if v.number >= low}
         self._save_async()
 
     def _collect_buffer(self, current: _Round) -> None:
-        while len(self.buffer) < self.config.buffer:
+        while len(self._ready(current)) < self.config.buffer:
             if time.time() > current.deadline:
                 if any(v.decoding for v in self.versions.values()):
                     self._take(current, timeout=0.2)
@@ -329,12 +336,13 @@ class AsyncRoundServer(RoundServer):
             record = None
             while record is None:
                 self._collect_buffer(current)
-                current.updates = {label: update for label, (_, update) in self.buffer.items()}
+                labels = self._ready(current)
+                self._save_async(applying=labels)  # a crash after the checkpoint keeps what waits for the next aggregate
+                current.updates = {label: self._weighted(label, current) for label in labels}
                 record = self._advance(current)
-                for label in [label for label in self.buffer if label not in current.updates]:
+                for label in [label for label in labels if label not in current.updates]:
                     del self.buffer[label]  # excluded by the non-finite guard (refused and counted there)
-            files = [item.file for item, _ in self.buffer.values()]
-            self.buffer.clear()
+            files = [self.buffer.pop(label)[0].file for label in labels if label in self.buffer]
             self._save_async()  # after the checkpoint: base = this version
             for name in files:
                 (self.store.folder / name).unlink(missing_ok=True)

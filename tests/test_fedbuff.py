@@ -80,12 +80,11 @@ def _wait(what: str, condition: Callable[[], bool], timeout: float = 60) -> None
 class Hand:
     """The sites by hand: real signed-record status, real update envelopes of chosen constant deltas."""
 
-    def __init__(self, broker: MemoryBroker, tmp_path, **options):
+    def __init__(self, broker: MemoryBroker, tmp_path, server_class: type[AsyncRoundServer] = AsyncRoundServer, **options):
         self.broker = broker
         config = dict(federation=FED, broker="memory://", model=MODEL, checkpoint_dir=tmp_path / "ckpt", rounds=3, min_clients=2,
                       expected_clients=SITES, round_timeout=60, wait_for_clients=60, rounds_mode="async", buffer=2, max_staleness=1)  # fmt: skip
-        self.server = round_server(ServerConfig(**(config | options)))  # type: ignore[arg-type]
-        assert isinstance(self.server, AsyncRoundServer)
+        self.server = server_class(ServerConfig(**(config | options)))  # type: ignore[arg-type]
         self.topics = Topics(FED)
         self.site = broker.session("sites")
         self.site.connect()
@@ -148,7 +147,7 @@ def test_a_late_update_is_weighted_by_its_staleness_and_one_past_max_staleness_o
     after_1 = hand.announcement(2)
     hand.send("site-3", 1, late)  # ... arrives while version 2 is open: staleness 1, accepted
     _wait("site-3's late update in the buffer", lambda: "site-3@1" in hand.server.buffer)
-    hand.send("site-3", 2, hand.update("site-3", 2, 1.0, 100))  # refused: with K=2 and 3 sites, one update per site per buffer
+    hand.send("site-3", 2, hand.update("site-3", 2, 1.0, 100))  # K=2, 3 sites: one update per site per aggregate, this one waits
     fresh = hand.update("site-1", 2, -0.03, 10)
     hand.send("site-1", 2, fresh)  # K=2: version 2 closes
     hand.announcement(3)
@@ -156,12 +155,11 @@ def test_a_late_update_is_weighted_by_its_staleness_and_one_past_max_staleness_o
     too_old = make_update({t.name: np.full(t.shape, 9.0, np.float32) for t in hand.server.uplink_manifest}, codec="fp32", federation=FED,
                           site="site-2", round=1, run=after_1.run, model_sha256=hand.announcement(3).model_sha256, num_samples=1, metrics={})  # fmt: skip
     hand.send("site-2", 1, too_old)  # version 1 is 2 behind version 3: past max_staleness 1
-    hand.send("site-2", 3, hand.update("site-2", 3, 0.05, 10))
-    hand.send("site-3", 3, hand.update("site-3", 3, 0.07, 30))
+    hand.send("site-2", 3, hand.update("site-2", 3, 0.05, 10))  # with site-3's waiting update: version 3 closes
     hand.join()
 
     history = hand.server.state.history
-    assert [r["staleness"] for r in history] == [{"site-1@1": 0, "site-2@1": 0}, {"site-1@2": 0, "site-3@1": 1}, {"site-2@3": 0, "site-3@3": 0}]
+    assert [r["staleness"] for r in history] == [{"site-1@1": 0, "site-2@1": 0}, {"site-1@2": 0, "site-3@1": 1}, {"site-2@3": 0, "site-3@2": 1}]
     assert [r["clients"] for r in history] == [["site-1", "site-2"], ["site-1", "site-3"], ["site-2", "site-3"]]  # per site, for metrics
     from fedge.checkpoint import load_checkpoint
 
@@ -176,11 +174,13 @@ def test_a_late_update_is_weighted_by_its_staleness_and_one_past_max_staleness_o
     # BatchNorm statistics are values: the late site's are rebased onto version 2's (its delta minus how far they moved since).
     moved_1 = (10 * 0.01 + 30 * 0.04) / 40
     assert _moved(w1, w2, stats=True) == pytest.approx((20 * (0.02 - moved_1) / math.sqrt(2) + 10 * -0.03) / 30, rel=1e-4)
-    assert _moved(w2, w3) == pytest.approx((10 * 0.05 + 30 * 0.07) / 40, rel=1e-5)
+    # site-3's update trained from version 2 waited for version 3's aggregate: staleness (and weight) as of then.
+    assert _moved(w2, w3, stats=False) == pytest.approx((100 * 1.0 / math.sqrt(2) + 10 * 0.05) / 110, rel=1e-5)
+    moved_2 = _moved(w1, w2, stats=True)
+    assert _moved(w2, w3, stats=True) == pytest.approx((100 * (1.0 - moved_2) / math.sqrt(2) + 10 * 0.05) / 110, rel=1e-4)
     refused = [detail for kind, detail in hand.server.refusals.recent if kind == "unexpected-topic"]
     assert any("site-1" in d and "already counted" in d and "/round/2/" in d for d in refused)
     assert any("/round/1/update/site-2" in d and "max staleness 1" in d for d in refused)
-    assert any("site-3" in d and "share of the buffer is full" in d for _, d in hand.server.refusals.recent)
 
 
 def test_a_restart_mid_buffer_keeps_the_accepted_update_and_still_refuses_its_replay(tmp_path) -> None:
@@ -213,6 +213,39 @@ def test_a_restart_mid_buffer_keeps_the_accepted_update_and_still_refuses_its_re
     assert _moved(start, {k: state[k].numpy() for k in start}) == pytest.approx((10 * 0.01 + 30 * 0.04) / 40, rel=1e-5)
     assert any("site-1" in d and "already counted" in d for k, d in second.server.refusals.recent if k == "unexpected-topic")
     assert not list((tmp_path / "ckpt" / "async").glob("*.fdg"))  # applied updates' envelopes are deleted
+
+
+class DiesAfterCheckpoint(AsyncRoundServer):
+    """Killed between round 2's checkpoint and the async.json that follows it."""
+
+    def _save_async(self, applying: list[str] | None = None) -> None:
+        if applying is None and self.state.round == 2:
+            raise OSError("killed after the checkpoint")
+        super()._save_async(applying)
+
+
+def test_a_crash_between_an_aggregate_and_its_commit_applies_it_once_and_keeps_what_waited(tmp_path) -> None:
+    broker = MemoryBroker()
+    first = Hand(broker, tmp_path, DiesAfterCheckpoint, rounds=3)
+    first.start()
+    first.send("site-1", 1, first.update("site-1", 1, 0.01, 10))
+    first.send("site-2", 1, first.update("site-2", 1, 0.01, 10))
+    late = first.update("site-3", 1, 0.01, 10)
+    first.announcement(2)
+    first.send("site-3", 1, late)
+    _wait("site-3's late update", lambda: "site-3@1" in first.server.buffer)
+    first.send("site-3", 2, first.update("site-3", 2, 0.02, 10))  # waits: site-3 already has one in this aggregate
+    first.send("site-1", 2, first.update("site-1", 2, 0.01, 10))  # version 2's aggregate, then the crash
+    assert first.thread is not None
+    first.thread.join(60)
+    assert isinstance(first.errors[0], OSError)
+
+    second = Hand(broker, tmp_path, rounds=3)
+    assert second.server.state.round == 2 and list(second.server.buffer) == ["site-3@2"]  # applied once; the waiting one kept
+    second.start()
+    second.send("site-2", 3, second.update("site-2", 3, 0.01, 10))
+    second.join()
+    assert second.server.state.history[-1]["staleness"] == {"site-2@3": 0, "site-3@2": 1}
 
 
 @pytest.fixture(scope="module")
