@@ -160,6 +160,12 @@ class InProcessFederation:
         decoded = self.codec.decode(payload, self.manifest)
         return ClientUpdate(site, samples, decoded, len(payload), check_update(decoded, self.settings.max_update_norm))
 
+    def _samples(self, site: str) -> int:
+        """The size of a site's Dirichlet shard (an adversary's sites always have one: __init__ refuses site_tasks with it)."""
+        shard = self.shards[site]
+        assert shard is not None, "site_tasks and an adversary are refused together"
+        return len(shard)
+
     def round(self, rnd: int) -> dict[str, Any]:
         started = time.perf_counter()
         honest = {site: self._train(self.site_tasks.get(site, self.task), site, rnd) for site in self.names if site not in self.malicious}
@@ -178,7 +184,7 @@ class InProcessFederation:
             attack = self.adversary.attack
             rng = np.random.default_rng([self.settings.seed, rnd, 2])
             for site in sorted(self.malicious):
-                own, samples = self._train(self.flipped or self.task, site, rnd) if attack.trains else (None, len(self.shards[site] or ()))
+                own, samples = self._train(self.flipped or self.task, site, rnd) if attack.trains else (None, self._samples(site))
                 ctx = AttackContext(own, [d for d, _ in honest.values()], samples, self.settings.max_samples, len(self.malicious), rng)
                 forged, claimed = attack.forge(ctx)
                 try:
