@@ -155,6 +155,9 @@ def test_a_late_update_is_weighted_by_its_staleness_and_one_past_max_staleness_o
     too_old = make_update({t.name: np.full(t.shape, 9.0, np.float32) for t in hand.server.uplink_manifest}, codec="fp32", federation=FED,
                           site="site-2", round=1, run=after_1.run, model_sha256=hand.announcement(3).model_sha256, num_samples=1, metrics={})  # fmt: skip
     hand.send("site-2", 1, too_old)  # version 1 is 2 behind version 3: past max_staleness 1
+    other_run = make_update({t.name: np.full(t.shape, 9.0, np.float32) for t in hand.server.uplink_manifest}, codec="fp32", federation=FED,
+                            site="site-1", round=3, run="f" * 32, model_sha256=hand.announcement(3).model_sha256, num_samples=1, metrics={})  # fmt: skip
+    hand.send("site-1", 3, other_run)  # an update of another run, for a version in the window: refused
     hand.send("site-2", 3, hand.update("site-2", 3, 0.05, 10))  # with site-3's waiting update: version 3 closes
     hand.join()
 
@@ -178,6 +181,7 @@ def test_a_late_update_is_weighted_by_its_staleness_and_one_past_max_staleness_o
     assert _moved(w2, w3, stats=False) == pytest.approx((100 * 1.0 / math.sqrt(2) + 10 * 0.05) / 110, rel=1e-5)
     moved_2 = _moved(w1, w2, stats=True)
     assert _moved(w2, w3, stats=True) == pytest.approx((100 * (1.0 - moved_2) / math.sqrt(2) + 10 * 0.05) / 110, rel=1e-4)
+    assert hand.server.refusals.counts["wrong-run"] == 1
     refused = [detail for kind, detail in hand.server.refusals.recent if kind == "unexpected-topic"]
     assert any("site-1" in d and "already counted" in d and "/round/2/" in d for d in refused)
     assert any("/round/1/update/site-2" in d and "max staleness 1" in d for d in refused)
