@@ -142,7 +142,7 @@ class FailsOnce:
 
 
 def test_a_round_that_fails_at_a_site_is_skipped_and_the_agent_takes_the_next(task, tmp_path) -> None:
-    fed = Federation(MemoryBroker(), task, tmp_path, min_clients=1, round_timeout=5)
+    fed = Federation(MemoryBroker(), task, tmp_path, min_clients=1, round_timeout=3)
     fed.start_server()
     fed.start_agent("site-1")
     config = AgentConfig(broker="mqtt://unused:1", site="site-2", federation=FED, state_dir=tmp_path / "site-2")
