@@ -141,9 +141,9 @@ def test_a_late_update_is_weighted_by_its_staleness_and_one_past_max_staleness_o
     hand = Hand(MemoryBroker(), tmp_path)
     start = {k: v.copy() for k, v in hand.server.state.weights.items()}
     hand.start()
+    late = hand.update("site-3", 1, 0.02, 20)  # trained from version 1 (made while its announcement is retained) ...
     hand.send("site-1", 1, hand.update("site-1", 1, 0.01, 10))
     hand.send("site-2", 1, hand.update("site-2", 1, 0.04, 30))  # K=2: version 1 closes
-    late = hand.update("site-3", 1, 0.02, 20)  # trained from version 1 ...
     after_1 = hand.announcement(2)
     hand.send("site-3", 1, late)  # ... arrives while version 2 is open: staleness 1, accepted
     _wait("site-3's late update in the buffer", lambda: "site-3@1" in hand.server.buffer)
@@ -232,9 +232,9 @@ def test_a_crash_between_an_aggregate_and_its_commit_applies_it_once_and_keeps_w
     broker = MemoryBroker()
     first = Hand(broker, tmp_path, DiesAfterCheckpoint, rounds=3)
     first.start()
+    late = first.update("site-3", 1, 0.01, 10)  # while version 1's announcement is retained
     first.send("site-1", 1, first.update("site-1", 1, 0.01, 10))
     first.send("site-2", 1, first.update("site-2", 1, 0.01, 10))
-    late = first.update("site-3", 1, 0.01, 10)
     first.announcement(2)
     first.send("site-3", 1, late)
     _wait("site-3's late update", lambda: "site-3@1" in first.server.buffer)
