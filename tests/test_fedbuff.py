@@ -379,3 +379,17 @@ def test_the_server_command_takes_the_rounds_mode() -> None:
 
     result = CliRunner().invoke(app, ["server", "--rounds-mode", "fast", "--data-dir", "/nonexistent"])
     assert result.exit_code == 2 and "choose sync or async" in result.output
+
+
+@pytest.mark.integration
+def test_an_async_demo_over_the_embedded_broker_with_signatures_and_a_delta_downlink(medmnist_root, tmp_path) -> None:
+    """The same over MQTT (amqtt), with agent processes, signed records and updates, and q8 delta globals."""
+    from fedge.cli.federation import FederationSettings, run_federation
+
+    settings = FederationSettings(dataset="breastmnist", data_dir=str(medmnist_root), clients=3, rounds=3, workdir=tmp_path / "run",
+                                  rounds_mode="async", buffer=2, max_staleness=2, downlink_codec="q8,ef|zstd")  # fmt: skip
+    report = run_federation(settings, report_path=tmp_path / "report.json")
+    assert [r["round"] for r in report["rounds"]] == [1, 2, 3]
+    for record in report["rounds"]:
+        assert len(record["staleness"]) == 2 and all(0 <= s <= 2 for s in record["staleness"].values())
+    assert np.isfinite(report["final"]["auc"]) and report["rounds_mode"] == "async buffer 2 max staleness 2"

@@ -251,8 +251,10 @@ def run_federation(
         "emulated_link": link or None,
         "downlink_codec": settings.downlink_codec or "full fp32 snapshot",
         "seed": settings.seed,
+        "rounds_mode": settings.rounds_mode if settings.rounds_mode == "sync" else f"async buffer {settings.buffer} max staleness {settings.max_staleness}",
         "rounds": [
-            {k: r[k] for k in ("round", *HEADLINE[settings.task], "uplink_bytes", "downlink_bytes", "seconds", "dp_epsilon") if k in r} for r in history
+            {k: r[k] for k in ("round", *HEADLINE[settings.task], "uplink_bytes", "downlink_bytes", "seconds", "dp_epsilon", "staleness") if k in r}
+            for r in history
         ],
         "strategy": {"name": settings.strategy, "options": settings.strategy_options},
         "final": {k: history[-1][k] for k in HEADLINE[settings.task]},
