@@ -23,9 +23,10 @@ demo: $(BIN)/.installed
 system-deps:
 	./scripts/system-deps.sh
 
-# Lint (ruff) and types (mypy) on the packages; configured in pyproject.toml.
+# Lint and format check (ruff) and types (mypy) on the packages; configured in pyproject.toml (`ruff format` fixes the format).
 lint: $(BIN)/.installed
 	$(BIN)/ruff check fedge compression edge_client server exporters device_profiles benchmarks tests
+	$(BIN)/ruff format --check fedge compression edge_client server exporters device_profiles benchmarks tests
 	$(BIN)/mypy
 
 test: $(BIN)/.installed system-deps lint

@@ -154,9 +154,18 @@ def robust_rows(model: str, manifest: list[TensorSpec], updates: list, names: li
             dense_result = dense_rule(name, x, manifest)
             dense_times.append(time.perf_counter() - start)
         flat = np.concatenate([fedge_result[s.name].reshape(-1) for s in manifest])
-        rows.append({"strategy": name, "model": model, "clients": len(updates), "params": x.shape[1],
-                     "fedge_seconds": min(fedge_times), "dense_seconds": min(dense_times),
-                     "speedup": min(dense_times) / min(fedge_times), "max_abs_diff": float(np.abs(flat - dense_result).max())})
+        rows.append(
+            {
+                "strategy": name,
+                "model": model,
+                "clients": len(updates),
+                "params": x.shape[1],
+                "fedge_seconds": min(fedge_times),
+                "dense_seconds": min(dense_times),
+                "speedup": min(dense_times) / min(fedge_times),
+                "max_abs_diff": float(np.abs(flat - dense_result).max()),
+            }
+        )
     return rows
 
 
@@ -178,8 +187,17 @@ def aggregation_rows(clients: list[int], seed: int, repeats: int, robust: list[s
                 dense_times.append(seconds)
             fedge_s, dense_s = min(fedge_times), min(dense_times)
             max_diff = max(float(np.abs(f.reshape(-1) - d.reshape(-1)).max()) for f, d in zip(fedge_mean.values(), dense_mean))
-            rows.append({"model": model, "clients": k, "params": params, "fedge_seconds": fedge_s, "dense_seconds": dense_s,
-                         "speedup": dense_s / fedge_s, "max_abs_diff": max_diff})
+            rows.append(
+                {
+                    "model": model,
+                    "clients": k,
+                    "params": params,
+                    "fedge_seconds": fedge_s,
+                    "dense_seconds": dense_s,
+                    "speedup": dense_s / fedge_s,
+                    "max_abs_diff": max_diff,
+                }
+            )
         if model == list(MODELS)[-1] and robust:
             robust_results = robust_rows(model, manifest, updates, robust, robust_repeats)
         del updates
@@ -211,8 +229,15 @@ def print_tables(report: dict[str, list[dict[str, object]]]) -> None:
     for col in ("model", "clients", "params", "fedge s", "dense s", "speedup", "max |diff|"):
         table.add_column(col, justify="right")
     for r in report["results"]:
-        table.add_row(str(r["model"]), str(r["clients"]), f"{r['params']:,}", f"{r['fedge_seconds']:.3f}",
-                      f"{r['dense_seconds']:.3f}", f"{r['speedup']:.1f}x", f"{r['max_abs_diff']:.1e}")
+        table.add_row(
+            str(r["model"]),
+            str(r["clients"]),
+            f"{r['params']:,}",
+            f"{r['fedge_seconds']:.3f}",
+            f"{r['dense_seconds']:.3f}",
+            f"{r['speedup']:.1f}x",
+            f"{r['max_abs_diff']:.1e}",
+        )
     console.print(table)
     if report.get("robust"):
         first = report["robust"][0]
@@ -226,8 +251,9 @@ def print_tables(report: dict[str, list[dict[str, object]]]) -> None:
     for col in ("codec", "bytes", "ratio vs fp32", "rel. L2 error", "encode ms", "decode ms"):
         table.add_column(col, justify="right")
     for r in report["codec_ratios"]:
-        table.add_row(str(r["codec"]), f"{r['bytes']:,}", f"{r['ratio_vs_fp32']:.1f}x", f"{r['relative_l2_error']:.3f}",
-                      f"{r['encode_ms']:.1f}", f"{r['decode_ms']:.1f}")
+        table.add_row(
+            str(r["codec"]), f"{r['bytes']:,}", f"{r['ratio_vs_fp32']:.1f}x", f"{r['relative_l2_error']:.3f}", f"{r['encode_ms']:.1f}", f"{r['decode_ms']:.1f}"
+        )
     console.print(table)
 
 
@@ -242,8 +268,14 @@ def main() -> None:
     parser.add_argument("--robust-repeats", type=int, default=2, help="timed runs per side for each robust rule; the best is reported")
     args = parser.parse_args()
     results, robust_results = aggregation_rows(args.clients, args.seed, args.repeats, args.robust, args.robust_repeats)
-    report = {"update_spec": UPDATE_SPEC, "repeats": args.repeats, "robust_repeats": args.robust_repeats, "results": results,
-              "robust": robust_results, "codec_ratios": ratio_rows(args.seed)}
+    report = {
+        "update_spec": UPDATE_SPEC,
+        "repeats": args.repeats,
+        "robust_repeats": args.robust_repeats,
+        "results": results,
+        "robust": robust_results,
+        "codec_ratios": ratio_rows(args.seed),
+    }
     args.report.parent.mkdir(parents=True, exist_ok=True)
     args.report.write_text(json.dumps(report, indent=2) + "\n")
     print_tables(report)

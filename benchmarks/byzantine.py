@@ -59,16 +59,21 @@ def run_one(job: dict[str, Any]) -> dict[str, Any]:
     )
     from server.strategies import get_strategy
 
-    settings = SimulationSettings(sites=job["sites"], rounds=job["rounds"], alpha=job["alpha"], codec=job["codec"],
-                                  model_options={"widths": tuple(job["widths"])}, seed=job["seed"])
+    settings = SimulationSettings(
+        sites=job["sites"], rounds=job["rounds"], alpha=job["alpha"], codec=job["codec"], model_options={"widths": tuple(job["widths"])}, seed=job["seed"]
+    )
     adversary = None if job["attack"] == CLEAN else Adversary(get_attack(job["attack"]), job["malicious"])
     cpu = time.process_time()
     result = InProcessFederation(settings, _TASK, get_strategy(job["strategy"]), adversary).run()
     result["cpu_seconds"] = time.process_time() - cpu  # what an idle machine would spend (wall time includes other jobs)
     history = result.pop("history")
-    return {**{k: job[k] for k in ("attack", "strategy", "seed")}, **result,
-            "rejected": sum(len(r["rejected"]) for r in history), "left_out": sum(len(r["left_out"]) for r in history),
-            "rounds_not_applied": sum(not r["applied"] for r in history)}
+    return {
+        **{k: job[k] for k in ("attack", "strategy", "seed")},
+        **result,
+        "rejected": sum(len(r["rejected"]) for r in history),
+        "left_out": sum(len(r["left_out"]) for r in history),
+        "rounds_not_applied": sum(not r["applied"] for r in history),
+    }
 
 
 def summarize(runs: list[dict[str, Any]], args: argparse.Namespace) -> dict[str, Any]:
@@ -79,36 +84,61 @@ def summarize(runs: list[dict[str, Any]], args: argparse.Namespace) -> dict[str,
             if not rs:
                 continue
             aucs = [r["final_auc"] for r in rs]
-            rows.append({"attack": attack, "strategy": strategy, "final_auc": statistics.fmean(aucs),
-                         "final_auc_std": statistics.stdev(aucs) if len(aucs) > 1 else 0.0,
-                         "seconds_per_round": statistics.fmean(r["seconds_per_round"] for r in rs),
-                         "aggregate_seconds_per_round": statistics.fmean(r["aggregate_seconds_per_round"] for r in rs),
-                         "final_auc_per_seed": aucs, "seeds": [r["seed"] for r in rs],
-                         "rejected_updates": sum(r["rejected"] for r in rs), "left_out_by_guard": sum(r["left_out"] for r in rs),
-                         "all_finite": all(r["finite"] for r in rs), "runs_outputting_nan": sum(r["outputs_nan"] for r in rs)})
+            rows.append(
+                {
+                    "attack": attack,
+                    "strategy": strategy,
+                    "final_auc": statistics.fmean(aucs),
+                    "final_auc_std": statistics.stdev(aucs) if len(aucs) > 1 else 0.0,
+                    "seconds_per_round": statistics.fmean(r["seconds_per_round"] for r in rs),
+                    "aggregate_seconds_per_round": statistics.fmean(r["aggregate_seconds_per_round"] for r in rs),
+                    "final_auc_per_seed": aucs,
+                    "seeds": [r["seed"] for r in rs],
+                    "rejected_updates": sum(r["rejected"] for r in rs),
+                    "left_out_by_guard": sum(r["left_out"] for r in rs),
+                    "all_finite": all(r["finite"] for r in rs),
+                    "runs_outputting_nan": sum(r["outputs_nan"] for r in rs),
+                }
+            )
     auc = {(r["attack"], r["strategy"]): r["final_auc"] for r in rows}
     clean = auc.get((CLEAN, "fedavg"))
     acceptance: dict[str, Any] = {}
     robust = {s: a for (att, s), a in auc.items() if att == "sign_flip" and s != "fedavg"}
     if clean is not None and robust and ("sign_flip", "fedavg") in auc:
         best = max(robust, key=lambda s: robust[s])
-        acceptance = {"best_robust_under_sign_flip": best, "its_auc": robust[best], "clean_fedavg_auc": clean,
-                      "fedavg_under_sign_flip": auc[("sign_flip", "fedavg")],
-                      "met": bool(clean - robust[best] <= ROBUST_MARGIN and clean - auc[("sign_flip", "fedavg")] > FEDAVG_DROP)}
+        acceptance = {
+            "best_robust_under_sign_flip": best,
+            "its_auc": robust[best],
+            "clean_fedavg_auc": clean,
+            "fedavg_under_sign_flip": auc[("sign_flip", "fedavg")],
+            "met": bool(clean - robust[best] <= ROBUST_MARGIN and clean - auc[("sign_flip", "fedavg")] > FEDAVG_DROP),
+        }
     return {
-        "benchmark": "byzantine", "task": f"classification/{args.dataset}", "sites": args.sites, "malicious": args.malicious,
-        "rounds": args.rounds, "alpha": args.alpha, "codec": args.codec, "arch": f"cnn widths {args.widths}", "seeds": args.seeds,
+        "benchmark": "byzantine",
+        "task": f"classification/{args.dataset}",
+        "sites": args.sites,
+        "malicious": args.malicious,
+        "rounds": args.rounds,
+        "alpha": args.alpha,
+        "codec": args.codec,
+        "arch": f"cnn widths {args.widths}",
+        "seeds": args.seeds,
         "attacks": {name: ATTACKS[name].describe for name in args.attacks},
-        "strategy_options": "registry defaults", "clean_auc": clean, "acceptance": acceptance,
-        "results": rows, "runs": runs,
+        "strategy_options": "registry defaults",
+        "clean_auc": clean,
+        "acceptance": acceptance,
+        "results": rows,
+        "runs": runs,
     }
 
 
 def print_table(report: dict[str, Any]) -> None:
     console = Console(width=max(Console().width, 140))
     attacks = [CLEAN, *report["attacks"]]
-    table = Table(title=f"Final test AUC (mean ± std over seeds {report['seeds']}): {report['sites']} sites, "
-                        f"{report['malicious']} malicious, {report['rounds']} rounds, {report['codec']}")
+    table = Table(
+        title=f"Final test AUC (mean ± std over seeds {report['seeds']}): {report['sites']} sites, "
+        f"{report['malicious']} malicious, {report['rounds']} rounds, {report['codec']}"
+    )
     table.add_column("strategy")
     for attack in attacks:
         table.add_column(attack, justify="right")
@@ -125,8 +155,10 @@ def print_table(report: dict[str, Any]) -> None:
     console.print(table)
     if report["acceptance"]:
         a = report["acceptance"]
-        console.print(f"sign_flip: best robust {a['best_robust_under_sign_flip']} {a['its_auc']:.3f} vs clean FedAvg "
-                      f"{a['clean_fedavg_auc']:.3f}; FedAvg {a['fedavg_under_sign_flip']:.3f}; acceptance {'met' if a['met'] else 'not met'}")
+        console.print(
+            f"sign_flip: best robust {a['best_robust_under_sign_flip']} {a['its_auc']:.3f} vs clean FedAvg "
+            f"{a['clean_fedavg_auc']:.3f}; FedAvg {a['fedavg_under_sign_flip']:.3f}; acceptance {'met' if a['met'] else 'not met'}"
+        )
 
 
 def main() -> None:
@@ -153,8 +185,13 @@ def main() -> None:
         runs = [r for r in json.loads(args.report.read_text()).get("runs", []) if r["seed"] in args.seeds]
     done = {(r["attack"], r["strategy"], r["seed"]) for r in runs}
     base = {"sites": args.sites, "rounds": args.rounds, "alpha": args.alpha, "codec": args.codec, "widths": args.widths, "malicious": args.malicious}
-    jobs = [{**base, "attack": a, "strategy": s, "seed": seed}
-            for seed in args.seeds for a in [CLEAN, *args.attacks] for s in args.strategies if (a, s, seed) not in done]
+    jobs = [
+        {**base, "attack": a, "strategy": s, "seed": seed}
+        for seed in args.seeds
+        for a in [CLEAN, *args.attacks]
+        for s in args.strategies
+        if (a, s, seed) not in done
+    ]
     console = Console()
     console.print(f"{len(jobs)} federations ({len(done)} kept), {args.workers} workers")
     args.report.parent.mkdir(parents=True, exist_ok=True)
@@ -162,8 +199,10 @@ def main() -> None:
     with mp.get_context("spawn").Pool(args.workers, _init_worker, (args.dataset, args.data_dir, 1)) as pool:
         for run in pool.imap_unordered(run_one, jobs):
             runs.append(run)
-            console.print(f"[{len(runs)}/{len(jobs) + len(done)}] {run['attack']:>16} {run['strategy']:>17} seed {run['seed']}: "
-                          f"AUC {run['final_auc']:.4f} ({time.monotonic() - started:.0f} s)")
+            console.print(
+                f"[{len(runs)}/{len(jobs) + len(done)}] {run['attack']:>16} {run['strategy']:>17} seed {run['seed']}: "
+                f"AUC {run['final_auc']:.4f} ({time.monotonic() - started:.0f} s)"
+            )
             args.report.write_text(json.dumps({"partial": True, "runs": runs}, indent=2) + "\n")
     report = summarize(runs, args)
     report["wall_seconds"] = time.monotonic() - started

@@ -79,20 +79,33 @@ def run_one(args: argparse.Namespace, spec: str, seed: int, workdir: Path) -> di
     from fedge.cli.federation import FederationSettings, run_federation
 
     settings = FederationSettings(
-        dataset=args.dataset, data_dir=args.data_dir, clients=args.clients, rounds=args.rounds, codec=spec,
-        downlink_codec=args.downlink_codec, seed=seed, alpha=args.alpha, epochs=args.epochs, lr=args.lr,
-        federation=f"bench-{zlib.crc32(f'{spec}/{seed}'.encode()):08x}", workdir=workdir,
+        dataset=args.dataset,
+        data_dir=args.data_dir,
+        clients=args.clients,
+        rounds=args.rounds,
+        codec=spec,
+        downlink_codec=args.downlink_codec,
+        seed=seed,
+        alpha=args.alpha,
+        epochs=args.epochs,
+        lr=args.lr,
+        federation=f"bench-{zlib.crc32(f'{spec}/{seed}'.encode()):08x}",
+        workdir=workdir,
     )
     report = run_federation(settings)
     rounds = report["rounds"]
     if report["rejected_updates"]:
         raise RuntimeError(f"{spec} seed {seed}: the server rejected {report['rejected_updates']} updates")
     return {
-        "codec": spec, "seed": seed, "final_auc": report["final"]["auc"], "final_accuracy": report["final"]["accuracy"],
+        "codec": spec,
+        "seed": seed,
+        "final_auc": report["final"]["auc"],
+        "final_accuracy": report["final"]["accuracy"],
         "auc_per_round": [r["auc"] for r in rounds],
         "uplink_bytes_per_round": statistics.fmean(r["uplink_bytes"] for r in rounds),
         "downlink_bytes_per_round": statistics.fmean(r["downlink_bytes"] for r in rounds),
-        "dense_update_bytes": report["dense_update_bytes"], "seconds": report["seconds"],
+        "dense_update_bytes": report["dense_update_bytes"],
+        "seconds": report["seconds"],
     }
 
 
@@ -154,14 +167,17 @@ def time_codec(spec: str, delta: dict[str, np.ndarray], keep: list[str], repeats
     decoded = codec.decode(codec.encode(delta, residual=ErrorFeedback(), keep_dense=keep, seed=0), manifest)
     relative_l2 = reconstruction_error(delta, decoded, skip=keep).relative_l2
     return {
-        "encode_ms": 1e3 * statistics.median(enc), "decode_ms": 1e3 * statistics.median(dec),
-        "payload_bytes_real_update": len(payload), "relative_l2_error": relative_l2,
+        "encode_ms": 1e3 * statistics.median(enc),
+        "decode_ms": 1e3 * statistics.median(dec),
+        "payload_bytes_real_update": len(payload),
+        "relative_l2_error": relative_l2,
     }
 
 
 # ---- the report ----------------------------------------------------------------------------------
-def summarize(args: argparse.Namespace, runs: list[dict[str, Any]], timing: dict[str, dict[str, Any]],
-              dense_update_bytes: int, norm_stats: int) -> dict[str, Any]:
+def summarize(
+    args: argparse.Namespace, runs: list[dict[str, Any]], timing: dict[str, dict[str, Any]], dense_update_bytes: int, norm_stats: int
+) -> dict[str, Any]:
     by_spec: dict[str, list[dict[str, Any]]] = {}
     for run in runs:
         by_spec.setdefault(run["codec"], []).append(run)
@@ -176,25 +192,26 @@ def summarize(args: argparse.Namespace, runs: list[dict[str, Any]], timing: dict
         aucs = [r["final_auc"] for r in rs]
         up = statistics.fmean(r["uplink_bytes_per_round"] for r in rs)
         mean_auc = statistics.fmean(aucs)
-        results.append({
-            "codec": spec,
-            "uplink_bytes_per_round": up,
-            "ratio_vs_fp32": base_bytes / up,
-            "final_auc": mean_auc,
-            "final_auc_std": statistics.stdev(aucs) if len(aucs) > 1 else 0.0,
-            "auc_delta_vs_fp32": mean_auc - base_auc,
-            "encode_ms": timing[spec]["encode_ms"],
-            "decode_ms": timing[spec]["decode_ms"],
-            # extras
-            "uplink_bytes_per_update": up / args.clients,
-            "downlink_bytes_per_round": statistics.fmean(r["downlink_bytes_per_round"] for r in rs),
-            "payload_bytes_real_update": timing[spec]["payload_bytes_real_update"],
-            "relative_l2_error_real_update": timing[spec]["relative_l2_error"],  # weights only, BN stats excluded
-            "seeds": [r["seed"] for r in rs],
-            "final_auc_per_seed": aucs,
-            "meets_acceptance": bool(base_bytes / up >= ACCEPT_RATIO and abs(mean_auc - base_auc) <= ACCEPT_AUC)
-            if spec != BASELINE else None,
-        })
+        results.append(
+            {
+                "codec": spec,
+                "uplink_bytes_per_round": up,
+                "ratio_vs_fp32": base_bytes / up,
+                "final_auc": mean_auc,
+                "final_auc_std": statistics.stdev(aucs) if len(aucs) > 1 else 0.0,
+                "auc_delta_vs_fp32": mean_auc - base_auc,
+                "encode_ms": timing[spec]["encode_ms"],
+                "decode_ms": timing[spec]["decode_ms"],
+                # extras
+                "uplink_bytes_per_update": up / args.clients,
+                "downlink_bytes_per_round": statistics.fmean(r["downlink_bytes_per_round"] for r in rs),
+                "payload_bytes_real_update": timing[spec]["payload_bytes_real_update"],
+                "relative_l2_error_real_update": timing[spec]["relative_l2_error"],  # weights only, BN stats excluded
+                "seeds": [r["seed"] for r in rs],
+                "final_auc_per_seed": aucs,
+                "meets_acceptance": bool(base_bytes / up >= ACCEPT_RATIO and abs(mean_auc - base_auc) <= ACCEPT_AUC) if spec != BASELINE else None,
+            }
+        )
     by_codec = {r["codec"]: r for r in results}
     ef_pairs = []
     for spec in args.specs:
@@ -204,18 +221,29 @@ def summarize(args: argparse.Namespace, runs: list[dict[str, Any]], timing: dict
         plain = UpdateCodec(codec.sparsifier, codec.values, codec.entropy, error_feedback=False).spec
         twin = next((s for s in by_codec if s != BASELINE and UpdateCodec.from_spec(s).spec == plain), None)
         if spec in by_codec and twin is not None:
-            ef_pairs.append({"with_ef": spec, "without_ef": twin,
-                             "auc_gain_from_ef": by_codec[spec]["final_auc"] - by_codec[twin]["final_auc"],
-                             "bytes_ratio_ef_over_plain": by_codec[spec]["uplink_bytes_per_round"] / by_codec[twin]["uplink_bytes_per_round"]})
+            ef_pairs.append(
+                {
+                    "with_ef": spec,
+                    "without_ef": twin,
+                    "auc_gain_from_ef": by_codec[spec]["final_auc"] - by_codec[twin]["final_auc"],
+                    "bytes_ratio_ef_over_plain": by_codec[spec]["uplink_bytes_per_round"] / by_codec[twin]["uplink_bytes_per_round"],
+                }
+            )
     fp32_payload = timing[BASELINE]["payload_bytes_real_update"]
     base_per_update = base_bytes / args.clients
     passing = [r["codec"] for r in results if r["meets_acceptance"]]
     return {
         "benchmark": "compression",
         "task": f"classification/{args.dataset}",
-        "clients": args.clients, "rounds": args.rounds, "seeds": args.seeds, "alpha": args.alpha,
-        "epochs": args.epochs, "lr": args.lr, "arch": "cnn",
-        "params": dense_update_bytes // 4, "dense_update_bytes": dense_update_bytes,
+        "clients": args.clients,
+        "rounds": args.rounds,
+        "seeds": args.seeds,
+        "alpha": args.alpha,
+        "epochs": args.epochs,
+        "lr": args.lr,
+        "arch": "cnn",
+        "params": dense_update_bytes // 4,
+        "dense_update_bytes": dense_update_bytes,
         "downlink": args.downlink_codec or "full fp32 snapshot (server default), same for every run",
         "norm_stats": (
             f"BatchNorm running_mean/running_var ({norm_stats} values) travel dense through keep_dense: fp16 under "
@@ -223,10 +251,10 @@ def summarize(args: argparse.Namespace, runs: list[dict[str, Any]], timing: dict
             f"({2 * norm_stats} bytes of fp16 per update before zstd)"
         ),
         "bytes_note": "uplink bytes are whole update envelopes as the server received them (header + payload, unsigned in "
-                      "the demo), summed over the sites of a round; MQTT and chunk framing not included",
+        "the demo), summed over the sites of a round; MQTT and chunk framing not included",
         "envelope_overhead_bytes_per_update": base_per_update - fp32_payload,
         "timing": f"median of {args.repeats} encodes/decodes of site-1's local training delta from the fp32 seed-{args.seeds[0]} "
-                  f"round-{args.timing_round} global (ef specs carry the residual of one earlier encode)",
+        f"round-{args.timing_round} global (ef specs carry the residual of one earlier encode)",
         "acceptance": {"ratio_at_least": ACCEPT_RATIO, "auc_within": ACCEPT_AUC, "passing_specs": passing, "met": bool(passing)},
         "ef_comparison": ef_pairs,
         "git": git_revision(),
@@ -237,23 +265,36 @@ def summarize(args: argparse.Namespace, runs: list[dict[str, Any]], timing: dict
 
 def print_table(report: dict[str, Any]) -> None:
     console = Console(width=max(Console().width, 150))
-    table = Table(title=f"Uplink codecs on {report['task']}: {report['clients']} non-IID sites, {report['rounds']} rounds, "
-                        f"seeds {report['seeds']} (downlink: {report['downlink']})")
+    table = Table(
+        title=f"Uplink codecs on {report['task']}: {report['clients']} non-IID sites, {report['rounds']} rounds, "
+        f"seeds {report['seeds']} (downlink: {report['downlink']})"
+    )
     for col in ("codec", "B/round", "B/update", "ratio", "final AUC", "std", "Δ AUC", "enc ms", "dec ms", "rel err", "≥100x & ±0.01"):
         table.add_column(col, justify="right")
     for r in report["results"]:
         ok = "" if r["meets_acceptance"] is None else ("yes" if r["meets_acceptance"] else "no")
-        table.add_row(r["codec"], f"{r['uplink_bytes_per_round']:,.0f}", f"{r['uplink_bytes_per_update']:,.0f}",
-                      f"{r['ratio_vs_fp32']:.1f}x", f"{r['final_auc']:.4f}", f"{r['final_auc_std']:.4f}",
-                      f"{r['auc_delta_vs_fp32']:+.4f}", f"{r['encode_ms']:.2f}", f"{r['decode_ms']:.2f}", f"{r['relative_l2_error_real_update']:.3f}", ok)
+        table.add_row(
+            r["codec"],
+            f"{r['uplink_bytes_per_round']:,.0f}",
+            f"{r['uplink_bytes_per_update']:,.0f}",
+            f"{r['ratio_vs_fp32']:.1f}x",
+            f"{r['final_auc']:.4f}",
+            f"{r['final_auc_std']:.4f}",
+            f"{r['auc_delta_vs_fp32']:+.4f}",
+            f"{r['encode_ms']:.2f}",
+            f"{r['decode_ms']:.2f}",
+            f"{r['relative_l2_error_real_update']:.3f}",
+            ok,
+        )
     console.print(table)
     for pair in report["ef_comparison"]:
-        console.print(f"ef: {pair['with_ef']} vs {pair['without_ef']}: AUC {pair['auc_gain_from_ef']:+.4f}, "
-                      f"bytes x{pair['bytes_ratio_ef_over_plain']:.2f}")
+        console.print(f"ef: {pair['with_ef']} vs {pair['without_ef']}: AUC {pair['auc_gain_from_ef']:+.4f}, bytes x{pair['bytes_ratio_ef_over_plain']:.2f}")
     console.print(f"envelope overhead per update: {report['envelope_overhead_bytes_per_update']:,.0f} B; {report['norm_stats']}")
     acc = report["acceptance"]
-    console.print(f"acceptance (ratio >= {acc['ratio_at_least']:.0f}x, |Δ AUC| <= {acc['auc_within']}): "
-                  + (f"met by {', '.join(acc['passing_specs'])}" if acc["met"] else "not met"))
+    console.print(
+        f"acceptance (ratio >= {acc['ratio_at_least']:.0f}x, |Δ AUC| <= {acc['auc_within']}): "
+        + (f"met by {', '.join(acc['passing_specs'])}" if acc["met"] else "not met")
+    )
 
 
 def main() -> None:
@@ -284,7 +325,12 @@ def main() -> None:
     if args.resume and args.report.exists():
         previous = json.loads(args.report.read_text())
         if (previous.get("rounds"), previous.get("clients"), previous.get("alpha"), previous.get("epochs"), previous.get("lr")) == (
-                args.rounds, args.clients, args.alpha, args.epochs, args.lr):
+            args.rounds,
+            args.clients,
+            args.alpha,
+            args.epochs,
+            args.lr,
+        ):
             runs = [r for r in previous.get("runs", []) if r["seed"] in args.seeds]
             console.print(f"resuming with {len(runs)} finished runs from {args.report}")
     done = {(r["codec"], r["seed"]) for r in runs}
@@ -305,8 +351,21 @@ def main() -> None:
                 if (spec, seed) not in done:
                     runs.append(run)
                     done.add((spec, seed))
-                    args.report.write_text(json.dumps({"partial": True, "rounds": args.rounds, "clients": args.clients, "alpha": args.alpha,
-                                                       "epochs": args.epochs, "lr": args.lr, "runs": runs}, indent=2) + "\n")
+                    args.report.write_text(
+                        json.dumps(
+                            {
+                                "partial": True,
+                                "rounds": args.rounds,
+                                "clients": args.clients,
+                                "alpha": args.alpha,
+                                "epochs": args.epochs,
+                                "lr": args.lr,
+                                "runs": runs,
+                            },
+                            indent=2,
+                        )
+                        + "\n"
+                    )
         assert timing_ckpt is not None
         delta, keep = real_update(args, timing_ckpt, args.seeds[0])
     timing = {spec: time_codec(spec, delta, keep, args.repeats) for spec in [BASELINE, *args.specs]}
@@ -315,8 +374,10 @@ def main() -> None:
     report.update(learning_bounds(args))
     args.report.write_text(json.dumps(report, indent=2) + "\n")
     print_table(report)
-    console.print(f"bounds (same model, split, seeds and passes): centralized AUC {report['bounds']['centralized_auc']:.4f}, "
-                  f"local-only {report['bounds']['local_only_auc']:.4f}")
+    console.print(
+        f"bounds (same model, split, seeds and passes): centralized AUC {report['bounds']['centralized_auc']:.4f}, "
+        f"local-only {report['bounds']['local_only_auc']:.4f}"
+    )
 
 
 if __name__ == "__main__":

@@ -89,9 +89,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         entry: dict[str, Any] = {"arch": arch, "training": training, "exports": {}}
         for fmt in ("onnx", "onnx-int8"):
             with console.status(f"{arch}: {fmt}"):
-                result = export_artifact(
-                    path, fmt, out_root / arch / fmt, calib=splits.images["train"], test_set=test, threads=args.threads
-                )
+                result = export_artifact(path, fmt, out_root / arch / fmt, calib=splits.images["train"], test_set=test, threads=args.threads)
             entry["exports"][fmt] = result.report
         int8 = entry["exports"]["onnx-int8"]
         entry["acceptance"] = {
@@ -121,8 +119,17 @@ def print_table(report: dict[str, Any], console: Console) -> None:
         for fmt, r in entry["exports"].items():
             m, lat = r["metric"], r["latency_ms"]
             table.add_row(
-                entry["arch"], str(entry["training"].get("params", "")), fmt, f"{m['torch']:.4f}", f"{m['exported']:.4f}", f"{m['delta']:+.4f}", f"{r['max_abs_diff']:.1e}",
-                f"{lat['torch_eager']['p50']:.3f}", f"{lat['exported']['p50']:.3f}", f"{r['speedup_p50']:.2f}x", str(r["bytes"]),
+                entry["arch"],
+                str(entry["training"].get("params", "")),
+                fmt,
+                f"{m['torch']:.4f}",
+                f"{m['exported']:.4f}",
+                f"{m['delta']:+.4f}",
+                f"{r['max_abs_diff']:.1e}",
+                f"{lat['torch_eager']['p50']:.3f}",
+                f"{lat['exported']['p50']:.3f}",
+                f"{r['speedup_p50']:.2f}x",
+                str(r["bytes"]),
             )
     console.print(table)
     for entry in report["results"]:
@@ -133,7 +140,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--report", required=True, help="JSON report path")
     parser.add_argument("--checkpoint", help="export this checkpoint instead of training")
-    parser.add_argument("--archs", default="resnet,resnet-wide,vit", help="models (resnet, resnet-wide, vit, cnn or any zoo architecture) to train and export (skips any not in the zoo)")
+    parser.add_argument(
+        "--archs",
+        default="resnet,resnet-wide,vit",
+        help="models (resnet, resnet-wide, vit, cnn or any zoo architecture) to train and export (skips any not in the zoo)",
+    )
     parser.add_argument("--dataset", default="pneumoniamnist")
     parser.add_argument("--data-dir", default=None, help="folder holding <dataset>.npz (or FEDGE_DATA_DIR)")
     parser.add_argument("--train-seconds", type=float, default=60.0, help="training budget per architecture")

@@ -118,8 +118,14 @@ def run_one(mode: str, seed: int, settings: Settings, task: Any, workdir: Path) 
 
     def on_round(record: dict[str, Any]) -> None:
         elapsed = time.monotonic() - started
-        curve.append({"version": record["round"], "seconds": round(elapsed, 2), "auc": record.get("auc"),
-                      "updates": record.get("staleness") or dict.fromkeys(record["clients"], 0)})  # label: staleness (sync: 0)
+        curve.append(
+            {
+                "version": record["round"],
+                "seconds": round(elapsed, 2),
+                "auc": record.get("auc"),
+                "updates": record.get("staleness") or dict.fromkeys(record["clients"], 0),
+            }
+        )  # label: staleness (sync: 0)
         if record.get("auc", 0.0) >= settings.target_auc:
             reached.append(elapsed)
             raise _Reached

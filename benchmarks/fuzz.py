@@ -104,7 +104,9 @@ class Campaign:
             self.signatures[key] += 1
             if self.signatures[key] <= PER_SIGNATURE:
                 small = minimize(target, case, result.signature) if result.outcome != "timeout" else case
-                self.unexpected.append(_entry(small, result, index, target.input_bytes(target.prepare(small)), kind=result.outcome, exception=result.error, original_bytes=size))
+                self.unexpected.append(
+                    _entry(small, result, index, target.input_bytes(target.prepare(small)), kind=result.outcome, exception=result.error, original_bytes=size)
+                )
         if result.ms > SLOW_MS:
             untraced = min(run_prepared(target, prepared, trace=False).ms for _ in range(3))  # best of 3: the machine is shared
             stats["over_1s"] += untraced > SLOW_MS

@@ -57,12 +57,19 @@ def _setup(args: dict[str, Any]) -> dict[str, Any]:
     cache = Path(args["cache_dir"])
     series = _series(args["ct_dir"])
     protocols = [ScanProtocol.parse(p) for p in args["protocols"]]
-    sites = {f"site-{i + 1}": LdctTask.for_site(series, p, shard=i, num_shards=len(protocols), sim=sim, patch=args["patch"],
-                                                stride=args["stride"], seed=args["seed"], cache_dir=cache)
-             for i, p in enumerate(protocols)}
+    sites = {
+        f"site-{i + 1}": LdctTask.for_site(
+            series, p, shard=i, num_shards=len(protocols), sim=sim, patch=args["patch"], stride=args["stride"], seed=args["seed"], cache_dir=cache
+        )
+        for i, p in enumerate(protocols)
+    }
     unseen = ScanProtocol.parse(args["unseen_protocol"])
-    held_out = [LdctTask.for_site(series, unseen, shard=i, num_shards=len(protocols), sim=sim, patch=args["patch"],
-                                  stride=args["stride"], seed=args["seed"], cache_dir=cache).test for i in range(len(protocols))]
+    held_out = [
+        LdctTask.for_site(
+            series, unseen, shard=i, num_shards=len(protocols), sim=sim, patch=args["patch"], stride=args["stride"], seed=args["seed"], cache_dir=cache
+        ).test
+        for i in range(len(protocols))
+    ]
     scanner = {}
     if args["eval_ct_dir"]:
         other = _series(args["eval_ct_dir"])
@@ -122,8 +129,17 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
         models = {job["site"]: model} if job["variant"] == "local" else dict.fromkeys(sites, model)
         nbytes = 0
     else:
-        settings = SimulationSettings(sites=len(sites), rounds=rounds, codec=job["codec"], arch="redcnn", model_options=options,
-                                      epochs=epochs, lr=job["lr"], batch_size=job["batch_size"], seed=job["seed"])
+        settings = SimulationSettings(
+            sites=len(sites),
+            rounds=rounds,
+            codec=job["codec"],
+            arch="redcnn",
+            model_options=options,
+            epochs=epochs,
+            lr=job["lr"],
+            batch_size=job["batch_size"],
+            seed=job["seed"],
+        )
         strategy = get_strategy("fedbn" if job["variant"] == "fedbn" else "fedavg")
         fed = InProcessFederation(settings, any_task, strategy, site_tasks=sites)
         history = [fed.round(r) for r in range(1, rounds + 1)]
@@ -135,8 +151,15 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
             W.load_float_state(model, fed.weights | local.get(site, {}))
             models[site] = model
         weights = fed.weights if job["variant"] == "fedavg" else None
-    return {"variant": job["variant"], "site": job.get("site"), "scores": _scores(models), "uplink_bytes_per_round": nbytes,
-            "weights": weights, "cpu_seconds": time.process_time() - cpu, "wall_seconds": time.monotonic() - started}
+    return {
+        "variant": job["variant"],
+        "site": job.get("site"),
+        "scores": _scores(models),
+        "uplink_bytes_per_round": nbytes,
+        "weights": weights,
+        "cpu_seconds": time.process_time() - cpu,
+        "wall_seconds": time.monotonic() - started,
+    }
 
 
 def _row(metrics_in: dict[str, float], metrics_out: dict[str, float]) -> dict[str, float]:
@@ -159,15 +182,19 @@ def summarize(runs: list[dict[str, Any]], ctx: dict[str, Any], args: argparse.Na
             continue
         for site in ctx["sites"]:
             own = scores[site]["own"]
-            results.append({"strategy": variant, "site": site, "protocol": protocols[site],
-                            **_row({"psnr": own["psnr_in"], "ssim": own["ssim_in"]}, own)})
+            results.append({"strategy": variant, "site": site, "protocol": protocols[site], **_row({"psnr": own["psnr_in"], "ssim": own["ssim_in"]}, own)})
         mean = {k: statistics.fmean(scores[s]["unseen_protocol"][k] for s in ctx["sites"]) for k in ("psnr", "ssim")}
         unseen.append({"strategy": variant, "protocol": args.unseen_protocol, **_row(unseen_in, mean)})
         for site in scanner_in:
-            scanner.append({"strategy": variant, "protocol": protocols[site], "series": args.eval_ct_dir,
-                            **_row(scanner_in[site], scores[site]["unseen_scanner"])})
-    return {"results": results, "unseen_protocol": unseen, "unseen_scanner": scanner,
-            "uplink_bytes_per_round": {r["variant"]: r["uplink_bytes_per_round"] for r in runs if r["uplink_bytes_per_round"]}}
+            scanner.append(
+                {"strategy": variant, "protocol": protocols[site], "series": args.eval_ct_dir, **_row(scanner_in[site], scores[site]["unseen_scanner"])}
+            )
+    return {
+        "results": results,
+        "unseen_protocol": unseen,
+        "unseen_scanner": scanner,
+        "uplink_bytes_per_round": {r["variant"]: r["uplink_bytes_per_round"] for r in runs if r["uplink_bytes_per_round"]},
+    }
 
 
 def acceptance(report: dict[str, Any], protocols: dict[str, Any]) -> dict[str, Any]:
@@ -183,8 +210,10 @@ def acceptance(report: dict[str, Any], protocols: dict[str, Any]) -> dict[str, A
     out["federated_improves_every_site"] = {"psnr_gain_db": gains, "met": all(g > 0 for v in gains.values() for g in v.values())}
     unseen = {r["strategy"]: r["psnr_out"] for r in report["unseen_protocol"]}
     if "local" in unseen:
-        out["federated_beats_local_on_unseen_protocol"] = {"psnr": {v: unseen[v] for v in ["local", *federated]},
-                                                           "met": all(unseen[v] > unseen["local"] for v in federated)}
+        out["federated_beats_local_on_unseen_protocol"] = {
+            "psnr": {v: unseen[v] for v in ["local", *federated]},
+            "met": all(unseen[v] > unseen["local"] for v in federated),
+        }
     if "centralized" in strategies:
         mean = {v: statistics.fmean(psnr[(v, s)]["psnr_out"] for s in sites) for v in [*federated, "centralized"]}
         gaps = {v: mean["centralized"] - mean[v] for v in federated}
@@ -198,8 +227,12 @@ def acceptance(report: dict[str, Any], protocols: dict[str, Any]) -> dict[str, A
         for variant in ("film", "fedbn"):
             if variant in strategies:
                 out[f"{variant}_beats_fedavg_on_most_different_site"] = {
-                    "site": odd, "protocol": str(protocols[odd]), variant: psnr[(variant, odd)]["psnr_out"],
-                    "fedavg": psnr[("fedavg", odd)]["psnr_out"], "met": psnr[(variant, odd)]["psnr_out"] > psnr[("fedavg", odd)]["psnr_out"]}
+                    "site": odd,
+                    "protocol": str(protocols[odd]),
+                    variant: psnr[(variant, odd)]["psnr_out"],
+                    "fedavg": psnr[("fedavg", odd)]["psnr_out"],
+                    "met": psnr[(variant, odd)]["psnr_out"] > psnr[("fedavg", odd)]["psnr_out"],
+                }
     return out
 
 
@@ -244,8 +277,11 @@ def export_parity(weights: dict[str, np.ndarray], ctx: dict[str, Any], args: arg
         check_onnx_file(fp32)
         # The exporter's default (MinMax), percentile calibration, and percentile with the skip Adds and
         # the BatchNorms after them left float (measured: the offset sums are what int8 resolves worst).
-        calibrations = {"onnx-int8": Calibration(), "onnx-int8-percentile": Calibration("percentile", 99.9),
-                        "onnx-int8-percentile-float-add-bn": Calibration("percentile", 99.9, float_ops=("Add", "BatchNormalization"))}
+        calibrations = {
+            "onnx-int8": Calibration(),
+            "onnx-int8-percentile": Calibration("percentile", 99.9),
+            "onnx-int8-percentile-float-add-bn": Calibration("percentile", 99.9, float_ops=("Add", "BatchNormalization")),
+        }
         paths = {"onnx": fp32}
         for name, calibration in calibrations.items():
             paths[name] = quantize_qdq(fp32, Path(tmp) / f"{name}.onnx", calib, calibration)
@@ -253,8 +289,11 @@ def export_parity(weights: dict[str, np.ndarray], ctx: dict[str, Any], args: arg
         for name, path in paths.items():
             runner = ort_runner(path, threads=1)
             y = np.concatenate([runner.run(x[i : i + 4]) for i in range(0, len(x), 4)])
-            out[name] = {**denoise_metrics(pooled.test.normal, y[:, 0] * HU_SCALE), "bytes": path.stat().st_size,
-                         "max_abs_diff_hu": float(np.abs(y - ref).max() * HU_SCALE)}
+            out[name] = {
+                **denoise_metrics(pooled.test.normal, y[:, 0] * HU_SCALE),
+                "bytes": path.stat().st_size,
+                "max_abs_diff_hu": float(np.abs(y - ref).max() * HU_SCALE),
+            }
             out[name]["psnr_delta_vs_torch"] = out[name]["psnr"] - out["torch"]["psnr"]
             if name in calibrations:
                 out[name]["calibration"] = str(calibrations[name])
@@ -302,26 +341,35 @@ def print_tables(report: dict[str, Any]) -> None:
     cells = {(r["strategy"], r["site"]): r for r in report["results"]}
     for site in dict.fromkeys(r["site"] for r in report["results"]):
         first = cells[(strategies[0], site)]
-        table.add_row(f"{site} ({first['protocol']})", f"{first['psnr_in']:.2f} / {first['ssim_in']:.3f}",
-                      *[f"{cells[(s, site)]['psnr_out']:.2f} / {cells[(s, site)]['ssim_out']:.3f}" for s in strategies])
+        table.add_row(
+            f"{site} ({first['protocol']})",
+            f"{first['psnr_in']:.2f} / {first['ssim_in']:.3f}",
+            *[f"{cells[(s, site)]['psnr_out']:.2f} / {cells[(s, site)]['ssim_out']:.3f}" for s in strategies],
+        )
     for title, key in (("unseen protocol", "unseen_protocol"), ("unseen scanner", "unseen_scanner")):
         rows = report[key]
         for protocol in dict.fromkeys(r["protocol"] for r in rows):
             mine = {r["strategy"]: r for r in rows if r["protocol"] == protocol}
             first = next(iter(mine.values()))
-            table.add_row(f"{title} ({protocol})", f"{first['psnr_in']:.2f} / {first['ssim_in']:.3f}",
-                          *[f"{mine[s]['psnr_out']:.2f} / {mine[s]['ssim_out']:.3f}" if s in mine else "" for s in strategies])
+            table.add_row(
+                f"{title} ({protocol})",
+                f"{first['psnr_in']:.2f} / {first['ssim_in']:.3f}",
+                *[f"{mine[s]['psnr_out']:.2f} / {mine[s]['ssim_out']:.3f}" if s in mine else "" for s in strategies],
+            )
     console.print(table)
     for name, a in report["acceptance"].items():
-        console.print(f"{name}: {'met' if a['met'] else 'NOT met'} {({k: v for k, v in a.items() if k != 'met'})}")
+        console.print(f"{name}: {'met' if a['met'] else 'NOT met'} { ({k: v for k, v in a.items() if k != 'met'}) }")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ct_dir = default_ct_dir()
     parser.add_argument("--report", type=Path, required=True, help="where to write the JSON report (the PNG goes beside it)")
-    parser.add_argument("--ct-dir", default=str(ct_dir) if ct_dir else None,
-                        help="folder of CT DICOM series the sites share out (default: $FEDGE_DATA_DIR/ct/ge_head_human_28slice)")
+    parser.add_argument(
+        "--ct-dir",
+        default=str(ct_dir) if ct_dir else None,
+        help="folder of CT DICOM series the sites share out (default: $FEDGE_DATA_DIR/ct/ge_head_human_28slice)",
+    )
     parser.add_argument("--eval-ct-dir", default=None, help="a CT series from a scanner no site used, to evaluate on")
     parser.add_argument("--protocols", nargs="+", default=list(SITE_PROTOCOLS[:4]), help="one I0:VIEWS[:NOISE] per site")
     parser.add_argument("--unseen-protocol", default=UNSEEN_PROTOCOL, help="a protocol no site trains on")
@@ -356,8 +404,10 @@ def main() -> None:
     started, cpu = time.monotonic(), time.process_time()
     shared = {k: getattr(args, k) for k in ("ct_dir", "eval_ct_dir", "protocols", "unseen_protocol", "image_size", "patch", "stride", "seed", "cache_dir")}
     ctx = _setup(shared)  # simulates into the cache once; the workers read it
-    console.print(f"simulated {len(ctx['sites'])} sites in {time.monotonic() - started:.0f} s: "
-                  + ", ".join(f"{s} {len(t.train)} patches/{len(t.test)} test slices" for s, t in ctx["sites"].items()))
+    console.print(
+        f"simulated {len(ctx['sites'])} sites in {time.monotonic() - started:.0f} s: "
+        + ", ".join(f"{s} {len(t.train)} patches/{len(t.test)} test slices" for s, t in ctx["sites"].items())
+    )
     base = {k: getattr(args, k) for k in ("rounds", "epochs", "lr", "batch_size", "codec", "width", "depth", "norm", "seed")}
     jobs = [{**base, "variant": v, "site": s} for v in args.strategies for s in (ctx["sites"] if v == "local" else [None])]
     jobs.sort(key=lambda j: j["variant"] == "local")  # the long federations first
@@ -365,13 +415,25 @@ def main() -> None:
     with mp.get_context("spawn").Pool(args.workers, _init_worker, (shared,)) as pool:
         for run in pool.imap_unordered(run_job, jobs):
             runs.append(run)
-            console.print(f"[{len(runs)}/{len(jobs)}] {run['variant']} {run['site'] or ''}: {run['cpu_seconds']:.0f} cpu s "
-                          f"({time.monotonic() - started:.0f} s)")
-    report: dict[str, Any] = {"benchmark": "ldct", "ct_dir": args.ct_dir, "eval_ct_dir": args.eval_ct_dir,
-                              "settings": {**base, "protocols": args.protocols, "unseen_protocol": args.unseen_protocol,
-                                           "image_size": args.image_size, "patch": args.patch, "stride": args.stride,
-                                           "metric": "PSNR/SSIM in HU over the body mask, data range 2000 HU (scikit-image)"},
-                              **summarize(runs, ctx, args), "pending": pending}
+            console.print(
+                f"[{len(runs)}/{len(jobs)}] {run['variant']} {run['site'] or ''}: {run['cpu_seconds']:.0f} cpu s ({time.monotonic() - started:.0f} s)"
+            )
+    report: dict[str, Any] = {
+        "benchmark": "ldct",
+        "ct_dir": args.ct_dir,
+        "eval_ct_dir": args.eval_ct_dir,
+        "settings": {
+            **base,
+            "protocols": args.protocols,
+            "unseen_protocol": args.unseen_protocol,
+            "image_size": args.image_size,
+            "patch": args.patch,
+            "stride": args.stride,
+            "metric": "PSNR/SSIM in HU over the body mask, data range 2000 HU (scikit-image)",
+        },
+        **summarize(runs, ctx, args),
+        "pending": pending,
+    }
     report["acceptance"] = acceptance(report, ctx["protocols"])
     fedavg = next((r["weights"] for r in runs if r["variant"] == "fedavg"), None)
     if fedavg is not None and not args.no_export:
@@ -385,7 +447,9 @@ def main() -> None:
     print_tables(report)
     if "export" in report:
         e = report["export"]
-        console.print(f"export PSNR: torch {e['torch']['psnr']:.2f}, " + ", ".join(f"{k} {v['psnr']:.2f}" for k, v in e.items() if k.startswith("onnx")) + " dB")
+        console.print(
+            f"export PSNR: torch {e['torch']['psnr']:.2f}, " + ", ".join(f"{k} {v['psnr']:.2f}" for k, v in e.items() if k.startswith("onnx")) + " dB"
+        )
     console.print(f"{report['wall_seconds']:.0f} s wall, {report['cpu_seconds']:.0f} cpu s; report {args.report}")
 
 

@@ -122,7 +122,10 @@ def site_model(mode_name: str, options: dict[str, Any], checkpoint: Path, task: 
     splits = task.splits
     torch.manual_seed(seed)
     model, config = init_from_checkpoint(
-        str(checkpoint), in_channels=splits.channels, num_classes=splits.num_classes, image_size=splits.image_size,
+        str(checkpoint),
+        in_channels=splits.channels,
+        num_classes=splits.num_classes,
+        image_size=splits.image_size,
         dataset=splits.name,
     )
     mode = get_mode(mode_name, **options)
@@ -314,12 +317,21 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--epochs", type=int, default=2, help="Local epochs per round")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--alpha", type=float, default=1.0, help="Dirichlet label skew of the site split (lower: more non-IID)")
-    parser.add_argument("--lr", type=parse_lr, default=dict(DEFAULT_LR), help=f"Learning rate: one value, or per mode as full=5e-4,lora=3e-3 (default {DEFAULT_LR})")
+    parser.add_argument(
+        "--lr", type=parse_lr, default=dict(DEFAULT_LR), help=f"Learning rate: one value, or per mode as full=5e-4,lora=3e-3 (default {DEFAULT_LR})"
+    )
     parser.add_argument("--codec", default="q4,ef|zstd:3", help="The uplink codec every mode uses")
     parser.add_argument("--lora-r", type=int, default=4)
-    parser.add_argument("--lora-targets", type=lambda t: [x.strip() for x in t.split(",") if x.strip()], default=["qkv"], help="Comma-separated layer names that get adapters (peft target_modules); 'all' for every Linear/Conv2d but the head")
+    parser.add_argument(
+        "--lora-targets",
+        type=lambda t: [x.strip() for x in t.split(",") if x.strip()],
+        default=["qkv"],
+        help="Comma-separated layer names that get adapters (peft target_modules); 'all' for every Linear/Conv2d but the head",
+    )
     parser.add_argument("--lora-alpha", type=float, default=8.0)
-    parser.add_argument("--lora-options", type=parse_lora_options, default={}, help="More lora options as for --mode-options, e.g. train_norms=true,freeze_a=true")
+    parser.add_argument(
+        "--lora-options", type=parse_lora_options, default={}, help="More lora options as for --mode-options, e.g. train_norms=true,freeze_a=true"
+    )
     parser.add_argument("--prune-ratio", type=float, default=0.5, help="Share of channels the server prunes in `pruned` mode")
     parser.add_argument("--threads", type=int, default=1, help="Torch threads of the footprint step (agents train with 1)")
     parser.add_argument("--step-repeats", type=int, default=3, help="Timed steps per footprint (after one warm-up step)")

@@ -80,8 +80,15 @@ def run_one(job: dict[str, Any]) -> dict[str, Any]:
     from server.simulation import InProcessFederation, SimulationSettings
     from server.strategies import get_strategy
 
-    settings = SimulationSettings(sites=job["sites"], rounds=job["rounds"], alpha=job["alpha"], epochs=job["epochs"], codec=job["codec"],
-                                  model_options={"widths": tuple(job["widths"]), "norm": "group"}, seed=job["seed"])
+    settings = SimulationSettings(
+        sites=job["sites"],
+        rounds=job["rounds"],
+        alpha=job["alpha"],
+        epochs=job["epochs"],
+        codec=job["codec"],
+        model_options={"widths": tuple(job["widths"]), "norm": "group"},
+        seed=job["seed"],
+    )
     dp, eps, seed = job["dp"], job["epsilon"], job["seed"]
     strategy, trainer, local_noise, sigma = get_strategy("fedavg"), None, None, None
     ledgers: dict[str, PrivacyLedger] = {}
@@ -90,15 +97,24 @@ def run_one(job: dict[str, Any]) -> dict[str, Any]:
     if dp == "client-central":
         strategy = get_strategy("dp_fedavg", noise_multiplier=sigma, max_norm=job["clip"], delta=DELTA, seed=seed)
     elif dp == "client-local":
+
         def local_noise(delta, rng):
             return gaussian_release(delta, job["clip"], sigma, rng)
     elif dp == "record":
+
         def trainer(task, model, site, indices, site_seed):
             q = min(1.0, job["dp_batch_size"] / len(indices))
             steps = settings.rounds * settings.epochs * math.ceil(1 / q)
             noise = noise_multiplier_for(eps, DELTA, q, steps)
-            result = task.train_local(model, indices, epochs=settings.epochs, lr=job["dp_lr"], batch_size=job["dp_batch_size"],
-                                      seed=site_seed, dp=DPSettings(noise, max_grad_norm=job["grad_clip"], delta=DELTA))
+            result = task.train_local(
+                model,
+                indices,
+                epochs=settings.epochs,
+                lr=job["dp_lr"],
+                batch_size=job["dp_batch_size"],
+                seed=site_seed,
+                dp=DPSettings(noise, max_grad_norm=job["grad_clip"], delta=DELTA),
+            )
             ledgers.setdefault(site, PrivacyLedger()).record(noise, result.dp_sample_rate, result.dp_steps)
             return result.num_samples
 
@@ -109,18 +125,35 @@ def run_one(job: dict[str, Any]) -> dict[str, Any]:
     spent = max((ledger.epsilon(DELTA) for ledger in ledgers.values()), default=None)
     if dp in ("client-central", "client-local"):
         spent = PrivacyLedger([(sigma, 1.0, settings.rounds)]).epsilon(DELTA)
-    return {"dp": dp, "sites": job["sites"], "epsilon": eps, "codec": job["codec"], "seed": seed, "final_auc": result["final_auc"],
-            "epsilon_spent": spent, "noise_multiplier": sigma, "seconds_per_round": result["seconds_per_round"],
-            "outputs_nan": result["outputs_nan"], "cpu_seconds": cpu, "mean_update_bytes": float(np.mean([r["uplink_bytes"] / max(r["updates"], 1) for r in result["history"]]))}
+    return {
+        "dp": dp,
+        "sites": job["sites"],
+        "epsilon": eps,
+        "codec": job["codec"],
+        "seed": seed,
+        "final_auc": result["final_auc"],
+        "epsilon_spent": spent,
+        "noise_multiplier": sigma,
+        "seconds_per_round": result["seconds_per_round"],
+        "outputs_nan": result["outputs_nan"],
+        "cpu_seconds": cpu,
+        "mean_update_bytes": float(np.mean([r["uplink_bytes"] / max(r["updates"], 1) for r in result["history"]])),
+    }
 
 
 def jobs_for(args: argparse.Namespace) -> list[dict[str, Any]]:
-    base = {"rounds": args.rounds, "codec": args.codec, "widths": args.widths, "clip": args.clip, "grad_clip": 1.0,
-            "dp_lr": args.dp_lr, "dp_batch_size": args.dp_batch_size}
+    base = {
+        "rounds": args.rounds,
+        "codec": args.codec,
+        "widths": args.widths,
+        "clip": args.clip,
+        "grad_clip": 1.0,
+        "dp_lr": args.dp_lr,
+        "dp_batch_size": args.dp_batch_size,
+    }
     ten = {**base, "sites": args.sites, "alpha": args.alpha, "epochs": args.epochs}
     large = {**base, "sites": args.large_sites, "alpha": args.large_alpha, "epochs": args.large_epochs}
-    arms = [("none", ten, [None]), ("record", ten, args.epsilons), ("client-central", ten, args.epsilons),
-            ("client-local", ten, args.local_epsilons)]
+    arms = [("none", ten, [None]), ("record", ten, args.epsilons), ("client-central", ten, args.epsilons), ("client-local", ten, args.local_epsilons)]
     if args.large_sites:
         arms += [("none", large, [None]), ("client-central", large, args.epsilons), ("client-local", large, args.local_epsilons)]
     if args.contrast_codec:  # the same record-level arm through a sparsifying codec, beside its own no-DP baseline
@@ -131,36 +164,67 @@ def jobs_for(args: argparse.Namespace) -> list[dict[str, Any]]:
 
 def summarize(runs: list[dict[str, Any]], args: argparse.Namespace) -> dict[str, Any]:
     rows = []
+
     def key(r: dict[str, Any]) -> tuple:
         return r["dp"], r["sites"], r["epsilon"], r.get("codec", args.codec)
 
     for dp, sites, eps, codec in dict.fromkeys(key(r) for r in runs):
         rs = sorted((r for r in runs if key(r) == (dp, sites, eps, codec)), key=lambda r: r["seed"])
         aucs = [r["final_auc"] for r in rs]
-        rows.append({"dp": dp, "sites": sites, "epsilon": eps, "codec": codec, "delta": DELTA if eps is not None else None,
-                     "final_auc": statistics.fmean(aucs), "final_auc_std": statistics.stdev(aucs) if len(aucs) > 1 else 0.0,
-                     "epsilon_spent": max((r["epsilon_spent"] for r in rs if r["epsilon_spent"] is not None), default=None),
-                     "noise_multiplier": rs[0]["noise_multiplier"], "seeds": [r["seed"] for r in rs], "final_auc_per_seed": aucs,
-                     "seconds_per_round": statistics.fmean(r["seconds_per_round"] for r in rs)})
+        rows.append(
+            {
+                "dp": dp,
+                "sites": sites,
+                "epsilon": eps,
+                "codec": codec,
+                "delta": DELTA if eps is not None else None,
+                "final_auc": statistics.fmean(aucs),
+                "final_auc_std": statistics.stdev(aucs) if len(aucs) > 1 else 0.0,
+                "epsilon_spent": max((r["epsilon_spent"] for r in rs if r["epsilon_spent"] is not None), default=None),
+                "noise_multiplier": rs[0]["noise_multiplier"],
+                "seeds": [r["seed"] for r in rs],
+                "final_auc_per_seed": aucs,
+                "seconds_per_round": statistics.fmean(r["seconds_per_round"] for r in rs),
+            }
+        )
     rows.sort(key=lambda r: (r["codec"] != args.codec, r["sites"], r["dp"] != "none", r["dp"], r["epsilon"] or 0))
     none = {(r["sites"], r["codec"]): r["final_auc"] for r in rows if r["dp"] == "none"}
     for r in rows:
         r["auc_delta_vs_no_dp"] = r["final_auc"] - none[r["sites"], r["codec"]] if (r["sites"], r["codec"]) in none else None
     ours = [r for r in rows if r["codec"] == args.codec]
     record = [r for r in ours if r["dp"] == "record" and r["epsilon"] == ACCEPT_RECORD_EPSILON]
-    usable = sorted({r["sites"] for r in ours if r["dp"] == "client-central" and r["epsilon"] == ACCEPT_RECORD_EPSILON
-                     and r["auc_delta_vs_no_dp"] is not None and r["auc_delta_vs_no_dp"] >= -ACCEPT_AUC})
+    usable = sorted(
+        {
+            r["sites"]
+            for r in ours
+            if r["dp"] == "client-central"
+            and r["epsilon"] == ACCEPT_RECORD_EPSILON
+            and r["auc_delta_vs_no_dp"] is not None
+            and r["auc_delta_vs_no_dp"] >= -ACCEPT_AUC
+        }
+    )
     return {
-        "benchmark": "privacy", "task": f"classification/{args.dataset}", "rounds": args.rounds, "codec": args.codec,
-        "arch": f"cnn widths {args.widths} norm=group", "seeds": args.seeds, "delta": DELTA, "clip": args.clip,
+        "benchmark": "privacy",
+        "task": f"classification/{args.dataset}",
+        "rounds": args.rounds,
+        "codec": args.codec,
+        "arch": f"cnn widths {args.widths} norm=group",
+        "seeds": args.seeds,
+        "delta": DELTA,
+        "clip": args.clip,
         "record_training": {"optimizer": "SGD momentum 0.9", "lr": args.dp_lr, "batch_size": args.dp_batch_size, "grad_clip": 1.0},
         "other_training": {"optimizer": "Adam", "lr": 1e-3, "batch_size": 32},
-        "federations": {str(args.sites): {"alpha": args.alpha, "epochs": args.epochs},
-                        str(args.large_sites): {"alpha": args.large_alpha, "epochs": args.large_epochs}},
-        "acceptance": {"record_epsilon_8_auc_delta": record[0]["auc_delta_vs_no_dp"] if record else None,
-                       "record_met": bool(record and record[0]["auc_delta_vs_no_dp"] >= -ACCEPT_AUC),
-                       "client_central_within_0.05_at_epsilon_8": usable or "none of the federation sizes tried"},
-        "results": rows, "runs": runs,
+        "federations": {
+            str(args.sites): {"alpha": args.alpha, "epochs": args.epochs},
+            str(args.large_sites): {"alpha": args.large_alpha, "epochs": args.large_epochs},
+        },
+        "acceptance": {
+            "record_epsilon_8_auc_delta": record[0]["auc_delta_vs_no_dp"] if record else None,
+            "record_met": bool(record and record[0]["auc_delta_vs_no_dp"] >= -ACCEPT_AUC),
+            "client_central_within_0.05_at_epsilon_8": usable or "none of the federation sizes tried",
+        },
+        "results": rows,
+        "runs": runs,
     }
 
 
@@ -169,9 +233,16 @@ def print_table(report: dict[str, Any]) -> None:
     for col in ("dp", "sites", "codec", "epsilon", "sigma", "final AUC", "std", "Δ vs no DP"):
         table.add_column(col, justify="right")
     for r in report["results"]:
-        table.add_row(r["dp"], str(r["sites"]), r["codec"], "-" if r["epsilon"] is None else f"{r['epsilon']:g}",
-                      "-" if r["noise_multiplier"] is None else f"{r['noise_multiplier']:.2f}", f"{r['final_auc']:.3f}",
-                      f"{r['final_auc_std']:.3f}", "" if r["auc_delta_vs_no_dp"] is None else f"{r['auc_delta_vs_no_dp']:+.3f}")
+        table.add_row(
+            r["dp"],
+            str(r["sites"]),
+            r["codec"],
+            "-" if r["epsilon"] is None else f"{r['epsilon']:g}",
+            "-" if r["noise_multiplier"] is None else f"{r['noise_multiplier']:.2f}",
+            f"{r['final_auc']:.3f}",
+            f"{r['final_auc_std']:.3f}",
+            "" if r["auc_delta_vs_no_dp"] is None else f"{r['auc_delta_vs_no_dp']:+.3f}",
+        )
     Console(width=max(Console().width, 120)).print(table)
     Console().print(f"acceptance: {report['acceptance']}")
 
@@ -193,8 +264,9 @@ def main() -> None:
     parser.add_argument("--dp-lr", type=float, default=0.5, help="DP-SGD's learning rate (SGD, momentum 0.9)")
     parser.add_argument("--dp-batch-size", type=int, default=64, help="DP-SGD's expected (Poisson) batch size")
     parser.add_argument("--codec", default="q8,ef|zstd", help="the uplink codec of every arm (dense: top-k of a DP-SGD delta sends noise)")
-    parser.add_argument("--contrast-codec", default="topk:0.02,ef|ternary|zstd",
-                        help="also run no DP and record-level DP at epsilon 8 through this codec ('' to skip)")
+    parser.add_argument(
+        "--contrast-codec", default="topk:0.02,ef|ternary|zstd", help="also run no DP and record-level DP at epsilon 8 through this codec ('' to skip)"
+    )
     parser.add_argument("--widths", type=int, nargs="+", default=[8, 16, 32])
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--dataset", default="pneumoniamnist")
@@ -210,8 +282,10 @@ def main() -> None:
     with mp.get_context("spawn").Pool(args.workers, _init_worker, (args.dataset, args.data_dir)) as pool:
         for run in pool.imap_unordered(run_one, jobs):
             runs.append(run)
-            console.print(f"[{len(runs)}/{len(jobs)}] {run['dp']:>14} {run['sites']:>4} sites eps {run['epsilon']} seed {run['seed']}: "
-                          f"AUC {run['final_auc']:.4f} ({time.monotonic() - started:.0f} s)")
+            console.print(
+                f"[{len(runs)}/{len(jobs)}] {run['dp']:>14} {run['sites']:>4} sites eps {run['epsilon']} seed {run['seed']}: "
+                f"AUC {run['final_auc']:.4f} ({time.monotonic() - started:.0f} s)"
+            )
             args.report.write_text(json.dumps({"partial": True, "runs": runs}, indent=2) + "\n")
     report = summarize(runs, args)
     report["wall_seconds"] = time.monotonic() - started

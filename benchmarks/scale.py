@@ -168,7 +168,11 @@ def run_one(model: str, sites: int, rounds: int, folder: Path, max_queued: int, 
     refusals = re.search(r"refused inputs this run, by kind: (\{.*\})", log_text)
     broker_text = (folder / "mosquitto.log").read_text(errors="replace")
     return {
-        "sites": sites, "model": model, "params": int(sum(math.prod(s) for s in shapes.values())), "rounds": rounds, "decode_workers": workers,
+        "sites": sites,
+        "model": model,
+        "params": int(sum(math.prod(s) for s in shapes.values())),
+        "rounds": rounds,
+        "decode_workers": workers,
         "last_update_to_global_s": round(statistics.median(gaps), 3) if gaps else None,
         "last_update_to_global_s_per_round": [round(g, 3) for g in gaps],
         "last_update_to_finished_s": round(swarm.finished_at - times[rounds].last_ack, 3) if swarm.finished_at else None,
@@ -177,7 +181,8 @@ def run_one(model: str, sites: int, rounds: int, folder: Path, max_queued: int, 
         "server_peak_rss_mb": round(meter.stats["server"].peak_rss / 2**20, 1),
         "broker_peak_rss_mb": round(meter.stats["broker"].peak_rss / 2**20, 1),
         "messages_per_s": round(statistics.median(intake), 1),
-        "updates_sent": updates, "updates_accepted": sum(len(v) for v in accepts.values()),
+        "updates_sent": updates,
+        "updates_accepted": sum(len(v) for v in accepts.values()),
         "update_bytes_mean": round(sum(times[r].update_bytes for r in times) / max(1, updates)),
         "resent_after_reannouncement": sum(times[r].resent for r in times),
         "site_encode_s_per_round": [round(times[r].encode_s, 2) for r in sorted(times)],
@@ -237,7 +242,12 @@ def main() -> None:
     parser.add_argument("--sites", default="10,100,300,1000")
     parser.add_argument("--models", default=",".join(MODELS))
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--broker-max-queued", type=int, default=DEFAULT_MAX_QUEUED_MESSAGES, help="Mosquitto max_queued_messages (`fedge provision broker` writes this default; Mosquitto's own is 1000)")
+    parser.add_argument(
+        "--broker-max-queued",
+        type=int,
+        default=DEFAULT_MAX_QUEUED_MESSAGES,
+        help="Mosquitto max_queued_messages (`fedge provision broker` writes this default; Mosquitto's own is 1000)",
+    )
     parser.add_argument("--decode-workers", default="0", help="fedge server --decode-workers; a comma list runs each")
     parser.add_argument("--pool-from", type=int, default=300, help="Run decode workers > 0 only from this many sites on")
     parser.add_argument("--profile", type=Path, help="Run the server under cProfile; .prof files and the top functions go here")

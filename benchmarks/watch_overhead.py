@@ -51,6 +51,7 @@ while True:
     time.sleep(2)
 """
 
+
 def cpu_of_children() -> float:
     """User + system CPU seconds of every finished child process (and theirs) so far."""
     usage = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -138,8 +139,13 @@ def main() -> None:
         on = statistics.median(r[key] for r in runs if r["watch"])
         offs, ons = [r[key] for r in runs if not r["watch"]], [r[key] for r in runs if r["watch"]]
         paired = statistics.mean(b - a for a, b in zip(offs, ons))
-        summary[key] = {"off_median": off, "on_median": on, "overhead_percent": round(100 * (on - off) / off, 2),
-                        "paired_mean_difference_seconds": round(paired, 2), "paired_overhead_percent": round(100 * paired / statistics.mean(offs), 2)}
+        summary[key] = {
+            "off_median": off,
+            "on_median": on,
+            "overhead_percent": round(100 * (on - off) / off, 2),
+            "paired_mean_difference_seconds": round(paired, 2),
+            "paired_overhead_percent": round(100 * paired / statistics.mean(offs), 2),
+        }
     report = {
         "what": "fedge demo wall time with the dashboard and Prometheus metrics off vs on (polled every 2 s)",
         "settings": {k: v for k, v in vars(args).items() if k not in ("report", "data_dir")},

@@ -9,4 +9,15 @@ from compression.aggregate import SparseAccumulator, gram_matrix, order_statisti
 from compression.codecs import STAGES, CodecError, CodecSpecError, SparseTensor, TensorSpec, UpdateCodec
 from compression.error_feedback import ErrorFeedback
 
-__all__ = ["STAGES", "CodecError", "CodecSpecError", "ErrorFeedback", "SparseAccumulator", "SparseTensor", "TensorSpec", "UpdateCodec", "gram_matrix", "order_statistic_mean"]
+__all__ = [
+    "STAGES",
+    "CodecError",
+    "CodecSpecError",
+    "ErrorFeedback",
+    "SparseAccumulator",
+    "SparseTensor",
+    "TensorSpec",
+    "UpdateCodec",
+    "gram_matrix",
+    "order_statistic_mean",
+]

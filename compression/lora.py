@@ -22,9 +22,7 @@ _NORMS = (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._BatchNorm)
 def default_targets(model: nn.Module, exclude: Sequence[str] = ("head",)) -> list[str]:
     """Every Linear and Conv2d layer, except those named in `exclude` (and anything inside them)."""
     return [
-        name
-        for name, m in model.named_modules()
-        if isinstance(m, (nn.Linear, nn.Conv2d)) and not any(name == e or name.startswith(e + ".") for e in exclude)
+        name for name, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d)) and not any(name == e or name.startswith(e + ".") for e in exclude)
     ]
 
 

@@ -298,9 +298,17 @@ def _estimate(ctx: BenchContext, input_chw: tuple[int, int, int]) -> dict[str, A
         "memory_bandwidth_bytes_per_s": first["memory_bandwidth_bytes_per_s"],
         "missing": first["missing"],
         "batches": [
-            {"batch": b, "latency_ms": r["latency_ms"], "throughput": None if not r["latency_ms"] else b * 1000.0 / r["latency_ms"],
-             "compute_ms": r["compute_ms"], "memory_ms": r["memory_ms"], "bound": r["bound"], "flops": r["flops"], "bytes": r["bytes"],
-             "arithmetic_intensity": r["arithmetic_intensity"]}
+            {
+                "batch": b,
+                "latency_ms": r["latency_ms"],
+                "throughput": None if not r["latency_ms"] else b * 1000.0 / r["latency_ms"],
+                "compute_ms": r["compute_ms"],
+                "memory_ms": r["memory_ms"],
+                "bound": r["bound"],
+                "flops": r["flops"],
+                "bytes": r["bytes"],
+                "arithmetic_intensity": r["arithmetic_intensity"],
+            }
             for b, r in zip(ctx.batch_sizes, rows)
         ],
     }
@@ -349,12 +357,21 @@ def run_bench(settings: BenchSettings, on_step: StepCallback | None = None) -> d
         "measured_on": "inference, training and bytes are measured on this host; transfer seconds are projected on the "
         "profile's link; the estimate is a roofline for the profile's device",
         "model": {
-            "arch": config.arch, "source": source.description, "input_shape": [config.in_channels, config.image_size, config.image_size],
-            "num_classes": config.num_classes, "params": int(sum(p.numel() for p in model.parameters())),
+            "arch": config.arch,
+            "source": source.description,
+            "input_shape": [config.in_channels, config.image_size, config.image_size],
+            "num_classes": config.num_classes,
+            "params": int(sum(p.numel() for p in model.parameters())),
         },
         "data": data.source,
-        "settings": {"batch_sizes": list(batch_sizes), "iters": settings.iters, "warmup": settings.warmup, "threads": settings.threads,
-                     "train_repeats": settings.repeats, "isolated_training": settings.isolate},
+        "settings": {
+            "batch_sizes": list(batch_sizes),
+            "iters": settings.iters,
+            "warmup": settings.warmup,
+            "threads": settings.threads,
+            "train_repeats": settings.repeats,
+            "isolated_training": settings.isolate,
+        },
     }
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(settings.threads)

@@ -200,10 +200,7 @@ class OrtCuda(InferenceBackend):
             return "onnxruntime is not installed (pip install 'fedge[gpu]' on a CUDA host)"
         providers = ort.get_available_providers()
         if "CUDAExecutionProvider" not in providers:
-            return (
-                f"onnxruntime {ort.__version__} has no CUDAExecutionProvider (available: {', '.join(providers)}); "
-                "install onnxruntime-gpu on a CUDA host"
-            )
+            return f"onnxruntime {ort.__version__} has no CUDAExecutionProvider (available: {', '.join(providers)}); install onnxruntime-gpu on a CUDA host"
         return _no_cuda_reason()
 
     def load(self, ctx: BenchContext) -> RunFn:

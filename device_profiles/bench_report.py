@@ -79,7 +79,13 @@ def markdown(report: dict[str, Any]) -> str:
         ["direction", "codec", "bytes", "link Mbit/s", "projected s"],
         [
             ["uplink (one site's update)", f"`{bw['codec']}`", _bytes(bw["uplink_bytes"]), _num(bw.get("uplink_mbps"), "g"), _num(bw["uplink_seconds"], ".4f")],
-            ["downlink (full global model)", f"`{bw.get('downlink_codec', '-')}`", _bytes(bw["downlink_bytes"]), _num(bw.get("downlink_mbps"), "g"), _num(bw["downlink_seconds"], ".4f")],
+            [
+                "downlink (full global model)",
+                f"`{bw.get('downlink_codec', '-')}`",
+                _bytes(bw["downlink_bytes"]),
+                _num(bw.get("downlink_mbps"), "g"),
+                _num(bw["downlink_seconds"], ".4f"),
+            ],
         ],
         text_columns=2,
     )
@@ -96,8 +102,16 @@ def markdown(report: dict[str, Any]) -> str:
     out += _table(
         ["batch", "GFLOP", "MB moved", "compute ms", "memory ms", "latency ms", "throughput /s", "bound"],
         [
-            [str(r["batch"]), _num(r["flops"] / 1e9, ".4f"), _num(r["bytes"] / 1e6, ".3f"), _num(r["compute_ms"], ".4f"), _num(r["memory_ms"], ".4f"),
-             _num(r["latency_ms"], ".4f"), _num(r["throughput"], ",.0f"), r["bound"] or "-"]
+            [
+                str(r["batch"]),
+                _num(r["flops"] / 1e9, ".4f"),
+                _num(r["bytes"] / 1e6, ".3f"),
+                _num(r["compute_ms"], ".4f"),
+                _num(r["memory_ms"], ".4f"),
+                _num(r["latency_ms"], ".4f"),
+                _num(r["throughput"], ",.0f"),
+                r["bound"] or "-",
+            ]
             for r in est["batches"]
         ],
         text_columns=0,

@@ -55,12 +55,16 @@ def detect(root: Path = Path("/"), *, use_torch: bool = True, nvidia_smi: str | 
     checked = [str(root / DEVICE_TREE_MODEL), str(root / TEGRA_RELEASE)]
     checked += ["torch.cuda"] if use_torch else []
     checked += [nvidia_smi] if nvidia_smi else []
-    return _detect_jetson(root) or _detect_gpu(use_torch, nvidia_smi) or Detection(
-        profile="cpu-console",
-        kind="cpu",
-        found="no Jetson and no NVIDIA GPU",
-        source="checked " + ", ".join(checked),
-        reason="nothing GPU-capable was found, so this host is treated as a CPU-only console",
+    return (
+        _detect_jetson(root)
+        or _detect_gpu(use_torch, nvidia_smi)
+        or Detection(
+            profile="cpu-console",
+            kind="cpu",
+            found="no Jetson and no NVIDIA GPU",
+            source="checked " + ", ".join(checked),
+            reason="nothing GPU-capable was found, so this host is treated as a CPU-only console",
+        )
     )
 
 
@@ -89,9 +93,7 @@ def _detect_jetson(root: Path) -> Detection | None:
     if major is not None and major <= 32:
         profile, why = "jetson-agx-xavier-32gb", f"L4T R{major} predates Orin, so this is a Xavier-class (or older) module"
     else:
-        profile, why = "jetson-orin-nano-8gb", (
-            f"L4T R{major if major is not None else '?'} names no module; the smallest Orin profile is the safe choice"
-        )
+        profile, why = "jetson-orin-nano-8gb", (f"L4T R{major if major is not None else '?'} names no module; the smallest Orin profile is the safe choice")
     return Detection(profile, "jetson", first_line, str(release_file), f"no device-tree model; {why}")
 
 
@@ -125,9 +127,7 @@ def _nvidia_smi_gpu_name(binary: str) -> str | None:
     if executable is None:
         return None
     try:
-        out = subprocess.run(
-            [executable, "--query-gpu=name", "--format=csv,noheader"], capture_output=True, text=True, timeout=10, check=True
-        ).stdout
+        out = subprocess.run([executable, "--query-gpu=name", "--format=csv,noheader"], capture_output=True, text=True, timeout=10, check=True).stdout
     except (OSError, subprocess.SubprocessError):
         return None
     names = [line.strip() for line in out.splitlines() if line.strip()]

@@ -47,8 +47,7 @@ def resolve_profile_path(name_or_path: str | Path) -> Path:
     path = SHIPPED_DIR / f"{text}.yaml"
     if not path.is_file():
         raise ProfileNotFoundError(
-            f"no shipped profile named {text!r}; known: {', '.join(shipped_names())}. "
-            "For your own profile, pass the path to its YAML file instead of a name."
+            f"no shipped profile named {text!r}; known: {', '.join(shipped_names())}. For your own profile, pass the path to its YAML file instead of a name."
         )
     return path
 

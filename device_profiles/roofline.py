@@ -43,9 +43,7 @@ def count_flops_and_bytes(model: nn.Module, input_shape: tuple[int, ...], precis
     return int(counter.get_total_flops()), elements * BYTES_PER_ELEMENT[precision]
 
 
-def estimate_latency(
-    model: nn.Module, input_shape: tuple[int, ...], profile: Profile, precision: Precision | None = None
-) -> dict[str, Any]:
+def estimate_latency(model: nn.Module, input_shape: tuple[int, ...], profile: Profile, precision: Precision | None = None) -> dict[str, Any]:
     """latency = max(flops / peak compute, bytes / memory bandwidth) at `precision` (default: the
     profile's export precision). Where the profile lacks a figure, the latency is None and `missing`
     names the field, rather than guessing a number."""

@@ -57,7 +57,7 @@ class Device(_Strict):
         if self.kind == "cpu" and (self.gpu_arch is not None or self.compute_capability is not None):
             raise ValueError("a kind: cpu device has no gpu_arch or compute_capability; set them to null or change kind")
         if self.kind != "cpu" and self.compute_capability is None:
-            raise ValueError(f"a kind: {self.kind} device needs compute_capability (e.g. \"8.7\")")
+            raise ValueError(f'a kind: {self.kind} device needs compute_capability (e.g. "8.7")')
         return self
 
     def peak_ops_per_s(self, precision: Precision) -> float | None:
@@ -99,10 +99,7 @@ class Defaults(_Strict):
     def _precision_fits_format(self) -> "Defaults":
         allowed = EXPORT_PRECISIONS[self.export_format]
         if self.export_precision not in allowed:
-            raise ValueError(
-                f"export_precision {self.export_precision} does not fit export_format {self.export_format}; "
-                f"use one of {', '.join(allowed)}"
-            )
+            raise ValueError(f"export_precision {self.export_precision} does not fit export_format {self.export_format}; use one of {', '.join(allowed)}")
         return self
 
 

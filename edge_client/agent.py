@@ -85,9 +85,7 @@ class Agent:
         self.topics = Topics(config.federation)
         self.state = AgentState(config.state_dir)
         self.signer = Signer.load(config.signing_key) if config.signing_key else None
-        self.server_verifier = (
-            Verifier.from_pems({"server": config.server_key.read_bytes()}) if config.server_key else None
-        )
+        self.server_verifier = Verifier.from_pems({"server": config.server_key.read_bytes()}) if config.server_key else None
         self.reassembler = Reassembler(max_open=8)
         self.refusals = Refusals(log)
         # The server's run this agent takes part in, and the newest issued_at seen from it: an older
@@ -239,9 +237,7 @@ class Agent:
         if cached is None:
             cached = self._train(ann)
         started = time.perf_counter()
-        self._mq.publish_chunked(
-            lambda i: self.topics.update_chunk(ann.round, self.config.site, i), cached, chunk_size=self.config.chunk_size
-        )
+        self._mq.publish_chunked(lambda i: self.topics.update_chunk(ann.round, self.config.site, i), cached, chunk_size=self.config.chunk_size)
         # Measured upload time (until the broker acknowledged every chunk), for link planning; the site's DP-SGD spend.
         metrics = {"upload_seconds": time.perf_counter() - started, "upload_bytes": float(len(cached))}
         if self.state.privacy.history:

@@ -26,9 +26,13 @@ def build_ldct_task(config: AgentConfig) -> LdctTask:
 
     if config.protocol is None:
         raise ValueError("the ldct task needs the site's scan protocol: set protocol: I0:VIEWS[:NOISE] (e.g. 1e4:180) in the agent config")
-    return LdctTask.for_site(read_ct_dir(resolve_ct_dir(config.ct_dir, config.data_dir)), ScanProtocol.parse(config.protocol),
-                             shard=config.shard or 0, num_shards=config.num_shards or 1,
-                             sim=SimulationConfig(image_size=config.image_size or SimulationConfig.image_size))
+    return LdctTask.for_site(
+        read_ct_dir(resolve_ct_dir(config.ct_dir, config.data_dir)),
+        ScanProtocol.parse(config.protocol),
+        shard=config.shard or 0,
+        num_shards=config.num_shards or 1,
+        sim=SimulationConfig(image_size=config.image_size or SimulationConfig.image_size),
+    )
 
 
 def build_agent(config: AgentConfig) -> Agent:

@@ -29,10 +29,7 @@ def fedge_executable() -> Path:
     found = shutil.which("fedge")
     if found:
         return Path(found).absolute()
-    raise ServiceError(
-        f"no fedge executable beside {sys.executable} or on PATH; install fedge (pip install fedge) "
-        "or pass --fedge /absolute/path/to/fedge"
-    )
+    raise ServiceError(f"no fedge executable beside {sys.executable} or on PATH; install fedge (pip install fedge) or pass --fedge /absolute/path/to/fedge")
 
 
 def check_user(user: str) -> None:

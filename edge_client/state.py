@@ -104,8 +104,14 @@ class AgentState:
         instead of the agent training twice (which would also double-count its residual).
         The envelope's digest in agent.json (written last) is the commit."""
         atomic_write_bytes(self.folder / "last_update.bin", envelope)
-        meta = {"schema_version": SCHEMA_VERSION, "federation": federation, "run": run, "round": rnd, "model_sha256": model_sha256,
-                "update_sha256": hashlib.sha256(envelope).hexdigest()}
+        meta = {
+            "schema_version": SCHEMA_VERSION,
+            "federation": federation,
+            "run": run,
+            "round": rnd,
+            "model_sha256": model_sha256,
+            "update_sha256": hashlib.sha256(envelope).hexdigest(),
+        }
         atomic_write_bytes(self._meta_file, json.dumps(meta).encode())
 
     def last_update(self, federation: str, run: str, rnd: int, model_sha256: str) -> bytes | None:

@@ -99,9 +99,7 @@ def export_model(
     step("checking structure")
     exporter.verify(artifact, spec)
     step("parity and latency against torch")
-    measured = check_parity(
-        model, exporter.runner(artifact, spec), *test_set, threads=spec.threads, warmup=spec.latency_warmup, iters=spec.latency_iters
-    )
+    measured = check_parity(model, exporter.runner(artifact, spec), *test_set, threads=spec.threads, warmup=spec.latency_warmup, iters=spec.latency_iters)
     checks = _checks(spec.precision, measured)
     report: dict[str, Any] = {
         "format": fmt,

@@ -22,6 +22,7 @@ _CALIB_BATCH = 32
 # (why: exporters.ort); recorded in the model's metadata.
 ORT_DISABLED_OPTIMIZERS = ("CommonSubexpressionElimination",)
 
+
 def load_calibration(source: np.ndarray | str | os.PathLike) -> np.ndarray:
     """Raw calibration images (uint8 NHWC) from an array or an npz file.
 

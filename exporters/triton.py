@@ -53,9 +53,7 @@ def _io(model: onnx.ModelProto, which: str) -> list[tuple[str, str, list[int]]]:
 
 def config_pbtxt(name: str, model: onnx.ModelProto, spec: ExportSpec) -> str:
     def block(kind: str) -> str:
-        entries = [
-            f'  {{\n    name: "{n}"\n    data_type: {t}\n    dims: [ {", ".join(map(str, d))} ]\n  }}' for n, t, d in _io(model, kind)
-        ]
+        entries = [f'  {{\n    name: "{n}"\n    data_type: {t}\n    dims: [ {", ".join(map(str, d))} ]\n  }}' for n, t, d in _io(model, kind)]
         return f"{kind} [\n" + ",\n".join(entries) + "\n]\n"
 
     preferred = [b for b in spec.batch_sizes if b > 1]
@@ -76,7 +74,7 @@ def _tokens(text: str) -> list[str]:
         match = _TOKEN.match(text, pos)
         if match is None or match.end() == pos:
             if text[pos:].strip():
-                raise ValueError(f"config.pbtxt: cannot parse near {text[pos:pos + 20]!r}")
+                raise ValueError(f"config.pbtxt: cannot parse near {text[pos : pos + 20]!r}")
             break
         pos = match.end()
         token = next((g for g in match.groups() if g is not None), None)

@@ -111,9 +111,7 @@ def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
     return Checkpoint(config=config, state=state, meta=meta, mode=mode, prepared=prepared)
 
 
-def init_from_checkpoint(
-    path: str, *, in_channels: int, num_classes: int, image_size: int, dataset: str | None = None
-) -> tuple[torch.nn.Module, ModelConfig]:
+def init_from_checkpoint(path: str, *, in_channels: int, num_classes: int, image_size: int, dataset: str | None = None) -> tuple[torch.nn.Module, ModelConfig]:
     """A pretrained backbone for a new task. The head is re-initialised when the class count differs
     or when the checkpoint was trained on another dataset (its label 1 may mean the opposite, e.g.
     pneumonia vs benign); the backbone is kept. Seed torch before calling so every site agrees.

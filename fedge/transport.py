@@ -111,8 +111,14 @@ class SessionFactory(Protocol):
     """Makes the session of one client: `MqttSession` bound to a broker URL, or `MemoryBroker.session`."""
 
     def __call__(
-        self, client_id: str, *, will: tuple[str, bytes] | None = None, tls: "TlsFiles | None" = None, link: "Link | None" = None,
-        accept: Callable[[str], str | None] | None = None, refuse: Callable[[str, str], None] | None = None,
+        self,
+        client_id: str,
+        *,
+        will: tuple[str, bytes] | None = None,
+        tls: "TlsFiles | None" = None,
+        link: "Link | None" = None,
+        accept: Callable[[str], str | None] | None = None,
+        refuse: Callable[[str, str], None] | None = None,
         max_queue_bytes: int = 256 << 20,
     ) -> Session: ...
 
@@ -156,9 +162,7 @@ class MqttSession:
         self._connected = threading.Event()
         self._lock = threading.Lock()
         self._keepalive = keepalive
-        client = mqtt.Client(
-            mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, clean_session=clean_session, protocol=mqtt.MQTTv311
-        )
+        client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, clean_session=clean_session, protocol=mqtt.MQTTv311)
         client.max_inflight_messages_set(64)
         client.reconnect_delay_set(min_delay=1, max_delay=10)
         if self.url.username:
@@ -270,26 +274,33 @@ class MqttSession:
         has_cert = self._tls is not None and self._tls.cert is not None
         if "certificate_verify_failed" in text:  # our check of the broker's certificate
             if "hostname" in text or "ip address mismatch" in text:
-                fix = ("the broker's certificate does not name this host; connect with a name it holds (localhost, "
-                       "127.0.0.1 or a --host given to `fedge provision init`), or re-provision with --host")
+                fix = (
+                    "the broker's certificate does not name this host; connect with a name it holds (localhost, "
+                    "127.0.0.1 or a --host given to `fedge provision init`), or re-provision with --host"
+                )
             else:
-                fix = ("cannot verify the broker's certificate: pass --ca with the federation's ca.crt "
-                       "(in the site's kit, or the server folder of `fedge provision init`)")
+                fix = (
+                    "cannot verify the broker's certificate: pass --ca with the federation's ca.crt "
+                    "(in the site's kit, or the server folder of `fedge provision init`)"
+                )
         elif self._tls is None and ("CONNECT" in cause and ("authoriz" in text or "password" in text)):
-            fix = ("the broker wants credentials: use mqtts:// with --ca/--cert/--key from a `fedge provision site` kit, "
-                   "or a username and password in the URL")
+            fix = "the broker wants credentials: use mqtts:// with --ca/--cert/--key from a `fedge provision site` kit, or a username and password in the URL"
         elif not has_cert and ("certificate required" in text or "eof occurred" in text or "handshake failure" in text):
             fix = "the broker requires a client certificate: pass --cert and --key from this site's `fedge provision site` kit"
         elif "unknown ca" in text or "bad certificate" in text or "decrypt error" in text:
-            fix = ("the broker does not trust this client certificate (issued by another federation's CA?): "
-                   "use the kit that `fedge provision site NAME` made for this federation")
+            fix = (
+                "the broker does not trust this client certificate (issued by another federation's CA?): "
+                "use the kit that `fedge provision site NAME` made for this federation"
+            )
         elif "expired" in text:
             fix = "a certificate has expired: issue a new kit with `fedge provision site NAME --dir DIR --force`"
         elif "revoked" in text:
             fix = "this certificate was revoked: ask the federation operator for a new kit"
         elif "eof occurred" in text:  # TLS 1.3: the broker may close before its alert is read
-            fix = ("the broker closed the TLS handshake, so it did not accept this client certificate (another CA's, "
-                   "expired, or not a client certificate); use the kit `fedge provision site NAME` made for this federation")
+            fix = (
+                "the broker closed the TLS handshake, so it did not accept this client certificate (another CA's, "
+                "expired, or not a client certificate); use the kit `fedge provision site NAME` made for this federation"
+            )
         elif "unsupported certificate" in text:
             fix = "this certificate may not be used by a client (it is the broker's?): use the site's NAME.crt and NAME.key"
         elif "authoriz" in text or "password" in text:

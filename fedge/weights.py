@@ -19,11 +19,7 @@ NORM_STAT_SUFFIXES = ("running_mean", "running_var")
 
 
 def float_state(model: nn.Module) -> dict[str, np.ndarray]:
-    return {
-        k: v.detach().cpu().numpy().astype(np.float32, copy=True)
-        for k, v in model.state_dict().items()
-        if v.is_floating_point()
-    }
+    return {k: v.detach().cpu().numpy().astype(np.float32, copy=True) for k, v in model.state_dict().items() if v.is_floating_point()}
 
 
 NORM_LAYERS = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)

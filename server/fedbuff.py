@@ -70,8 +70,7 @@ def scale_delta(delta: dict[str, np.ndarray | SparseTensor], weight: float) -> d
     """`delta` times `weight`, sparse tensors kept sparse (the strategies sum them without densifying)."""
     w = np.float32(weight)
     return {
-        k: SparseTensor(v.shape, v.indices, v.values * w) if isinstance(v, SparseTensor) else (v * w).astype(np.float32, copy=False)
-        for k, v in delta.items()
+        k: SparseTensor(v.shape, v.indices, v.values * w) if isinstance(v, SparseTensor) else (v * w).astype(np.float32, copy=False) for k, v in delta.items()
     }
 
 
@@ -123,8 +122,9 @@ class AsyncRoundServer(RoundServer):
             "run": self.run_id,
             "base": self.state.round,
             "applying": applying or [],
-            "versions": [{"number": v.number, "model_sha256": v.model_sha256, "selected": list(v.selected), "counted": sorted(v.counted)}
-                         for v in self.versions.values()],  # fmt: skip
+            "versions": [
+                {"number": v.number, "model_sha256": v.model_sha256, "selected": list(v.selected), "counted": sorted(v.counted)} for v in self.versions.values()
+            ],  # fmt: skip
             "buffer": [{"version": b.version, "client": b.client, "file": b.file} for b, _ in self.buffer.values()],
         }
         atomic_write_bytes(self.async_file, json.dumps(record, indent=1).encode())

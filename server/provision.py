@@ -185,8 +185,7 @@ def load_federation(directory: str | Path) -> Federation:
         data = json.loads(manifest.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise ProvisionError(
-            f"{directory} is not a provisioned federation (no federation.json); "
-            f"run `fedge provision init --federation NAME --out {directory}` first"
+            f"{directory} is not a provisioned federation (no federation.json); run `fedge provision init --federation NAME --out {directory}` first"
         ) from None
     except (OSError, json.JSONDecodeError) as exc:
         raise ProvisionError(f"cannot read {manifest}: {exc}") from None
@@ -213,10 +212,7 @@ def _save_manifest(fed: Federation) -> None:
         "schema_version": SCHEMA_VERSION,
         "federation": fed.name,
         "hosts": list(fed.hosts),
-        "sites": {
-            s.name: {"max_samples": s.max_samples, "certificate_serial": s.certificate_serial}
-            for s in sorted(fed.sites.values(), key=lambda s: s.name)
-        },
+        "sites": {s.name: {"max_samples": s.max_samples, "certificate_serial": s.certificate_serial} for s in sorted(fed.sites.values(), key=lambda s: s.name)},
     }
     _write_public(fed.manifest, (json.dumps(data, indent=2) + "\n").encode())
 
@@ -265,10 +261,12 @@ def _cert_pem(cert: x509.Certificate) -> bytes:
 
 
 def _name(common_name: str, federation: str) -> x509.Name:
-    return x509.Name([
-        x509.NameAttribute(NameOID.ORGANIZATION_NAME, f"fedge federation {federation}"),
-        x509.NameAttribute(NameOID.COMMON_NAME, common_name),
-    ])
+    return x509.Name(
+        [
+            x509.NameAttribute(NameOID.ORGANIZATION_NAME, f"fedge federation {federation}"),
+            x509.NameAttribute(NameOID.COMMON_NAME, common_name),
+        ]
+    )
 
 
 def _load_ca(fed: Federation) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
@@ -297,8 +295,15 @@ def _make_ca(federation: str, days: int) -> tuple[x509.Certificate, ec.EllipticC
         .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
         .add_extension(
             x509.KeyUsage(
-                digital_signature=True, content_commitment=False, key_encipherment=False, data_encipherment=False,
-                key_agreement=False, key_cert_sign=True, crl_sign=True, encipher_only=False, decipher_only=False,
+                digital_signature=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=True,
+                crl_sign=True,
+                encipher_only=False,
+                decipher_only=False,
             ),
             critical=True,
         )
@@ -332,8 +337,15 @@ def _issue(
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(
             x509.KeyUsage(
-                digital_signature=True, content_commitment=False, key_encipherment=False, data_encipherment=False,
-                key_agreement=False, key_cert_sign=False, crl_sign=False, encipher_only=False, decipher_only=False,
+                digital_signature=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=False,
+                crl_sign=False,
+                encipher_only=False,
+                decipher_only=False,
             ),
             critical=True,
         )
@@ -371,10 +383,13 @@ def check_host(host: str) -> str:
     except ValueError:
         pass
     labels = host.rstrip(".").split(".")
-    if not host or len(host) > 253 or not all(
-        label and len(label) <= 63 and label.replace("-", "").isalnum() and label.isascii()
-        and not label.startswith("-") and not label.endswith("-")
-        for label in labels
+    if (
+        not host
+        or len(host) > 253
+        or not all(
+            label and len(label) <= 63 and label.replace("-", "").isalnum() and label.isascii() and not label.startswith("-") and not label.endswith("-")
+            for label in labels
+        )
     ):
         raise ProvisionError(f"--host {host!r} is not a DNS name or IP address, e.g. --host broker.hospital.example")
     return host.rstrip(".").lower()
@@ -425,9 +440,7 @@ def init_federation(
     _write_private(fed.ca_key, _key_pem(ca_key))
     _write_public(fed.ca_cert, _cert_pem(ca_cert))
 
-    broker_cert, broker_key = _issue(
-        ca_cert, ca_key, federation, BROKER_IDENTITY, server=True, hosts=("localhost", "127.0.0.1", *hosts), days=cert_days
-    )
+    broker_cert, broker_key = _issue(ca_cert, ca_key, federation, BROKER_IDENTITY, server=True, hosts=("localhost", "127.0.0.1", *hosts), days=cert_days)
     _write_private(fed.broker_key, _key_pem(broker_key))
     _write_public(fed.broker_cert, _cert_pem(broker_cert))
 
@@ -598,17 +611,19 @@ def acl_text(federation: str) -> str:
     and writes only its own update chunks and status. Sites never read each other's updates: a
     delta says something about a site's patients (pattern lines apply to every user)."""
     root = f"fedge/{check_name('federation', federation)}"
-    return "\n".join([
-        f"# fedge federation {federation!r}: written by `fedge provision broker`.",
-        "# Identities are certificate CNs (use_identity_as_username). Anything not granted is denied;",
-        "# Mosquitto drops a denied publish without telling an MQTT 3.1.1 client.",
-        "",
-        f"user {SERVER_IDENTITY}",
-        f"topic readwrite {root}/#",
-        "",
-        "# every identity, sites included (Mosquitto warns that read patterns without %u or %c apply to all: they are meant to)",
-        *(f"pattern read {topic}" for topic in server_topics(root)),
-        f"pattern readwrite {root}/status/%u",
-        f"pattern write {root}/round/+/update/%u/+",
-        "",
-    ])
+    return "\n".join(
+        [
+            f"# fedge federation {federation!r}: written by `fedge provision broker`.",
+            "# Identities are certificate CNs (use_identity_as_username). Anything not granted is denied;",
+            "# Mosquitto drops a denied publish without telling an MQTT 3.1.1 client.",
+            "",
+            f"user {SERVER_IDENTITY}",
+            f"topic readwrite {root}/#",
+            "",
+            "# every identity, sites included (Mosquitto warns that read patterns without %u or %c apply to all: they are meant to)",
+            *(f"pattern read {topic}" for topic in server_topics(root)),
+            f"pattern readwrite {root}/status/%u",
+            f"pattern write {root}/round/+/update/%u/+",
+            "",
+        ]
+    )

@@ -119,8 +119,11 @@ class RoundServer:
         config = self.config.model
         if self.config.init_checkpoint is not None:
             model, config = init_from_checkpoint(
-                str(self.config.init_checkpoint), in_channels=config.in_channels, num_classes=config.num_classes,
-                image_size=config.image_size, dataset=self.config.dataset,
+                str(self.config.init_checkpoint),
+                in_channels=config.in_channels,
+                num_classes=config.num_classes,
+                image_size=config.image_size,
+                dataset=self.config.dataset,
             )
         else:
             model = build_model(config)
@@ -304,8 +307,14 @@ class RoundServer:
     def _expected(self, current: _Round, client: str) -> Expected:
         max_samples = min(self.config.max_samples, self.config.site_max_samples.get(client, self.config.max_samples))
         return Expected(
-            federation=self.config.federation, run=self.run_id, round=current.number, model_sha256=current.model_sha256,
-            selected=current.selected, codec=self.uplink.spec, manifest=self.uplink_manifest, max_samples=max_samples,
+            federation=self.config.federation,
+            run=self.run_id,
+            round=current.number,
+            model_sha256=current.model_sha256,
+            selected=current.selected,
+            codec=self.uplink.spec,
+            manifest=self.uplink_manifest,
+            max_samples=max_samples,
         )
 
     def _handle_update(self, rnd: int, client: str, raw: bytes, current: _Round | None) -> None:
@@ -412,8 +421,13 @@ class RoundServer:
             if finite:
                 return mean
             worst = max(current.updates.values(), key=lambda u: u.norm)
-            self._reject(current.number, worst.client, "non-finite-aggregate",
-                         f"the aggregate with this update (norm {worst.norm:.4g}) is not finite; round re-run without it", current)
+            self._reject(
+                current.number,
+                worst.client,
+                "non-finite-aggregate",
+                f"the aggregate with this update (norm {worst.norm:.4g}) is not finite; round re-run without it",
+                current,
+            )
             del current.updates[worst.client]
             current.excluded.add(worst.client)
         return None

@@ -30,7 +30,6 @@ class WatchSettings:
     tensorboard: Path | None = None  # folder for TensorBoard event files
     linger: float = 0.0  # seconds the dashboard and metrics stay up after the last round
 
-
     def __post_init__(self) -> None:
         if not 0 <= self.linger <= 86400:
             raise ValueError(f"--linger must be 0..86400 seconds, not {self.linger}")

@@ -20,6 +20,7 @@ from fedge.broker import MosquittoProcess, free_port
 if TYPE_CHECKING:
     from fedge.transport import TlsFiles
 
+
 def mosquitto_binary() -> str | None:
     """The mosquitto executable (PATH, then the Debian location /usr/sbin, often off PATH), or None."""
     try:

@@ -195,7 +195,9 @@ def test_quote_leaves_plain_arguments_alone() -> None:
 
 @pytest.mark.mosquitto
 def test_the_written_config_runs_an_agent_that_reaches_the_broker(
-    mosquitto_broker: tuple[str, int], medmnist_root: Path, tmp_path: Path  # noqa: F811
+    mosquitto_broker: tuple[str, int],
+    medmnist_root: Path,
+    tmp_path: Path,  # noqa: F811
 ) -> None:
     host, port = mosquitto_broker
     config = tmp_path / "agent.yaml"

@@ -27,13 +27,18 @@ from server.strategies.fedadam import FedAdam
 from server.strategies.fedavg import FedAvg
 from server.validation import update_norm
 
-HUGE = Attack("huge", False, False,
-              lambda c: ({k: np.full(v.shape, 6e4 if k.endswith(("running_mean", "running_var")) else 1e38, np.float32) for k, v in c.honest[0].items()}, c.max_samples),
-              "1e38 (finite, NaN-free) in every weight, the fp16 maximum in BatchNorm statistics, with the largest sample count")
+HUGE = Attack(
+    "huge",
+    False,
+    False,
+    lambda c: ({k: np.full(v.shape, 6e4 if k.endswith(("running_mean", "running_var")) else 1e38, np.float32) for k, v in c.honest[0].items()}, c.max_samples),
+    "1e38 (finite, NaN-free) in every weight, the fp16 maximum in BatchNorm statistics, with the largest sample count",
+)
 CODEC = "topk:0.2,ef|ternary|zstd"
 
 # Rules that average as FedAvg does (non-IID strategies, server optimizers): not robust, by design.
 AVERAGING = {n for n in STRATEGIES if issubclass(STRATEGIES.get(n), FedAvg | FedAdam)}
+
 
 def _round(attack: Attack, n_honest: int = 6, attackers: int = 2, seed: int = 0) -> tuple[list[ClientUpdate], list]:
     rng = np.random.default_rng(seed)
@@ -57,8 +62,10 @@ def _round(attack: Attack, n_honest: int = 6, attackers: int = 2, seed: int = 0)
 @pytest.mark.parametrize("name", sorted(STRATEGIES))
 def test_no_strategy_returns_a_non_finite_aggregate_under_attack(name: str, attack: str) -> None:
     if issubclass(STRATEGIES.get(name), FedAvg) and attack == "huge":  # fedavg, fedprox, fedbn
-        pytest.skip("FedAvg sums sample-weighted float32 like a dense average and may overflow; the server's guard "
-                    "(RoundServer._aggregate, tests/test_trust_unit.py) leaves such an update out")
+        pytest.skip(
+            "FedAvg sums sample-weighted float32 like a dense average and may overflow; the server's guard "
+            "(RoundServer._aggregate, tests/test_trust_unit.py) leaves such an update out"
+        )
     updates, manifest = _round(HUGE if attack == "huge" else get_attack(attack))
     with np.errstate(over="raise", invalid="raise"):  # no overflow on the way either
         result = get_strategy(name).aggregate(updates, manifest)
@@ -90,8 +97,7 @@ def _tiny_task() -> ClassificationTask:
 @pytest.mark.parametrize("name", sorted(STRATEGIES))
 def test_an_in_process_federation_never_applies_a_non_finite_model(name: str, attack: str) -> None:
     # No norm bound, so the huge update reaches the strategy (and, for FedAvg, the guard).
-    settings = SimulationSettings(sites=4, rounds=2, alpha=100.0, codec=CODEC, model_options={"widths": (2, 4)}, batch_size=16,
-                                  max_update_norm=float("inf"))
+    settings = SimulationSettings(sites=4, rounds=2, alpha=100.0, codec=CODEC, model_options={"widths": (2, 4)}, batch_size=16, max_update_norm=float("inf"))
     fed = InProcessFederation(settings, _tiny_task(), get_strategy(name), Adversary(HUGE if attack == "huge" else get_attack(attack), 1))
     result = fed.run()
     assert result["finite"] and all(np.isfinite(v).all() for v in fed.weights.values())
@@ -127,12 +133,40 @@ def test_alie_sits_inside_the_honest_spread() -> None:
 
 def test_summary_means_and_acceptance() -> None:
     bench = load_benchmark("byzantine")
-    args = argparse.Namespace(attacks=["sign_flip"], strategies=["fedavg", "median"], dataset="pneumoniamnist", sites=10, malicious=2,
-                              rounds=15, alpha=0.5, codec=CODEC, widths=[8], seeds=[0, 1])
-    runs = [{"attack": a, "strategy": s, "seed": seed, "final_auc": auc, "seconds_per_round": 1.0, "aggregate_seconds_per_round": 0.1,
-             "finite": True, "outputs_nan": False, "rejected": 0, "left_out": 0}
-            for a, s, seed, auc in [("none", "fedavg", 0, 0.94), ("none", "fedavg", 1, 0.96), ("sign_flip", "fedavg", 0, 0.6),
-                                    ("sign_flip", "fedavg", 1, 0.7), ("sign_flip", "median", 0, 0.93), ("sign_flip", "median", 1, 0.94)]]
+    args = argparse.Namespace(
+        attacks=["sign_flip"],
+        strategies=["fedavg", "median"],
+        dataset="pneumoniamnist",
+        sites=10,
+        malicious=2,
+        rounds=15,
+        alpha=0.5,
+        codec=CODEC,
+        widths=[8],
+        seeds=[0, 1],
+    )
+    runs = [
+        {
+            "attack": a,
+            "strategy": s,
+            "seed": seed,
+            "final_auc": auc,
+            "seconds_per_round": 1.0,
+            "aggregate_seconds_per_round": 0.1,
+            "finite": True,
+            "outputs_nan": False,
+            "rejected": 0,
+            "left_out": 0,
+        }
+        for a, s, seed, auc in [
+            ("none", "fedavg", 0, 0.94),
+            ("none", "fedavg", 1, 0.96),
+            ("sign_flip", "fedavg", 0, 0.6),
+            ("sign_flip", "fedavg", 1, 0.7),
+            ("sign_flip", "median", 0, 0.93),
+            ("sign_flip", "median", 1, 0.94),
+        ]
+    ]
     report = bench.summarize(runs, args)
     assert report["clean_auc"] == pytest.approx(0.95)
     row = next(r for r in report["results"] if r["attack"] == "sign_flip" and r["strategy"] == "median")

@@ -19,7 +19,8 @@ def test_help_imports_no_torch():
 def test_demo_with_a_missing_dataset_says_how_to_fix_it(tmp_path):
     out = subprocess.run(
         [sys.executable, "-m", "fedge.cli.main", "demo", "--dataset", "nosuchmnist", "--data-dir", str(tmp_path), "--workdir", str(tmp_path / "w")],
-        capture_output=True, text=True,
+        capture_output=True,
+        text=True,
     )
     assert out.returncode == 3  # not found (fedge.errors.EXIT_CODES)
     assert "--data-dir" in out.stdout + out.stderr

@@ -91,7 +91,9 @@ def test_bit_flips_only_raise_codec_error(delta: dict[str, np.ndarray], spec: st
 
 
 hostile_entries = st.one_of(
-    st.fixed_dictionaries({"name": st.text(max_size=3), "shape": st.lists(st.integers(-5, 1 << 40), max_size=4), "dtype": st.sampled_from(["float32", "int64", "float16", ""])}),
+    st.fixed_dictionaries(
+        {"name": st.text(max_size=3), "shape": st.lists(st.integers(-5, 1 << 40), max_size=4), "dtype": st.sampled_from(["float32", "int64", "float16", ""])}
+    ),
     st.fixed_dictionaries({"name": st.integers(), "shape": st.just([2])}),
     st.dictionaries(st.text(max_size=6), st.integers(), max_size=3),
     st.lists(st.integers(), max_size=3),

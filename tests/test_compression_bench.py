@@ -27,17 +27,35 @@ def test_every_benchmark_script_starts(script: str):
 
 
 def test_summary_ratios_means_and_ef_pairs(bench):
-    args = argparse.Namespace(specs=["topk:0.01,ef|q8|zstd", "topk:0.01|q8|zstd"], clients=4, seeds=[0, 1], rounds=2,
-                              alpha=1.0, epochs=1, lr=1e-3, dataset="pneumoniamnist", downlink_codec=None, repeats=1, timing_round=1)
+    args = argparse.Namespace(
+        specs=["topk:0.01,ef|q8|zstd", "topk:0.01|q8|zstd"],
+        clients=4,
+        seeds=[0, 1],
+        rounds=2,
+        alpha=1.0,
+        epochs=1,
+        lr=1e-3,
+        dataset="pneumoniamnist",
+        downlink_codec=None,
+        repeats=1,
+        timing_round=1,
+    )
 
     def run(codec, seed, auc, up):
         return {"codec": codec, "seed": seed, "final_auc": auc, "uplink_bytes_per_round": up, "downlink_bytes_per_round": 0.0}
 
-    runs = [run("fp32", 0, 0.90, 400_000), run("fp32", 1, 0.92, 400_000),
-            run("topk:0.01,ef|q8|zstd", 0, 0.905, 3_000), run("topk:0.01,ef|q8|zstd", 1, 0.925, 5_000),
-            run("topk:0.01|q8|zstd", 0, 0.80, 4_000), run("topk:0.01|q8|zstd", 1, 0.82, 4_000)]
-    timing = {s: {"encode_ms": 1.0, "decode_ms": 0.5, "payload_bytes_real_update": 100_018 if s == "fp32" else 900,
-                  "relative_l2_error": 0.0} for s in ["fp32", *args.specs]}
+    runs = [
+        run("fp32", 0, 0.90, 400_000),
+        run("fp32", 1, 0.92, 400_000),
+        run("topk:0.01,ef|q8|zstd", 0, 0.905, 3_000),
+        run("topk:0.01,ef|q8|zstd", 1, 0.925, 5_000),
+        run("topk:0.01|q8|zstd", 0, 0.80, 4_000),
+        run("topk:0.01|q8|zstd", 1, 0.82, 4_000),
+    ]
+    timing = {
+        s: {"encode_ms": 1.0, "decode_ms": 0.5, "payload_bytes_real_update": 100_018 if s == "fp32" else 900, "relative_l2_error": 0.0}
+        for s in ["fp32", *args.specs]
+    }
     report = bench.summarize(args, runs, timing, 400_000, 448)
     rows = {r["codec"]: r for r in report["results"]}
     ef = rows["topk:0.01,ef|q8|zstd"]
@@ -53,8 +71,7 @@ def test_summary_ratios_means_and_ef_pairs(bench):
 
 def test_time_codec_on_a_model_delta(bench):
     rng = np.random.default_rng(0)
-    delta = {"conv.weight": rng.standard_normal((16, 8, 3, 3)).astype(np.float32) * 1e-3,
-             "bn.running_mean": rng.standard_normal(16).astype(np.float32)}
+    delta = {"conv.weight": rng.standard_normal((16, 8, 3, 3)).astype(np.float32) * 1e-3, "bn.running_mean": rng.standard_normal(16).astype(np.float32)}
     t = bench.time_codec("topk:0.01,ef|q8|zstd", delta, ["bn.running_mean"], repeats=2)
     assert t["encode_ms"] > 0 and t["decode_ms"] > 0 and t["payload_bytes_real_update"] > 32  # fp16 BN stats travel
     assert 0 < t["relative_l2_error"] < 1

@@ -24,7 +24,9 @@ def test_the_flag_wins_then_the_environment_then_the_shared_folder(tmp_path: Pat
 def test_medmnist_is_found_under_the_root_or_its_medmnist_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("FEDGE_DATA_DIR", str(tmp_path))
     (tmp_path / "medmnist").mkdir()
-    arrays = {f"{s}_{k}": np.zeros((2, 4, 4), np.uint8) if k == "images" else np.array([[0], [1]]) for s in ("train", "val", "test") for k in ("images", "labels")}
+    arrays = {
+        f"{s}_{k}": np.zeros((2, 4, 4), np.uint8) if k == "images" else np.array([[0], [1]]) for s in ("train", "val", "test") for k in ("images", "labels")
+    }
     np.savez(tmp_path / "medmnist" / "sitemnist.npz", **arrays)
 
     assert find_medmnist("sitemnist") == tmp_path / "medmnist" / "sitemnist.npz"

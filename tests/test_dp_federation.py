@@ -15,9 +15,17 @@ pytestmark = pytest.mark.integration
 
 def test_record_and_client_level_dp_in_a_two_site_federation(medmnist_root, tmp_path):
     settings = FederationSettings(
-        dataset="pneumoniamnist", data_dir=str(medmnist_root), clients=2, rounds=2, workdir=tmp_path / "run",
-        model_options={"widths": [8, 16]}, codec="topk:0.1,ef|q8|zstd", strategy="dp_fedavg",
-        strategy_options={"noise_multiplier": 1.0, "max_norm": 5.0, "seed": 0}, dp_noise_multiplier=1.0, dp_max_grad_norm=1.0,
+        dataset="pneumoniamnist",
+        data_dir=str(medmnist_root),
+        clients=2,
+        rounds=2,
+        workdir=tmp_path / "run",
+        model_options={"widths": [8, 16]},
+        codec="topk:0.1,ef|q8|zstd",
+        strategy="dp_fedavg",
+        strategy_options={"noise_multiplier": 1.0, "max_norm": 5.0, "seed": 0},
+        dp_noise_multiplier=1.0,
+        dp_max_grad_norm=1.0,
     )
     report = run_federation(settings)
     assert [r["round"] for r in report["rounds"]] == [1, 2] and report["rejected_updates"] == 0

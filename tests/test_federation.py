@@ -50,8 +50,14 @@ def test_other_dataset_on_mosquitto(medmnist_root, tmp_path, mosquitto_broker):
     host, port = mosquitto_broker
     report = run_federation(
         FederationSettings(
-            dataset="breastmnist", data_dir=str(medmnist_root), clients=2, rounds=2, broker=f"mqtt://{host}:{port}",
-            federation="mosq", workdir=tmp_path / "run", codec="fp16",
+            dataset="breastmnist",
+            data_dir=str(medmnist_root),
+            clients=2,
+            rounds=2,
+            broker=f"mqtt://{host}:{port}",
+            federation="mosq",
+            workdir=tmp_path / "run",
+            codec="fp16",
         )
     )
     assert len(report["rounds"]) == 2
@@ -62,16 +68,50 @@ def test_other_dataset_on_mosquitto(medmnist_root, tmp_path, mosquitto_broker):
 
 def _spawn_federation(root: Path, data: Path, broker: str, federation: str, rounds: int) -> tuple[list[str], list[subprocess.Popen]]:
     server_cmd = FEDGE + [
-        "server", "--broker", broker, "--federation", federation, "--dataset", "breastmnist", "--data-dir", str(data),
-        "--rounds", str(rounds), "--min-clients", "2", "--clients", "site-1,site-2", "--checkpoint-dir", str(root / "ckpt"),
-        "--round-timeout", "120", "--quiet",
+        "server",
+        "--broker",
+        broker,
+        "--federation",
+        federation,
+        "--dataset",
+        "breastmnist",
+        "--data-dir",
+        str(data),
+        "--rounds",
+        str(rounds),
+        "--min-clients",
+        "2",
+        "--clients",
+        "site-1,site-2",
+        "--checkpoint-dir",
+        str(root / "ckpt"),
+        "--round-timeout",
+        "120",
+        "--quiet",
     ]
     agents = []
     for i, site in enumerate(["site-1", "site-2"]):
         cmd = FEDGE + [
-            "agent", "--broker", broker, "--site", site, "--federation", federation, "--dataset", "breastmnist",
-            "--data-dir", str(data), "--shard", str(i), "--num-shards", "2", "--alpha", "1.0",
-            "--state-dir", str(root / site), "--quiet",
+            "agent",
+            "--broker",
+            broker,
+            "--site",
+            site,
+            "--federation",
+            federation,
+            "--dataset",
+            "breastmnist",
+            "--data-dir",
+            str(data),
+            "--shard",
+            str(i),
+            "--num-shards",
+            "2",
+            "--alpha",
+            "1.0",
+            "--state-dir",
+            str(root / site),
+            "--quiet",
         ]
         agents.append(subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=open(root / f"{site}.log", "wb")))
     return server_cmd, agents
@@ -151,10 +191,18 @@ def test_malformed_updates_are_rejected_and_the_round_completes(medmnist_root, t
     federation = "hostile"
     topics = Topics(federation)
     model = ClassificationTask(load_medmnist("breastmnist", medmnist_root)).model_config("cnn")
-    server = RoundServer(ServerConfig(
-        federation=federation, broker=broker, model=model, checkpoint_dir=tmp_path / "ckpt", rounds=1, min_clients=2,
-        expected_clients=("site-1", "site-2"), round_timeout=120,
-    ))
+    server = RoundServer(
+        ServerConfig(
+            federation=federation,
+            broker=broker,
+            model=model,
+            checkpoint_dir=tmp_path / "ckpt",
+            rounds=1,
+            min_clients=2,
+            expected_clients=("site-1", "site-2"),
+            round_timeout=120,
+        )
+    )
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 30
@@ -171,7 +219,10 @@ def test_malformed_updates_are_rejected_and_the_round_completes(medmnist_root, t
         "garbage": (topics.update_chunk(1, "site-1", 0), os.urandom(300)),
         "truncated chunk": (topics.update_chunk(1, "site-2", 0), chunk_of(b"x" * 100)[:20]),
         "malformed envelope": (topics.update_chunk(1, "site-1", 0), chunk_of(b"FDG1" + b"\xff" * 50)),
-        "wrong federation": (topics.update_chunk(1, "site-2", 0), chunk_of(encode_envelope(EnvelopeHeader(**(good_header | {"federation": "other", "sender": "site-2"})), b""))),
+        "wrong federation": (
+            topics.update_chunk(1, "site-2", 0),
+            chunk_of(encode_envelope(EnvelopeHeader(**(good_header | {"federation": "other", "sender": "site-2"})), b"")),
+        ),
         "stale round": (topics.update_chunk(0, "site-1", 0), chunk_of(encode_envelope(EnvelopeHeader(**(good_header | {"round": 0})), b""))),
         "bad topic": (f"fedge/{federation}/round/1/update/site-1/notanumber", b"zzz"),
     }
@@ -179,7 +230,9 @@ def test_malformed_updates_are_rejected_and_the_round_completes(medmnist_root, t
     for site in ("site-1", "site-2"):
         subprocess.run(
             ["mosquitto_pub", "-h", host, "-p", str(port), "-q", "1", "-r", "-t", topics.status(site), "-s"],
-            input=sign_record(StatusMessage(federation=federation, sender=site, state="online"), None), check=True, timeout=10,
+            input=sign_record(StatusMessage(federation=federation, sender=site, state="online"), None),
+            check=True,
+            timeout=10,
         )
     watcher = MqttSession(broker, "test-watcher", clean_session=True)
     watcher.subscribe(topics.announce(1))
@@ -219,10 +272,7 @@ def test_broker_killed_mid_federation_recovers(medmnist_root, tmp_path):
         pytest.skip("mosquitto binary not found (apt-get install -y mosquitto)")
     port = free_port()
     conf = tmp_path / "mosquitto.conf"
-    conf.write_text(
-        f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence true\npersistence_location {tmp_path}/\n"
-        "autosave_interval 1\n"
-    )
+    conf.write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence true\npersistence_location {tmp_path}/\nautosave_interval 1\n")
     broker_proc = MosquittoProcess(conf, port, tmp_path / "mosquitto.log").__enter__()
     broker = f"mqtt://127.0.0.1:{port}"
     server_cmd, agents = _spawn_federation(tmp_path, medmnist_root, broker, "broker-crash", 3)
@@ -267,18 +317,47 @@ def test_signed_federation_rejects_a_forged_site(medmnist_root, tmp_path):
         (trusted / f"{name}.pub").write_bytes((keys / f"{name}.pub").read_bytes())
     model = ClassificationTask(load_medmnist("breastmnist", medmnist_root)).model_config("cnn")
     with EmbeddedBroker() as broker:
-        server = RoundServer(ServerConfig(
-            federation="signed", broker=broker.url, model=model, checkpoint_dir=tmp_path / "ckpt", rounds=1, min_clients=1,
-            round_timeout=10, trusted_keys=trusted, signing_key=keys / "server.key", wait_for_clients=120,
-        ))
+        server = RoundServer(
+            ServerConfig(
+                federation="signed",
+                broker=broker.url,
+                model=model,
+                checkpoint_dir=tmp_path / "ckpt",
+                rounds=1,
+                min_clients=1,
+                round_timeout=10,
+                trusted_keys=trusted,
+                signing_key=keys / "server.key",
+                wait_for_clients=120,
+            )
+        )
         thread = threading.Thread(target=server.run, daemon=True)
         thread.start()
         agents = []
         for i, (site, key) in enumerate([("site-1", keys / "site-1.key"), ("site-2", tmp_path / "rogue" / "site-2.key")]):
             cmd = FEDGE + [
-                "agent", "--broker", broker.url, "--site", site, "--federation", "signed", "--dataset", "breastmnist",
-                "--data-dir", str(medmnist_root), "--shard", str(i), "--num-shards", "2", "--state-dir", str(tmp_path / site),
-                "--signing-key", str(key), "--server-key", str(keys / "server.pub"), "--quiet",
+                "agent",
+                "--broker",
+                broker.url,
+                "--site",
+                site,
+                "--federation",
+                "signed",
+                "--dataset",
+                "breastmnist",
+                "--data-dir",
+                str(medmnist_root),
+                "--shard",
+                str(i),
+                "--num-shards",
+                "2",
+                "--state-dir",
+                str(tmp_path / site),
+                "--signing-key",
+                str(key),
+                "--server-key",
+                str(keys / "server.pub"),
+                "--quiet",
             ]
             agents.append(subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
         try:
@@ -301,8 +380,14 @@ def test_sparse_updates_with_error_feedback_and_delta_downlink(medmnist_root, tm
     from server.rounds import RoundServer
 
     settings = FederationSettings(
-        dataset="breastmnist", data_dir=str(medmnist_root), clients=2, rounds=2, workdir=tmp_path / "run",
-        codec="topk:0.05,ef|q8|zstd", downlink_codec="q8,ef|zstd", federation="sparse",
+        dataset="breastmnist",
+        data_dir=str(medmnist_root),
+        clients=2,
+        rounds=2,
+        workdir=tmp_path / "run",
+        codec="topk:0.05,ef|q8|zstd",
+        downlink_codec="q8,ef|zstd",
+        federation="sparse",
     )
     report = run_federation(settings)
     dense = report["dense_update_bytes"]
@@ -312,10 +397,16 @@ def test_sparse_updates_with_error_feedback_and_delta_downlink(medmnist_root, tm
     for site in ("site-1", "site-2"):
         assert (tmp_path / "run" / "agents" / site / "residual.safetensors").stat().st_size > 0
     ckpt = load_checkpoint(report["checkpoint"])
-    restarted = RoundServer(ServerConfig(
-        federation="sparse", broker="mqtt://127.0.0.1:1", model=ckpt.config, checkpoint_dir=tmp_path / "run" / "checkpoints",
-        rounds=2, downlink_codec="q8|zstd",
-    ))
+    restarted = RoundServer(
+        ServerConfig(
+            federation="sparse",
+            broker="mqtt://127.0.0.1:1",
+            model=ckpt.config,
+            checkpoint_dir=tmp_path / "run" / "checkpoints",
+            rounds=2,
+            downlink_codec="q8|zstd",
+        )
+    )
     assert restarted.state.round == 2
     assert len(restarted.downlink_residual) > 0
 
@@ -332,10 +423,17 @@ def test_emulated_link_upload_time_matches_the_projection(medmnist_root, tmp_pat
     profile["link"].update(uplink_mbps=4.0, downlink_mbps=None)
     path = tmp_path / "slow-site.yaml"
     path.write_text(yaml.safe_dump(profile))
-    report = run_federation(FederationSettings(
-        dataset="breastmnist", data_dir=str(medmnist_root), clients=2, rounds=1, workdir=tmp_path / "run",
-        federation="slowlink", emulate_link=str(path),
-    ))
+    report = run_federation(
+        FederationSettings(
+            dataset="breastmnist",
+            data_dir=str(medmnist_root),
+            clients=2,
+            rounds=1,
+            workdir=tmp_path / "run",
+            federation="slowlink",
+            emulate_link=str(path),
+        )
+    )
     transfer = report["uplink_transfer"]
     assert transfer["updates"] == 2 and transfer["projected_seconds"] > 0.5
     assert 0.85 <= transfer["measured_over_projected"] <= 1.15, transfer

@@ -113,7 +113,9 @@ def test_strace_sees_the_folder_fsync_after_the_rename(tmp_path: Path) -> None:
     trace = tmp_path / "trace.txt"
     run = subprocess.run(
         ["strace", "-f", "-y", "-o", str(trace), "-e", "trace=fsync,fdatasync,rename,renameat,renameat2", sys.executable, "-c", code],
-        capture_output=True, text=True, timeout=60,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     if run.returncode != 0 and "ptrace" in run.stderr:
         pytest.skip(f"strace cannot trace here: {run.stderr.strip()}")

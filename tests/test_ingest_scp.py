@@ -31,9 +31,7 @@ def scp(tmp_path: Path) -> Iterator[StorageSCP]:
     server.stop()
 
 
-def _send(
-    storescu: str, port: int, files: list[Path], calling: str, called: str = "FEDGE", *options: str
-) -> subprocess.CompletedProcess[str]:
+def _send(storescu: str, port: int, files: list[Path], calling: str, called: str = "FEDGE", *options: str) -> subprocess.CompletedProcess[str]:
     cmd = [storescu, "-aet", calling, "-aec", called, *options, "127.0.0.1", str(port), *map(str, files)]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=120)
 
@@ -74,7 +72,6 @@ def test_bad_dataset_over_the_network_is_quarantined_and_refused(scp: StorageSCP
     assert scp.ingestor.summary().reasons == {"invalid_uid": 1}
     reasons = list((scp.ingestor.store.root / "quarantine").glob("*.reason"))
     assert len(reasons) == 1 and reasons[0].read_text().startswith("invalid_uid: ")
-
 
 
 def test_corrupt_and_refused_data_fail_and_a_good_file_succeeds(scp: StorageSCP, storescu: str, tmp_path: Path, data_dir: Path) -> None:

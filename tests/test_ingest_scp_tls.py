@@ -52,8 +52,13 @@ def make_ca(folder: Path, common: str) -> tuple[Pem, x509.Certificate, ec.Ellipt
     key = ec.generate_private_key(ec.SECP256R1())
     now = dt.datetime.now(dt.timezone.utc)
     cert = (
-        x509.CertificateBuilder().subject_name(_name(common)).issuer_name(_name(common)).public_key(key.public_key())
-        .serial_number(x509.random_serial_number()).not_valid_before(now - dt.timedelta(minutes=5)).not_valid_after(now + dt.timedelta(days=1))
+        x509.CertificateBuilder()
+        .subject_name(_name(common))
+        .issuer_name(_name(common))
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(now + dt.timedelta(days=1))
         .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
         .add_extension(x509.KeyUsage(False, False, False, False, False, True, True, False, False), critical=True)
         .sign(key, hashes.SHA256())
@@ -66,8 +71,13 @@ def issue(folder: Path, common: str, ca_cert: x509.Certificate, ca_key: ec.Ellip
     now = dt.datetime.now(dt.timezone.utc)
     usage = ExtendedKeyUsageOID.SERVER_AUTH if server else ExtendedKeyUsageOID.CLIENT_AUTH
     builder = (
-        x509.CertificateBuilder().subject_name(_name(common)).issuer_name(ca_cert.subject).public_key(key.public_key())
-        .serial_number(x509.random_serial_number()).not_valid_before(now - dt.timedelta(minutes=5)).not_valid_after(now + dt.timedelta(days=1))
+        x509.CertificateBuilder()
+        .subject_name(_name(common))
+        .issuer_name(ca_cert.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(now + dt.timedelta(days=1))
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
     )
@@ -143,7 +153,9 @@ def test_plain_foreign_and_anonymous_senders_are_refused(tls_scp: StorageSCP, pk
     assert _store(tls_scp.port, mr, None) is None  # plain TCP to a TLS port
     plain = subprocess.run(
         [storescu, "-aet", "CT_SCANNER", "-aec", "FEDGE", "-to", "10", "127.0.0.1", str(tls_scp.port), str(mr)],
-        capture_output=True, text=True, timeout=60,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert plain.returncode != 0
     assert _store(tls_scp.port, mr, _client_context(pki.ca, pki.stranger)) is None  # another CA's certificate
@@ -166,7 +178,9 @@ def test_tls_options_are_checked(tmp_path: Path, pki: Pki) -> None:
     assert no_scp.exit_code == 2 and "add --scp" in _said(no_scp.output)
     partial = CliRunner().invoke(app, ["--scp", *base, "--tls-ca", str(pki.ca)])
     assert partial.exit_code == 2 and "all three" in _said(partial.output)
-    missing = CliRunner().invoke(app, ["--scp", *base, "--tls-ca", str(tmp_path / "nope.pem"), "--tls-cert", str(pki.receiver.cert), "--tls-key", str(pki.receiver.key)])
+    missing = CliRunner().invoke(
+        app, ["--scp", *base, "--tls-ca", str(tmp_path / "nope.pem"), "--tls-cert", str(pki.receiver.cert), "--tls-key", str(pki.receiver.key)]
+    )
     assert missing.exit_code == 2 and "does not exist" in _said(missing.output)
     wrong_key = CliRunner().invoke(app, ["--scp", *base, "--tls-ca", str(pki.ca), "--tls-cert", str(pki.receiver.cert), "--tls-key", str(pki.scanner.key)])
     assert wrong_key.exit_code == 2 and "cannot start" in _said(wrong_key.output)

@@ -49,8 +49,9 @@ def head(data_dir: Path):
 @pytest.fixture(scope="module")
 def site(head, pair_cache: Path) -> LdctTask:
     """A tiny low-dose site: 4 slices at 64 px, one held out."""
-    return LdctTask.simulate(head.hu[10:14], head.pixel_mm, ScanProtocol.parse("5e3:90:5"), test_slices=[1], sim=SMALL,
-                             patch=32, stride=16, cache_dir=pair_cache / "ldct")
+    return LdctTask.simulate(
+        head.hu[10:14], head.pixel_mm, ScanProtocol.parse("5e3:90:5"), test_slices=[1], sim=SMALL, patch=32, stride=16, cache_dir=pair_cache / "ldct"
+    )
 
 
 @pytest.fixture(scope="module")
@@ -169,8 +170,9 @@ def test_in_process_federation_takes_one_task_per_site(head, site, pair_cache: P
     from server.simulation import InProcessFederation, SimulationSettings
     from server.strategies import get_strategy
 
-    other = LdctTask.simulate(head.hu[20:23], head.pixel_mm, ScanProtocol.parse("1e5:360"), test_slices=[1], sim=SMALL,
-                              patch=32, stride=16, cache_dir=pair_cache / "ldct")
+    other = LdctTask.simulate(
+        head.hu[20:23], head.pixel_mm, ScanProtocol.parse("1e5:360"), test_slices=[1], sim=SMALL, patch=32, stride=16, cache_dir=pair_cache / "ldct"
+    )
     settings = SimulationSettings(sites=2, rounds=1, codec="q8|zstd", arch="redcnn", model_options={"width": 8, "depth": 2}, batch_size=8)
     fed = InProcessFederation(settings, site, get_strategy("fedavg"), site_tasks={"low": site, "high": other})
     before = {k: v.copy() for k, v in fed.weights.items()}
@@ -220,7 +222,10 @@ def test_int8_calibration_settings_are_checked():
 
     assert ExportSpec("int8").calibration == Calibration()  # MinMax: the exporter's default is unchanged
     assert str(Calibration("percentile", 99.9, float_ops=("Add",))) == "percentile 99.9, float Add"
-    for kwargs, message in (({"method": "kl"}, "choose one of minmax, percentile, entropy"), ({"method": "percentile", "percentile": 100.0}, "90 to below 100")):
+    for kwargs, message in (
+        ({"method": "kl"}, "choose one of minmax, percentile, entropy"),
+        ({"method": "percentile", "percentile": 100.0}, "90 to below 100"),
+    ):
         with pytest.raises(UsageError, match=message):
             Calibration(**kwargs)
 
@@ -231,9 +236,17 @@ def test_demo_federates_the_denoiser_over_the_broker_in_lora_mode(site_ct: Path,
 
     monkeypatch.setenv("FEDGE_CACHE_DIR", str(pair_cache))  # the spawned agents read the pairs the server simulated
     settings = FederationSettings(
-        task="ldct", ct_dir=str(site_ct), protocols=SITE_PROTOCOLS, image_size=SMALL.image_size,
-        clients=2, rounds=1, arch="redcnn", model_options={"width": 8, "depth": 2, "cond": 2}, mode="lora",
-        codec="topk:0.1,ef|q8|zstd", workdir=tmp_path / "run",
+        task="ldct",
+        ct_dir=str(site_ct),
+        protocols=SITE_PROTOCOLS,
+        image_size=SMALL.image_size,
+        clients=2,
+        rounds=1,
+        arch="redcnn",
+        model_options={"width": 8, "depth": 2, "cond": 2},
+        mode="lora",
+        codec="topk:0.1,ef|q8|zstd",
+        workdir=tmp_path / "run",
     )
     report = run_federation(settings, report_path=tmp_path / "report.json")
     assert report["task"] == "ldct" and report["rejected_updates"] == 0
@@ -246,8 +259,11 @@ def test_the_demo_refuses_ldct_settings_that_cannot_run(tmp_path: Path):
     from fedge.cli.federation import FederationSettings, run_federation
 
     ldct = {"task": "ldct", "clients": 2, "protocols": SITE_PROTOCOLS, "arch": "redcnn", "workdir": tmp_path / "x"}
-    for change, message in (({"protocols": ("1e4:180",)}, "one --protocol per site"), ({"arch": "cnn"}, "use --arch redcnn"),
-                            ({"dp_noise_multiplier": 1.0}, "DP-SGD is not available")):
+    for change, message in (
+        ({"protocols": ("1e4:180",)}, "one --protocol per site"),
+        ({"arch": "cnn"}, "use --arch redcnn"),
+        ({"dp_noise_multiplier": 1.0}, "DP-SGD is not available"),
+    ):
         with pytest.raises(ValueError, match=message):
             run_federation(FederationSettings(**{**ldct, **change}))  # type: ignore[arg-type]
     assert not (tmp_path / "x").exists()  # refused before the workdir is made
@@ -316,15 +332,63 @@ def test_fedge_server_runs_the_ldct_task_with_agents_as_separate_processes(data_
         for i, protocol in enumerate(SITE_PROTOCOLS):
             site = f"site-{i + 1}"
             config = tmp_path / f"{site}.yaml"
-            config.write_text(yaml.safe_dump({"broker": broker.url, "site": site, "federation": "ldct", "task": "ldct", "ct_dir": str(site_ct),
-                                              "protocol": protocol, "image_size": SMALL.image_size, "shard": i, "num_shards": 2, "state_dir": site}))
-            agents.append(subprocess.Popen([*fedge, "agent", "run", "--config", str(config)], env=env, stdout=subprocess.DEVNULL,
-                                           stderr=open(tmp_path / f"{site}.log", "wb")))
+            config.write_text(
+                yaml.safe_dump(
+                    {
+                        "broker": broker.url,
+                        "site": site,
+                        "federation": "ldct",
+                        "task": "ldct",
+                        "ct_dir": str(site_ct),
+                        "protocol": protocol,
+                        "image_size": SMALL.image_size,
+                        "shard": i,
+                        "num_shards": 2,
+                        "state_dir": site,
+                    }
+                )
+            )
+            agents.append(
+                subprocess.Popen(
+                    [*fedge, "agent", "run", "--config", str(config)], env=env, stdout=subprocess.DEVNULL, stderr=open(tmp_path / f"{site}.log", "wb")
+                )
+            )
         server = subprocess.run(
-            [*fedge, "server", "--broker", broker.url, "--federation", "ldct", "--task", "ldct", "--ct-dir", str(server_ct), "--protocol", "2e4:120",
-             "--image-size", "64", "--rounds", "2", "--min-clients", "2", "--clients", "site-1,site-2", "--batch-size", "8",
-             "--codec", "q8|zstd", "--checkpoint-dir", str(tmp_path / "ckpt"), "--round-timeout", "120", "--quiet"],
-            env=env, capture_output=True, text=True, timeout=300,
+            [
+                *fedge,
+                "server",
+                "--broker",
+                broker.url,
+                "--federation",
+                "ldct",
+                "--task",
+                "ldct",
+                "--ct-dir",
+                str(server_ct),
+                "--protocol",
+                "2e4:120",
+                "--image-size",
+                "64",
+                "--rounds",
+                "2",
+                "--min-clients",
+                "2",
+                "--clients",
+                "site-1,site-2",
+                "--batch-size",
+                "8",
+                "--codec",
+                "q8|zstd",
+                "--checkpoint-dir",
+                str(tmp_path / "ckpt"),
+                "--round-timeout",
+                "120",
+                "--quiet",
+            ],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
         )
         assert server.returncode == 0, server.stderr[-3000:]
         for site, agent in zip(("site-1", "site-2"), agents):

@@ -75,13 +75,32 @@ ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 SENTINEL_TOPIC = "phi-test/sentinel"
 
 # Non-UID, non-PN, non-date elements that identify a patient, a visit, a person, a place or a device.
-IDENTIFYING_KEYWORDS = frozenset({
-    "PatientID", "OtherPatientIDs", "IssuerOfPatientID", "PatientAddress", "PatientTelephoneNumbers", "PatientAge",
-    "MilitaryRank", "MedicalRecordLocator", "AccessionNumber", "StudyID", "InstitutionName", "InstitutionAddress",
-    "InstitutionalDepartmentName", "StationName", "DeviceSerialNumber", "RequestedProcedureID", "PerformedProcedureStepID",
-    "ScheduledProcedureStepID", "AdmissionID", "PlacerOrderNumberImagingServiceRequest",
-    "FillerOrderNumberImagingServiceRequest", "SourceApplicationEntityTitle",
-})
+IDENTIFYING_KEYWORDS = frozenset(
+    {
+        "PatientID",
+        "OtherPatientIDs",
+        "IssuerOfPatientID",
+        "PatientAddress",
+        "PatientTelephoneNumbers",
+        "PatientAge",
+        "MilitaryRank",
+        "MedicalRecordLocator",
+        "AccessionNumber",
+        "StudyID",
+        "InstitutionName",
+        "InstitutionAddress",
+        "InstitutionalDepartmentName",
+        "StationName",
+        "DeviceSerialNumber",
+        "RequestedProcedureID",
+        "PerformedProcedureStepID",
+        "ScheduledProcedureStepID",
+        "AdmissionID",
+        "PlacerOrderNumberImagingServiceRequest",
+        "FillerOrderNumberImagingServiceRequest",
+        "SourceApplicationEntityTitle",
+    }
+)
 DATE_TIME_VRS = ("DA", "DT", "TM")
 STANDARD_UID_ROOT = "1.2.840.10008."  # transfer syntaxes and SOP classes: public constants, not identifying
 _TOKEN_LIKE = re.compile(r"^[0-9A-Fa-f.]+$")  # could occur inside a number or a hex digest by chance
@@ -247,7 +266,9 @@ def _common_window(needle: bytes, q: int, hay: bytes, p: int, itemsize: int) -> 
     while left < WINDOW - _BLOCK and q - left > 0 and p - left > 0 and needle[q - left - 1] == hay[p - left - 1]:
         left += 1
     right = 0
-    while right < WINDOW - _BLOCK and q + _BLOCK + right < len(needle) and p + _BLOCK + right < len(hay) and needle[q + _BLOCK + right] == hay[p + _BLOCK + right]:
+    while (
+        right < WINDOW - _BLOCK and q + _BLOCK + right < len(needle) and p + _BLOCK + right < len(hay) and needle[q + _BLOCK + right] == hay[p + _BLOCK + right]
+    ):
         right += 1
     for s in range(q - left, q + _BLOCK + right - WINDOW + 1):
         if s % itemsize == 0 and informative(needle[s : s + WINDOW], itemsize):
@@ -538,8 +559,19 @@ def _build_sites(root: Path, work: Path) -> tuple[dict[str, Path], dict[str, lis
                 writer.writerows(sorted(study_labels.items()))
             extra = ["--labels", str(labels_csv)]
         stores[site] = work / f"{site}-store"
-        cmd = FEDGE + ["ingest", str(inbox), "--store", str(stores[site]), "--size", "28", "--channels", "1",
-                       "--report", str(work / f"{site}-ingest.json"), *extra]
+        cmd = FEDGE + [
+            "ingest",
+            str(inbox),
+            "--store",
+            str(stores[site]),
+            "--size",
+            "28",
+            "--channels",
+            "1",
+            "--report",
+            str(work / f"{site}-ingest.json"),
+            *extra,
+        ]
         log = work / f"{site}-ingest.log"
         with log.open("wb") as fh:
             running[site] = (subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT), log)
@@ -591,14 +623,44 @@ def federation_run(tmp_path_factory: pytest.TempPathFactory, data_dir: Path, mos
     capture = Capture(host, port)
     logs = {name: work / f"{name}.log" for name in ("server", *SITES)}
     commands = {
-        site: FEDGE + ["agent", "--broker", broker, "--site", site, "--federation", FEDERATION, "--data-dir", str(stores[site]),
-                       "--state-dir", str(work / f"{site}-state"), "--quiet"]
+        site: FEDGE
+        + [
+            "agent",
+            "--broker",
+            broker,
+            "--site",
+            site,
+            "--federation",
+            FEDERATION,
+            "--data-dir",
+            str(stores[site]),
+            "--state-dir",
+            str(work / f"{site}-state"),
+            "--quiet",
+        ]
         for site in SITES
     }
     commands["server"] = FEDGE + [
-        "server", "--broker", broker, "--federation", FEDERATION, "--init", str(init), "--clients", ",".join(SITES),
-        "--min-clients", "2", "--rounds", "2", "--codec", "fp32|zstd", "--round-timeout", "120",
-        "--checkpoint-dir", str(work / "ckpt"), "--quiet",
+        "server",
+        "--broker",
+        broker,
+        "--federation",
+        FEDERATION,
+        "--init",
+        str(init),
+        "--clients",
+        ",".join(SITES),
+        "--min-clients",
+        "2",
+        "--rounds",
+        "2",
+        "--codec",
+        "fp32|zstd",
+        "--round-timeout",
+        "120",
+        "--checkpoint-dir",
+        str(work / "ckpt"),
+        "--quiet",
     ]
     procs: dict[str, subprocess.Popen] = {}
     try:
@@ -637,9 +699,22 @@ def test_no_dicom_value_and_no_pixel_leaves_the_site(federation_run: Run) -> Non
 
     # The checker had something to look at: real identifiers and real pixels.
     keywords = set().union(*run.values.values())
-    assert {"PatientID", "PatientName", "PatientBirthDate", "StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID",
-            "FrameOfReferenceUID", "StudyDate", "StudyTime", "AcquisitionDate", "AcquisitionTime", "InstitutionName",
-            "AccessionNumber", "StationName"} <= keywords, sorted(keywords)
+    assert {
+        "PatientID",
+        "PatientName",
+        "PatientBirthDate",
+        "StudyInstanceUID",
+        "SeriesInstanceUID",
+        "SOPInstanceUID",
+        "FrameOfReferenceUID",
+        "StudyDate",
+        "StudyTime",
+        "AcquisitionDate",
+        "AcquisitionTime",
+        "InstitutionName",
+        "AccessionNumber",
+        "StationName",
+    } <= keywords, sorted(keywords)
     assert len(run.values) > 100 and len(run.pixels) == 4 + sum(len(f) for f in run.site_files.values())
 
     decoded = decode_traffic(run.messages)
@@ -705,15 +780,27 @@ def test_the_checker_flags_planted_leaks(federation_run: Run) -> None:
     assert not header_violations("clean", clean_raw)
     update = topics.update_chunk(1, "site-1", 0)
     planted = {
-        "PatientID in a status JSON": ("value", topics.status("site-1"), json.dumps({"client": "site-1", "state": "online", "note": str(mr.PatientID)}).encode()),
+        "PatientID in a status JSON": (
+            "value",
+            topics.status("site-1"),
+            json.dumps({"client": "site-1", "state": "online", "note": str(mr.PatientID)}).encode(),
+        ),
         "PatientName as UTF-16 inside binary": ("value", update, noise[:501] + str(liver.PatientName).encode("utf-16-le") + noise[501:]),
         "PatientName as UTF-16-BE in a zstd frame": ("value", update, zstandard.ZstdCompressor().compress(noise + str(liver.PatientName).encode("utf-16-be"))),
-        "StudyInstanceUID inside a zstd frame in an envelope": ("value", update, chunk(envelope_with(clean_raw, zstandard.ZstdCompressor().compress(noise + str(mr.StudyInstanceUID).encode() + noise)))),
+        "StudyInstanceUID inside a zstd frame in an envelope": (
+            "value",
+            update,
+            chunk(envelope_with(clean_raw, zstandard.ZstdCompressor().compress(noise + str(mr.StudyInstanceUID).encode() + noise))),
+        ),
         "short numeric PatientID in a header": ("value", update, chunk(envelope_with(clean_raw | {"num_samples": int(liver.PatientID)}, b""))),
         "StudyDate in ISO form in a status": ("value", topics.status("site-2"), json.dumps({"client": "site-2", "d": "1971-07-14"}).encode()),
         "SOPInstanceUID in a topic": ("value", f"fedge/{FEDERATION}/status/{liver.SOPInstanceUID}", b"{}"),
         "32 bytes of a stored image": ("pixel", update, noise[:777] + _informative_slice(stored) + noise[777:]),
-        "a stored image inside a zstd frame": ("pixel", topics.snapshot_chunk(0), zstandard.ZstdCompressor().compress(noise + stored.data[784 * 5 : 784 * 6] + noise)),
+        "a stored image inside a zstd frame": (
+            "pixel",
+            topics.snapshot_chunk(0),
+            zstandard.ZstdCompressor().compress(noise + stored.data[784 * 5 : 784 * 6] + noise),
+        ),
         "32 bytes of the float32 training input": ("pixel", update, noise[:13] + _informative_slice(as_trained) + noise),
         "32 bytes of source PixelData": ("pixel", update, noise[:99] + _informative_slice(liver_pixels) + noise),
         "an extra header key": ("header", update, chunk(envelope_with(clean_raw | {"patient": "x"}, b""))),

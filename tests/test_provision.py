@@ -193,8 +193,15 @@ def test_cli_provisions_a_federation_a_broker_accepts(tmp_path):
 
     kit = prov / "sites" / "site-1"
     assert sorted(p.name for p in kit.iterdir()) == ["agent.yaml", "ca.crt", "server.pub", "site-1-signing.key", "site-1.crt", "site-1.key"]
-    for secret in (kit / "site-1.key", kit / "site-1-signing.key", prov / "ca" / "ca.key", prov / "server" / "server.key",
-                   prov / "server" / "server-tls.key", prov / "broker" / "broker.key", tmp_path / "broker" / "broker.key"):
+    for secret in (
+        kit / "site-1.key",
+        kit / "site-1-signing.key",
+        prov / "ca" / "ca.key",
+        prov / "server" / "server.key",
+        prov / "server" / "server-tls.key",
+        prov / "broker" / "broker.key",
+        tmp_path / "broker" / "broker.key",
+    ):
         assert stat.S_IMODE(secret.stat().st_mode) == 0o600, secret
     assert (prov / "server" / "trusted" / "site-1.pub").exists()
     assert (kit / "server.pub").read_bytes() == (prov / "server" / "server.pub").read_bytes()
@@ -251,7 +258,8 @@ def test_cli_refuses_bad_names_repeats_and_site_before_init(tmp_path):
 def test_cli_entry_point_reports_usage_errors(tmp_path):
     out = subprocess.run(
         [sys.executable, "-m", "fedge.cli.main", "provision", "site", "site-1", "--dir", str(tmp_path / "missing")],
-        capture_output=True, text=True,
+        capture_output=True,
+        text=True,
     )
     assert out.returncode == 2
     assert "fedge provision init" in out.stderr

@@ -112,7 +112,9 @@ def test_krum_scores_match_hand_computed_distances() -> None:
 
 def test_multikrum_averages_the_lowest_scores_and_leaves_out_an_outlier() -> None:
     updates = _updates(7, seed=6)
-    outlier = ClientUpdate("site-x", 10, {k: v * 100 if isinstance(v, np.ndarray) else SparseTensor(v.shape, v.indices, v.values * 100) for k, v in updates[0].delta.items()}, 0)
+    outlier = ClientUpdate(
+        "site-x", 10, {k: v * 100 if isinstance(v, np.ndarray) else SparseTensor(v.shape, v.indices, v.values * 100) for k, v in updates[0].delta.items()}, 0
+    )
     everyone = updates + [outlier]
     strategy = get_strategy("multikrum", f=2)
     ordered = sorted(everyone, key=lambda u: u.client)
@@ -222,8 +224,11 @@ def test_vector_rules_take_the_median_of_batchnorm_statistics(name: str) -> None
     updates = []
     for i in range(9):
         bad = i >= 7
-        delta = {"conv.weight": rng.normal(size=(4, 3)).astype(np.float32) * np.float32(0.01),
-                 "bn.running_var": np.full(4, -100.0 if bad else 0.01, np.float32), "bn.running_mean": np.full(4, 0.02 * i, np.float32)}
+        delta = {
+            "conv.weight": rng.normal(size=(4, 3)).astype(np.float32) * np.float32(0.01),
+            "bn.running_var": np.full(4, -100.0 if bad else 0.01, np.float32),
+            "bn.running_mean": np.full(4, 0.02 * i, np.float32),
+        }
         updates.append(ClientUpdate(f"s{i}", 10, delta, 0))
     result = get_strategy(name).aggregate(updates, manifest)
     np.testing.assert_allclose(result["bn.running_var"], 0.01)

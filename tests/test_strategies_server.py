@@ -21,8 +21,18 @@ MODEL = ModelConfig(arch="cnn", in_channels=1, num_classes=2, image_size=28, opt
 
 
 def _server(tmp_path, strategy: str, **options) -> RoundServer:
-    return RoundServer(ServerConfig(federation="t", broker="mqtt://127.0.0.1:1", checkpoint_dir=tmp_path / "ckpt", min_clients=1,
-                                    model=MODEL, strategy=strategy, strategy_options=options, max_update_norm=float("inf")))
+    return RoundServer(
+        ServerConfig(
+            federation="t",
+            broker="mqtt://127.0.0.1:1",
+            checkpoint_dir=tmp_path / "ckpt",
+            min_clients=1,
+            model=MODEL,
+            strategy=strategy,
+            strategy_options=options,
+            max_update_norm=float("inf"),
+        )
+    )
 
 
 def _round(server: RoundServer, scales: dict[str, float], samples: int = 100) -> _Round:

@@ -148,7 +148,11 @@ def test_a_stranger_on_the_broker_cannot_steer_stop_poison_exhaust_or_replay(med
             mallory.publish(topics.control, b"1", retain=True)
             mallory.publish(topics.control, b'{"command": "finished"}', retain=True)
             mallory.publish(topics.announce(999999999), sign_record(ann.model_copy(update={"round": 999999999}), None), retain=True)
-            mallory.publish(topics.announce(7), sign_record(ann.model_copy(update={"round": 7, "train": ann.train.model_copy(update={"lr": 5.0})}), Signer.generate()), retain=True)
+            mallory.publish(
+                topics.announce(7),
+                sign_record(ann.model_copy(update={"round": 7, "train": ann.train.model_copy(update={"lr": 5.0})}), Signer.generate()),
+                retain=True,
+            )
             mallory.publish(topics.announce(2), replay_announce, retain=True)
             for topic, payload in replay_global:  # a signed global of another run, under this run's round 2
                 mallory.publish(topic.replace("/round/1/", "/round/2/"), payload, retain=True)

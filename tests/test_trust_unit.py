@@ -97,7 +97,9 @@ def test_a_record_is_refused_unsigned_forged_from_another_federation_or_oversize
         open_record(raw, RoundAnnouncement, verifier, federation=FED, sender="server")
 
 
-@pytest.mark.parametrize("raw", [b"1", b"[]", b"null", b'{"command": "finished"}', b"[" * 5000, b"\xff\xfe", b'{"sender":"server","body":"' + b"[" * 5000 + b'"}'])
+@pytest.mark.parametrize(
+    "raw", [b"1", b"[]", b"null", b'{"command": "finished"}', b"[" * 5000, b"\xff\xfe", b'{"sender":"server","body":"' + b"[" * 5000 + b'"}']
+)
 def test_hostile_json_is_a_protocol_error_not_a_crash(raw) -> None:
     with pytest.raises(ProtocolError):
         open_record(raw, ControlMessage, None, federation=FED)
@@ -119,7 +121,10 @@ def test_agent_refuses_forged_control_and_announcements_and_keeps_running(tmp_pa
     forged = {
         "retained 1 on control": (topics.control, b"1"),
         "unsigned finished": (topics.control, b'{"command": "finished"}'),
-        "finished signed by a stranger": (topics.control, sign_record(ControlMessage(command="finished", round=1, federation=FED, sender="server", run=RUN), Signer.generate())),
+        "finished signed by a stranger": (
+            topics.control,
+            sign_record(ControlMessage(command="finished", round=1, federation=FED, sender="server", run=RUN), Signer.generate()),
+        ),
         "unsigned round 999999999": (topics.announce(999999999), sign_record(_announcement(999999999), None)),
         "round 999999999 signed by a stranger": (topics.announce(999999999), sign_record(_announcement(999999999), Signer.generate())),
         "announcement of round 1 on round 2's topic": (topics.announce(2), sign_record(_announcement(1), signers["server"])),
@@ -147,7 +152,10 @@ def test_agent_refuses_an_older_runs_records_and_follows_a_newer_run(tmp_path, k
     old_run = "b" * 32
     replayed = [
         (topics.announce(5), sign_record(_announcement(5, run=old_run, issued_at=now - 3600), signers["server"])),
-        (topics.control, sign_record(ControlMessage(command="finished", round=5, federation=FED, sender="server", run=old_run, issued_at=now - 3500), signers["server"])),
+        (
+            topics.control,
+            sign_record(ControlMessage(command="finished", round=5, federation=FED, sender="server", run=old_run, issued_at=now - 3500), signers["server"]),
+        ),
     ]
     for topic, payload in replayed:
         agent._handle(Message(topic, payload, retain=True))
@@ -157,7 +165,13 @@ def test_agent_refuses_an_older_runs_records_and_follows_a_newer_run(tmp_path, k
     new_run = "c" * 32
     agent._handle(Message(topics.announce(1), sign_record(_announcement(1, run=new_run, issued_at=now + 10), signers["server"]), retain=True))
     assert agent.run_id == new_run and agent.pending.round == 1
-    agent._handle(Message(topics.control, sign_record(ControlMessage(command="finished", round=1, federation=FED, sender="server", run=new_run), signers["server"]), retain=True))
+    agent._handle(
+        Message(
+            topics.control,
+            sign_record(ControlMessage(command="finished", round=1, federation=FED, sender="server", run=new_run), signers["server"]),
+            retain=True,
+        )
+    )
     assert agent.finished
 
 

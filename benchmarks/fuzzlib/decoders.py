@@ -182,7 +182,29 @@ class SpecTarget(Target):
     name = "codec-spec"
     weight = 6
     expected = (CodecError,)
-    TOKENS = (b"|", b",", b":", b",ef", b"zstd", b"topk", b"gtopk", b"thresh", b"randk", b"q8", b"q4", b"fp16", b"fp32", b"ternary", b"1e-320", b"nan", b"inf", b"-0", b"99999999999999999999", b"\x00", b" ")
+    TOKENS = (
+        b"|",
+        b",",
+        b":",
+        b",ef",
+        b"zstd",
+        b"topk",
+        b"gtopk",
+        b"thresh",
+        b"randk",
+        b"q8",
+        b"q4",
+        b"fp16",
+        b"fp32",
+        b"ternary",
+        b"1e-320",
+        b"nan",
+        b"inf",
+        b"-0",
+        b"99999999999999999999",
+        b"\x00",
+        b" ",
+    )
 
     def generate(self, rng: random.Random) -> Case:
         return Case(self.name, "string", mutate_bytes(rng, rng.choice(SPECS).encode(), self.TOKENS))

@@ -56,7 +56,9 @@ class TensorSpec:
             raise CodecError(f"tensor name must be a non-empty string, got {describe(self.name)}")
         shape = self.shape
         if not isinstance(shape, tuple) or len(shape) > MAX_DIMS or not all(type(d) is int and 0 < d <= MAX_TENSOR_NUMEL for d in shape):
-            raise CodecError(f"tensor {describe(self.name)}: shape must be a tuple of at most {MAX_DIMS} ints in [1, {MAX_TENSOR_NUMEL}], got {describe(shape)}")
+            raise CodecError(
+                f"tensor {describe(self.name)}: shape must be a tuple of at most {MAX_DIMS} ints in [1, {MAX_TENSOR_NUMEL}], got {describe(shape)}"
+            )
         if self.numel > MAX_TENSOR_NUMEL:
             raise CodecError(f"tensor {describe(self.name)} has over {MAX_TENSOR_NUMEL} elements, more than one payload holds")
         if not isinstance(self.dtype, str) or self.dtype not in FLOAT_DTYPES:

@@ -54,9 +54,7 @@ def check_length(source: str | os.PathLike[str] | BinaryIO, limits: Limits) -> N
         size = source.seek(0, os.SEEK_END) - here
         source.seek(here)
     if size > limits.max_file_bytes:
-        raise QuarantineError(
-            Reason.TOO_LARGE, f"{size} bytes; the cap is {limits.max_file_bytes} ({limits.max_file_bytes // MiB} MiB, --max-file-mb)"
-        )
+        raise QuarantineError(Reason.TOO_LARGE, f"{size} bytes; the cap is {limits.max_file_bytes} ({limits.max_file_bytes // MiB} MiB, --max-file-mb)")
 
 
 def _count(ds: Dataset, keyword: str, default: int) -> int:
@@ -80,9 +78,7 @@ def check_image(ds: Dataset, channels: int, limits: Limits) -> None:
         raise QuarantineError(Reason.TOO_LARGE, f"{frames} frames; the cap is {limits.max_frames}")
     pixels = frames * rows * cols * samples
     if pixels > limits.max_pixels:
-        raise QuarantineError(
-            Reason.TOO_LARGE, f"{frames} x {rows} x {cols} x {samples} = {pixels} samples to decode; the cap is {limits.max_pixels}"
-        )
+        raise QuarantineError(Reason.TOO_LARGE, f"{frames} x {rows} x {cols} x {samples} = {pixels} samples to decode; the cap is {limits.max_pixels}")
     side = max(rows, cols)
     padded = side * side * channels * FLOAT32_BYTES
     if padded > limits.max_padded_bytes:

@@ -77,9 +77,7 @@ class IngestSummary:
 class Ingestor:
     """Feeds inputs into one store; thread-safe, so the SCP's association threads can share it."""
 
-    def __init__(
-        self, store: DatasetStore, config: ReadConfig, labels: Labels | None = None, quarantine_bytes: int = DEFAULT_QUOTA_BYTES
-    ) -> None:
+    def __init__(self, store: DatasetStore, config: ReadConfig, labels: Labels | None = None, quarantine_bytes: int = DEFAULT_QUOTA_BYTES) -> None:
         if (config.image_size, config.channels) != (store.image_size, store.channels):
             raise ValueError(
                 f"ReadConfig makes {config.image_size}px x {config.channels} images but {store.root} holds "

@@ -88,7 +88,12 @@ class Quarantine:
             used = self._used
         log.warning(
             "quarantine full (%d of %d bytes used): %s (%d bytes, %s) not kept; free space in %s or raise --quarantine-mb",
-            used, self.quota_bytes, name, size, error.reason.value, self.root,
+            used,
+            self.quota_bytes,
+            name,
+            size,
+            error.reason.value,
+            self.root,
         )
         return False
 

@@ -30,9 +30,7 @@ WINDOW_PRESETS: dict[str, tuple[float, float]] = {
 }
 WindowChoice = Literal["auto", "soft_tissue", "lung", "brain", "bone"]
 # Modalities that carry a picture a model can learn from; SEG, RTDOSE, SR and the like do not.
-IMAGE_MODALITIES = frozenset(
-    {"CT", "MR", "CR", "DX", "MG", "NM", "PT", "US", "XA", "RF", "OT", "OP", "IO", "PX", "ES", "XC", "GM"}
-)
+IMAGE_MODALITIES = frozenset({"CT", "MR", "CR", "DX", "MG", "NM", "PT", "US", "XA", "RF", "OT", "OP", "IO", "PX", "ES", "XC", "GM"})
 _COLOUR = {"RGB", "YBR_FULL", "YBR_FULL_422", "YBR_ICT", "YBR_RCT", "YBR_PARTIAL_420"}
 _GREY = {"MONOCHROME1", "MONOCHROME2"}
 _LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)  # ITU-R BT.601, as MedMNIST's PIL "L"

@@ -25,7 +25,9 @@ def agent(
     alpha: float = typer.Option(0.5, help="Dirichlet label skew for --shard"),
     state_dir: Path = typer.Option(Path("agent-state"), help="Residuals and the last update survive restarts here"),
     codec: str = typer.Option(None, help="Refuse rounds that ask for another uplink codec"),
-    mode: str = typer.Option(None, help="Refuse rounds in another training mode (full, lora, pruned, qat): e.g. lora on a device short of memory; default: the server's"),
+    mode: str = typer.Option(
+        None, help="Refuse rounds in another training mode (full, lora, pruned, qat): e.g. lora on a device short of memory; default: the server's"
+    ),
     seed: int = typer.Option(0),
     threads: int = typer.Option(1, help="Torch CPU threads for local training"),
     device: str = typer.Option("auto", help="Training device: auto (CUDA when present), cpu, cuda, cuda:N"),
@@ -53,9 +55,26 @@ def agent(
     link: dict[str, Any] = profile_link_rates(emulate_link) if emulate_link else {}
     try:
         config = AgentConfig(
-            broker=broker, site=site, federation=federation, data_dir=data_dir, dataset=dataset, shard=shard,
-            num_shards=num_shards, alpha=alpha, state_dir=state_dir, codec=codec, mode=mode, seed=seed, threads=threads,  # type: ignore[arg-type]  # pydantic names the modes
-            signing_key=signing_key, server_key=server_key, device=device, ca=ca, cert=cert, key=key, **link,
+            broker=broker,
+            site=site,
+            federation=federation,
+            data_dir=data_dir,
+            dataset=dataset,
+            shard=shard,
+            num_shards=num_shards,
+            alpha=alpha,
+            state_dir=state_dir,
+            codec=codec,
+            mode=mode,  # type: ignore[arg-type]  # pydantic validates the choice
+            seed=seed,
+            threads=threads,
+            signing_key=signing_key,
+            server_key=server_key,
+            device=device,
+            ca=ca,
+            cert=cert,
+            key=key,
+            **link,
         )
     except ValueError as exc:  # pydantic's ValidationError names the field and the allowed values
         raise fail(f"invalid agent settings: {exc}") from None

@@ -61,9 +61,17 @@ def compress(
     max_abs = error.max_abs
     params = sum(x.size for x in delta.values())
     result = {
-        "codec": spec.spec, "tensors": len(delta), "params": params, "fp32_bytes": 4 * params, "bytes": len(payload),
-        "ratio_vs_fp32": 4 * params / len(payload), "relative_l2_error": error.relative_l2,
-        "max_abs_error": max_abs, "encode_ms": encode_ms, "decode_ms": decode_ms, "keep_dense": keep,
+        "codec": spec.spec,
+        "tensors": len(delta),
+        "params": params,
+        "fp32_bytes": 4 * params,
+        "bytes": len(payload),
+        "ratio_vs_fp32": 4 * params / len(payload),
+        "relative_l2_error": error.relative_l2,
+        "max_abs_error": max_abs,
+        "encode_ms": encode_ms,
+        "decode_ms": decode_ms,
+        "keep_dense": keep,
     }
     table = Table(title=f"{checkpoint_a.name} -> {checkpoint_b.name} with {spec.spec}")
     table.add_column("measure")

@@ -14,7 +14,10 @@ def demo(
     dataset: str = typer.Option("pneumoniamnist", help="MedMNIST subset: <name>.npz in --data-dir, else downloaded"),
     data_dir: str = typer.Option(None, envvar="FEDGE_DATA_DIR", help="Folder holding <dataset>.npz (or medmnist/<dataset>.npz)"),
     ct_dir: str = typer.Option(None, help="ldct: folder of CT DICOM series the sites share out (default: ct/ge_head_human_28slice in the data folder)"),
-    protocol: list[str] = typer.Option(None, help="ldct: one scan protocol per site, I0:VIEWS[:ELECTRONIC_NOISE] (repeat the flag; default: fedge.data.ldct.SITE_PROTOCOLS, from 1e5:360 down to 5e3:90:5)"),
+    protocol: list[str] = typer.Option(
+        None,
+        help="ldct: one scan protocol per site, I0:VIEWS[:ELECTRONIC_NOISE] (repeat the flag; default: fedge.data.ldct.SITE_PROTOCOLS, from 1e5:360 down to 5e3:90:5)",
+    ),
     film: bool = typer.Option(False, "--film", help=FILM_HELP),
     image_size: int = typer.Option(None, min=16, max=1024, help=IMAGE_SIZE_HELP),
     clients: int = typer.Option(4, min=1, help="Number of hospital sites (agent processes)"),
@@ -36,15 +39,23 @@ def demo(
     dp_delta: float = typer.Option(1e-5, help="DP-SGD: the delta each site's epsilon is reported at"),
     init: Path = typer.Option(None, help="Pretrained checkpoint to federate from (`fedge pretrain`)"),
     emulate_link: str = typer.Option(None, help="Device profile (name or YAML path) whose uplink/downlink paces each agent"),
-    rounds_mode: str = typer.Option("sync", help="sync (the default) | async: FedBuff, an aggregate every --buffer updates weighted by staleness (`fedge server --help`)"),
+    rounds_mode: str = typer.Option(
+        "sync", help="sync (the default) | async: FedBuff, an aggregate every --buffer updates weighted by staleness (`fedge server --help`)"
+    ),
     buffer: int = typer.Option(2, min=1, help="--rounds-mode async: accepted updates per aggregate (FedBuff's K)"),
     max_staleness: int = typer.Option(4, min=0, max=1000, help="--rounds-mode async: how many versions behind an update may be and still count"),
-    secure: bool = typer.Option(False, "--secure", help="Provision a CA, certificates and ACLs (as `fedge provision` does) into WORKDIR/pki and run the demo over a Mosquitto started with them (needs mosquitto)"),
+    secure: bool = typer.Option(
+        False,
+        "--secure",
+        help="Provision a CA, certificates and ACLs (as `fedge provision` does) into WORKDIR/pki and run the demo over a Mosquitto started with them (needs mosquitto)",
+    ),
     workdir: Path = typer.Option(Path("runs/demo"), help="Where checkpoints and agent state go (wiped first)"),
     report: Path = typer.Option(None, help="Write the JSON report here (and a PNG plot beside it)"),
     metrics_port: int = typer.Option(None, min=0, max=65535, help="Serve the server's Prometheus metrics on http://127.0.0.1:PORT/metrics"),
     dashboard: str = typer.Option(None, help="Serve the read-only live dashboard on HOST:PORT or PORT (host 127.0.0.1)"),
-    dashboard_token: str = typer.Option(None, envvar="FEDGE_DASHBOARD_TOKEN", help="Bearer token the dashboard requires for its data (open http://HOST:PORT/#token=TOKEN)"),
+    dashboard_token: str = typer.Option(
+        None, envvar="FEDGE_DASHBOARD_TOKEN", help="Bearer token the dashboard requires for its data (open http://HOST:PORT/#token=TOKEN)"
+    ),
     mlflow: str = typer.Option(None, help="Log each round and the final model to MLflow: a tracking URL or a folder (file store); needs fedge[tracking]"),
     tensorboard: Path = typer.Option(None, help="Write each round's numbers as TensorBoard event files under this folder; needs fedge[tracking]"),
     linger: float = typer.Option(0.0, min=0, max=86400, help="After the last round, keep the dashboard and metrics up this many seconds"),
@@ -80,14 +91,43 @@ def demo(
         table.add_column(col, justify="right")
     try:
         settings = FederationSettings(
-            task=task, ct_dir=ct_dir, protocols=protocols, model_options=model_options, image_size=image_size,  # type: ignore[arg-type]
-            dataset=dataset, data_dir=data_dir, clients=clients, rounds=rounds, codec=codec, downlink_codec=downlink_codec,
-            arch=arch or DEFAULT_ARCH[task], broker=broker, seed=seed, alpha=alpha, epochs=epochs, lr=lr, workdir=workdir,
-            mode=mode, mode_options=parse_mode_options(mode_options), init=init, emulate_link=emulate_link, secure=secure,  # type: ignore[arg-type]
-            strategy=strategy, strategy_options=parse_strategy_options(strategy_options), dp_noise_multiplier=dp_noise_multiplier,
-            dp_max_grad_norm=dp_max_grad_norm, dp_delta=dp_delta,
-            metrics_port=metrics_port, dashboard=dashboard, dashboard_token=dashboard_token, mlflow=mlflow, tensorboard=tensorboard,
-            linger=linger, rounds_mode=rounds_mode, buffer=buffer, max_staleness=max_staleness,  # type: ignore[arg-type]
+            task=task,  # type: ignore[arg-type]
+            ct_dir=ct_dir,
+            protocols=protocols,
+            model_options=model_options,
+            image_size=image_size,
+            dataset=dataset,
+            data_dir=data_dir,
+            clients=clients,
+            rounds=rounds,
+            codec=codec,
+            downlink_codec=downlink_codec,
+            arch=arch or DEFAULT_ARCH[task],
+            broker=broker,
+            seed=seed,
+            alpha=alpha,
+            epochs=epochs,
+            lr=lr,
+            workdir=workdir,
+            mode=mode,  # type: ignore[arg-type]
+            mode_options=parse_mode_options(mode_options),
+            init=init,
+            emulate_link=emulate_link,
+            secure=secure,
+            strategy=strategy,
+            strategy_options=parse_strategy_options(strategy_options),
+            dp_noise_multiplier=dp_noise_multiplier,
+            dp_max_grad_norm=dp_max_grad_norm,
+            dp_delta=dp_delta,
+            metrics_port=metrics_port,
+            dashboard=dashboard,
+            dashboard_token=dashboard_token,
+            mlflow=mlflow,
+            tensorboard=tensorboard,
+            linger=linger,
+            rounds_mode=rounds_mode,  # type: ignore[arg-type]
+            buffer=buffer,
+            max_staleness=max_staleness,
         )
         settings.watch()  # a bad --dashboard, token or tracking option fails before anything starts
     except ValueError as exc:
@@ -98,10 +138,15 @@ def demo(
         def on_round(record: dict) -> None:
             scores = "  ".join(f"{k} {record[k]:.4f}" for k in headline)
             progress.console.print(
-                f"round {record['round']:>3}  {scores}  "
-                f"up {record['uplink_bytes']:>10,d} B  down {record['downlink_bytes']:>10,d} B  {record['seconds']:.1f}s"
+                f"round {record['round']:>3}  {scores}  up {record['uplink_bytes']:>10,d} B  down {record['downlink_bytes']:>10,d} B  {record['seconds']:.1f}s"
             )
-            table.add_row(str(record["round"]), *[f"{record[k]:.4f}" for k in headline], f"{record['uplink_bytes']:,}", f"{record['downlink_bytes']:,}", f"{record['seconds']:.1f}")
+            table.add_row(
+                str(record["round"]),
+                *[f"{record[k]:.4f}" for k in headline],
+                f"{record['uplink_bytes']:,}",
+                f"{record['downlink_bytes']:,}",
+                f"{record['seconds']:.1f}",
+            )
             progress.advance(bar)
 
         try:
@@ -110,10 +155,7 @@ def demo(
             raise fail_with(exc) from None
     console.print(table)
     final = ", ".join(f"{k} {v:.4f}" for k, v in result["final"].items())
-    console.print(
-        f"final {final} in {result['seconds']:.0f}s; "
-        f"model: {result['checkpoint']}"
-    )
+    console.print(f"final {final} in {result['seconds']:.0f}s; model: {result['checkpoint']}")
     privacy = result["privacy"]
     if privacy["record_level"]:
         worst = max(privacy["record_level"]["sites_epsilon"].values())

@@ -64,9 +64,7 @@ def _profile_precision(name: str, fmt: Format) -> tuple[str, str | None]:
     return profile.name, wanted
 
 
-def _parity_data(
-    console: Console, ckpt: Checkpoint, dataset: str | None, data_dir: Path | None, precision: str
-) -> tuple[np.ndarray, np.ndarray | None, Any]:
+def _parity_data(console: Console, ckpt: Checkpoint, dataset: str | None, data_dir: Path | None, precision: str) -> tuple[np.ndarray, np.ndarray | None, Any]:
     """(images, labels, splits) the parity check runs on. fp32 compares logits, so without a dataset
     (none named, or the checkpoint's own not at hand) seeded random images do; other precisions
     compare the task metric and need the labelled test split."""

@@ -155,8 +155,16 @@ def run_federation(
     _check(settings)
     link: dict[str, Any] = profile_link_rates(settings.emulate_link) if settings.emulate_link else {}
     # Every setting is checked before anything is deleted: a typo must not cost the last run's folder.
-    train = TrainSettings(epochs=settings.epochs, lr=settings.lr, batch_size=settings.batch_size, mode=settings.mode, mode_options=settings.mode_options,
-                          dp_noise_multiplier=settings.dp_noise_multiplier, dp_max_grad_norm=settings.dp_max_grad_norm, dp_delta=settings.dp_delta)
+    train = TrainSettings(
+        epochs=settings.epochs,
+        lr=settings.lr,
+        batch_size=settings.batch_size,
+        mode=settings.mode,
+        mode_options=settings.mode_options,
+        dp_noise_multiplier=settings.dp_noise_multiplier,
+        dp_max_grad_norm=settings.dp_max_grad_norm,
+        dp_delta=settings.dp_delta,
+    )
     task = _evaluation_task(settings)  # fail fast, before any process starts
     model_options = dict(settings.model_options)
     if settings.dp_noise_multiplier is not None and settings.arch == "cnn":

@@ -64,8 +64,7 @@ def pretrain(
             result = task.train_local(model, epochs=1, lr=lr, batch_size=batch_size, seed=seed * 1000 + epoch)
             metrics = task.evaluate(model, val_split)
             progress.console.print(
-                f"epoch {epoch + 1:>3}  loss {result.loss:.4f}  train acc {result.accuracy:.4f}  "
-                f"{val_split} AUC {metrics['auc']:.4f}  {result.seconds:.0f}s"
+                f"epoch {epoch + 1:>3}  loss {result.loss:.4f}  train acc {result.accuracy:.4f}  {val_split} AUC {metrics['auc']:.4f}  {result.seconds:.0f}s"
             )
             progress.advance(bar)
     test = task.evaluate(model, "test")

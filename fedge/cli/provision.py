@@ -74,7 +74,10 @@ def broker(
     listen: str = typer.Option(None, help="Address to listen on (default: every interface)"),
     persistence: Path = typer.Option(None, help="Keep queued messages across broker restarts in this folder (default: off)"),
     max_packet_size: int = typer.Option(4 * 1024 * 1024, help="Largest MQTT packet the broker accepts, bytes (chunks are 256 KiB by default)"),
-    max_queued: int = typer.Option(20000, help="QoS 1 messages queued per client (Mosquitto's default 1000 drops messages to the server at ~1000 sites); with --bridge, also what the bridge holds while the link is down"),
+    max_queued: int = typer.Option(
+        20000,
+        help="QoS 1 messages queued per client (Mosquitto's default 1000 drops messages to the server at ~1000 sites); with --bridge, also what the bridge holds while the link is down",
+    ),
     user: str = typer.Option(None, help="System user Mosquitto runs as when started as root (Mosquitto's default: mosquitto); it must read OUT"),
     bridge: str = typer.Option(None, help="Write a hospital's broker instead, bridged to the central one: the hospital's name (needs --sites, --central)"),
     sites: str = typer.Option(None, help="With --bridge: the hospital's sites, comma-separated; only their topics are forwarded"),
@@ -96,7 +99,13 @@ def broker(
         return
     try:
         files = write_broker_config(
-            dir, out, port=port, listen=listen, persistence_dir=persistence, max_packet_size=max_packet_size, user=user,
+            dir,
+            out,
+            port=port,
+            listen=listen,
+            persistence_dir=persistence,
+            max_packet_size=max_packet_size,
+            user=user,
             max_queued_messages=max_queued,
         )
     except ProvisionError as exc:

@@ -18,11 +18,21 @@ if TYPE_CHECKING:
 def server(
     broker: str = typer.Option(None, help="MQTT broker URL, e.g. mqtt://127.0.0.1:1883; default: start an embedded broker"),
     federation: str = typer.Option("demo", help="Federation name (topic prefix fedge/<name>/)"),
-    task: str = typer.Option("classification", help="What the sites learn: classification (MedMNIST) | ldct (low-dose CT denoising; agents set task, ct_dir and protocol in their YAML)"),
+    task: str = typer.Option(
+        "classification",
+        help="What the sites learn: classification (MedMNIST) | ldct (low-dose CT denoising; agents set task, ct_dir and protocol in their YAML)",
+    ),
     dataset: str = typer.Option("pneumoniamnist", help="Dataset that fixes the model's input/classes (and evaluation with --evaluate)"),
-    data_dir: str = typer.Option(None, envvar="FEDGE_DATA_DIR", help="Folder holding <dataset>.npz (ldct: the data root whose ct/ge_head_human_28slice --ct-dir defaults to)"),
-    ct_dir: str = typer.Option(None, help="ldct: the server's own CT DICOM series; each global is scored (PSNR/SSIM) on all of its slices (implies --evaluate)"),
-    protocol: list[str] = typer.Option(None, help="ldct: scan protocol(s) I0:VIEWS[:NOISE] the evaluation simulates on --ct-dir (repeat the flag; default: the four of `fedge demo`, 1e5:360 to 5e3:90:5)"),
+    data_dir: str = typer.Option(
+        None, envvar="FEDGE_DATA_DIR", help="Folder holding <dataset>.npz (ldct: the data root whose ct/ge_head_human_28slice --ct-dir defaults to)"
+    ),
+    ct_dir: str = typer.Option(
+        None, help="ldct: the server's own CT DICOM series; each global is scored (PSNR/SSIM) on all of its slices (implies --evaluate)"
+    ),
+    protocol: list[str] = typer.Option(
+        None,
+        help="ldct: scan protocol(s) I0:VIEWS[:NOISE] the evaluation simulates on --ct-dir (repeat the flag; default: the four of `fedge demo`, 1e5:360 to 5e3:90:5)",
+    ),
     image_size: int = typer.Option(None, min=16, max=1024, help=IMAGE_SIZE_HELP),
     film: bool = typer.Option(False, "--film", help=FILM_HELP),
     init: Path = typer.Option(None, help="Start from this checkpoint (e.g. a pretrained backbone) instead of --arch"),
@@ -35,7 +45,9 @@ def server(
     mode_options: str = typer.Option(None, help=MODE_OPTIONS_HELP),
     downlink_codec: str = typer.Option(None, help="Send each new global as a delta with this codec (default: full model)"),
     round_timeout: float = typer.Option(300.0, help="Seconds a round waits for all selected sites"),
-    epochs: int = typer.Option(1), lr: float = typer.Option(1e-3), batch_size: int = typer.Option(32),
+    epochs: int = typer.Option(1),
+    lr: float = typer.Option(1e-3),
+    batch_size: int = typer.Option(32),
     seed: int = typer.Option(0),
     checkpoint_dir: Path = typer.Option(Path("runs/server"), help="Per-round checkpoints; a restart resumes from here"),
     evaluate: bool = typer.Option(False, help="Score each global on the dataset's test split (needs --data-dir); ldct: on --ct-dir"),
@@ -54,14 +66,27 @@ def server(
     metrics_port: int = typer.Option(None, min=0, max=65535, help="Serve Prometheus metrics on http://METRICS_HOST:PORT/metrics"),
     metrics_host: str = typer.Option("127.0.0.1", help="Address the metrics endpoint listens on (0.0.0.0: every interface, for a remote Prometheus)"),
     dashboard: str = typer.Option(None, help="Serve the read-only live dashboard on HOST:PORT or PORT (host 127.0.0.1)"),
-    dashboard_token: str = typer.Option(None, envvar="FEDGE_DASHBOARD_TOKEN", help="Bearer token the dashboard requires for its data (open the page as http://HOST:PORT/#token=TOKEN)"),
-    mlflow: str = typer.Option(None, help="Log each round's numbers and the final model to MLflow: a tracking URL or a folder (file store); needs fedge[tracking]"),
+    dashboard_token: str = typer.Option(
+        None, envvar="FEDGE_DASHBOARD_TOKEN", help="Bearer token the dashboard requires for its data (open the page as http://HOST:PORT/#token=TOKEN)"
+    ),
+    mlflow: str = typer.Option(
+        None, help="Log each round's numbers and the final model to MLflow: a tracking URL or a folder (file store); needs fedge[tracking]"
+    ),
     tensorboard: Path = typer.Option(None, help="Write each round's numbers as TensorBoard event files under this folder; needs fedge[tracking]"),
-    decode_workers: int = typer.Option(0, min=0, max=256, help="Processes that decode and check updates beside the round loop (0: in it); for hundreds of sites"),
-    rounds_mode: str = typer.Option("sync", help="sync: each round waits for its selected sites (or the deadline's quorum); async: FedBuff, an aggregate every --buffer updates, each trained from one of the last --max-staleness + 1 versions and weighted 1/sqrt(1 + staleness)"),
+    decode_workers: int = typer.Option(
+        0, min=0, max=256, help="Processes that decode and check updates beside the round loop (0: in it); for hundreds of sites"
+    ),
+    rounds_mode: str = typer.Option(
+        "sync",
+        help="sync: each round waits for its selected sites (or the deadline's quorum); async: FedBuff, an aggregate every --buffer updates, each trained from one of the last --max-staleness + 1 versions and weighted 1/sqrt(1 + staleness)",
+    ),
     buffer: int = typer.Option(2, min=1, max=100_000, help="--rounds-mode async: accepted updates per aggregate (FedBuff's K)"),
-    max_staleness: int = typer.Option(4, min=0, max=1000, help="--rounds-mode async: the oldest version whose updates still count, in versions behind the open one"),
-    linger: float = typer.Option(0.0, min=0, max=86400, help="After the last round, keep the dashboard and metrics up this many seconds (a last scrape, open pages)"),
+    max_staleness: int = typer.Option(
+        4, min=0, max=1000, help="--rounds-mode async: the oldest version whose updates still count, in versions behind the open one"
+    ),
+    linger: float = typer.Option(
+        0.0, min=0, max=86400, help="After the last round, keep the dashboard and metrics up this many seconds (a last scrape, open pages)"
+    ),
     verbose: bool = typer.Option(True, "--verbose/--quiet"),
 ) -> None:
     """Aggregate rounds of site updates over MQTT (FedAvg or --strategy), checkpoint each round, resume after a crash.
@@ -88,8 +113,16 @@ def server(
 
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        train = TrainSettings(epochs=epochs, lr=lr, batch_size=batch_size, mode=mode, mode_options=parse_mode_options(mode_options),  # type: ignore[arg-type]
-                              dp_noise_multiplier=dp_noise_multiplier, dp_max_grad_norm=dp_max_grad_norm, dp_delta=dp_delta)
+        train = TrainSettings(
+            epochs=epochs,
+            lr=lr,
+            batch_size=batch_size,
+            mode=mode,  # type: ignore[arg-type]
+            mode_options=parse_mode_options(mode_options),
+            dp_noise_multiplier=dp_noise_multiplier,
+            dp_max_grad_norm=dp_max_grad_norm,
+            dp_delta=dp_delta,
+        )
     except ValueError as exc:
         raise fail(f"invalid training settings: {exc}") from None
     if cert is not None and (key is None or ca is None):
@@ -108,8 +141,9 @@ def server(
     console = Console()
     classifier = None
     if task == "ldct":
-        model_config, evaluator = _denoiser(ct_dir, data_dir, protocol, image_size, film=film, arch=arch,
-                                            evaluate=evaluate or ct_dir is not None, dp=dp_noise_multiplier is not None, seed=seed)
+        model_config, evaluator = _denoiser(
+            ct_dir, data_dir, protocol, image_size, film=film, arch=arch, evaluate=evaluate or ct_dir is not None, dp=dp_noise_multiplier is not None, seed=seed
+        )
         if init is not None:
             model_config = load_checkpoint(init).config
     else:
@@ -127,14 +161,33 @@ def server(
             broker = stack.enter_context(EmbeddedBroker()).url
             console.print(f"embedded broker on {broker} (agents: --broker {broker})")
         config = ServerConfig(
-            federation=federation, broker=broker, model=model_config, checkpoint_dir=checkpoint_dir, rounds=rounds,
-            min_clients=min_clients, expected_clients=tuple(c for c in (clients or "").split(",") if c),
-            round_timeout=round_timeout, uplink_codec=codec, downlink_codec=downlink_codec,
-            train=train, seed=seed, init_checkpoint=init, dataset=dataset if classifier is not None else None,
-            trusted_keys=trusted_keys, signing_key=signing_key, ca=ca, cert=cert, key=key,
-            max_samples=max_samples, max_update_norm=max_update_norm,
-            strategy=strategy, strategy_options=parse_strategy_options(strategy_options), decode_workers=decode_workers,
-            rounds_mode=rounds_mode, buffer=buffer, max_staleness=max_staleness,  # type: ignore[arg-type]
+            federation=federation,
+            broker=broker,
+            model=model_config,
+            checkpoint_dir=checkpoint_dir,
+            rounds=rounds,
+            min_clients=min_clients,
+            expected_clients=tuple(c for c in (clients or "").split(",") if c),
+            round_timeout=round_timeout,
+            uplink_codec=codec,
+            downlink_codec=downlink_codec,
+            train=train,
+            seed=seed,
+            init_checkpoint=init,
+            dataset=dataset if classifier is not None else None,
+            trusted_keys=trusted_keys,
+            signing_key=signing_key,
+            ca=ca,
+            cert=cert,
+            key=key,
+            max_samples=max_samples,
+            max_update_norm=max_update_norm,
+            strategy=strategy,
+            strategy_options=parse_strategy_options(strategy_options),
+            decode_workers=decode_workers,
+            rounds_mode=rounds_mode,  # type: ignore[arg-type]
+            buffer=buffer,
+            max_staleness=max_staleness,
         )
         round_server = make_round_server(config, evaluator=evaluator, on_round=lambda r: console.print(r))
         with watched(round_server, watch, say=console.print):
@@ -142,8 +195,18 @@ def server(
     console.print(f"federation {federation} finished after round {state.round}; model: {checkpoint_dir / 'final.safetensors'}")
 
 
-def _denoiser(ct_dir: str | None, data_dir: str | None, protocols: Sequence[str] | None, image_size: int | None, *, film: bool, arch: str,
-              evaluate: bool, dp: bool, seed: int) -> tuple[ModelConfig, Callable | None]:
+def _denoiser(
+    ct_dir: str | None,
+    data_dir: str | None,
+    protocols: Sequence[str] | None,
+    image_size: int | None,
+    *,
+    film: bool,
+    arch: str,
+    evaluate: bool,
+    dp: bool,
+    seed: int,
+) -> tuple[ModelConfig, Callable | None]:
     """The ldct denoiser's config and, when evaluating, its scorer on the server's own CT: every slice of
     --ct-dir under each --protocol (a real server holds no site's slices, unlike the demo's evaluator)."""
     from fedge.data.ldct import SITE_PROTOCOLS, ScanProtocol, SimulationConfig, resolve_ct_dir

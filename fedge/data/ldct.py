@@ -136,9 +136,21 @@ def cache_key(hu: np.ndarray, pixel_mm: float, protocol: ScanProtocol, config: S
     """SHA-256 over the source slices' bytes and everything that decides the simulation."""
     digest = hashlib.sha256()
     digest.update(np.ascontiguousarray(hu, dtype=np.float32).tobytes())
-    digest.update(json.dumps({"v": CACHE_VERSION, "pixel_mm": pixel_mm, "protocol": asdict(protocol), "size": config.image_size,
-                              "reference": asdict(config.reference), "mu_water": config.mu_water, "seed": seed,
-                              "shape": list(hu.shape)}, sort_keys=True).encode())
+    digest.update(
+        json.dumps(
+            {
+                "v": CACHE_VERSION,
+                "pixel_mm": pixel_mm,
+                "protocol": asdict(protocol),
+                "size": config.image_size,
+                "reference": asdict(config.reference),
+                "mu_water": config.mu_water,
+                "seed": seed,
+                "shape": list(hu.shape),
+            },
+            sort_keys=True,
+        ).encode()
+    )
     return digest.hexdigest()
 
 
@@ -154,8 +166,9 @@ def resolve_ct_dir(ct_dir: str | os.PathLike[str] | None, data_dir: str | os.Pat
     """--ct-dir, else the data root's head CT: one rule and one error for the agent, the server and the demo."""
     folder = ct_dir or default_ct_dir(data_dir)
     if folder is None:
-        raise UsageError("the ldct task needs --ct-dir (ct_dir in an agent's YAML): a folder of CT DICOM series, "
-                         "or FEDGE_DATA_DIR holding ct/ge_head_human_28slice")
+        raise UsageError(
+            "the ldct task needs --ct-dir (ct_dir in an agent's YAML): a folder of CT DICOM series, or FEDGE_DATA_DIR holding ct/ge_head_human_28slice"
+        )
     return Path(folder)
 
 
@@ -164,8 +177,13 @@ def default_cache_dir() -> Path:
 
 
 def simulate(
-    hu: np.ndarray, pixel_mm: float, protocol: ScanProtocol, config: SimulationConfig = SimulationConfig(), *,
-    seed: int = 0, cache_dir: Path | None = None,
+    hu: np.ndarray,
+    pixel_mm: float,
+    protocol: ScanProtocol,
+    config: SimulationConfig = SimulationConfig(),
+    *,
+    seed: int = 0,
+    cache_dir: Path | None = None,
 ) -> SlicePairs:
     """Pairs for every slice of `hu` (n, H, W): from the cache when the same source and protocol were
     simulated before, else simulated and written there (atomically, so concurrent agents are safe)."""

@@ -133,8 +133,7 @@ def load_medmnist(name: str, data_dir: str | os.PathLike | None = None, cache_di
     if path is None:
         if folder is not None and folder.exists() and name not in MEDMNIST_MD5:
             raise FileNotFoundError(
-                f"no {name}.npz in {folder} (nor in {folder / 'medmnist'}); pass --data-dir (or FEDGE_DATA_DIR) "
-                f"pointing at the folder that holds it"
+                f"no {name}.npz in {folder} (nor in {folder / 'medmnist'}); pass --data-dir (or FEDGE_DATA_DIR) pointing at the folder that holds it"
             )
         path = _download(name, Path(cache_dir or Path.home() / ".cache" / "fedge" / "medmnist"))
     try:

@@ -91,6 +91,9 @@ class RedCNN(nn.Module):
 @MODELS.register("redcnn")
 def build_redcnn(config: ModelConfig) -> nn.Module:
     return RedCNN(
-        config.in_channels, int(config.options.get("cond", 0)), int(config.options.get("width", 32)),
-        int(config.options.get("depth", 4)), config.options.get("norm", "batch"),
+        config.in_channels,
+        int(config.options.get("cond", 0)),
+        int(config.options.get("width", 32)),
+        int(config.options.get("depth", 4)),
+        config.options.get("norm", "batch"),
     )

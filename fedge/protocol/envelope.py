@@ -23,9 +23,7 @@ MAGIC = b"FDG1"
 _PREFIX = struct.Struct(">4sI")
 MAX_HEADER_BYTES = 1 << 20
 MAX_TENSORS = 100_000
-ALLOWED_METRICS = frozenset(
-    {"train_loss", "train_accuracy", "train_seconds", "encode_seconds", "val_auc", "val_accuracy", "peak_mem_mb", "epochs"}
-)
+ALLOWED_METRICS = frozenset({"train_loss", "train_accuracy", "train_seconds", "encode_seconds", "val_auc", "val_accuracy", "peak_mem_mb", "epochs"})
 NAME_PATTERN = r"^[A-Za-z0-9_.-]{1,64}$"
 RUN_PATTERN = r"^[0-9a-f]{32}$"
 SHA256_PATTERN = r"^[0-9a-f]{64}$"
@@ -94,9 +92,7 @@ class Envelope:
 
 
 def encode_envelope(header: EnvelopeHeader, payload: bytes, signer: Signer | None = None) -> bytes:
-    header = header.model_copy(
-        update={"payload_sha256": hashlib.sha256(payload).hexdigest(), "payload_len": len(payload), "signed": signer is not None}
-    )
+    header = header.model_copy(update={"payload_sha256": hashlib.sha256(payload).hexdigest(), "payload_len": len(payload), "signed": signer is not None})
     head = header.model_dump_json().encode()
     body = _PREFIX.pack(MAGIC, len(head)) + head + payload
     return body + signer.sign(body) if signer else body

@@ -176,4 +176,3 @@ def open_record(raw: bytes, cls: type[R], verifier: Verifier | None, *, federati
     if record.federation != federation:
         raise ProtocolError(f"{cls.__name__} for federation {record.federation!r}, not {federation!r}")
     return record
-

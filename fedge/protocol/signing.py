@@ -34,9 +34,7 @@ class Signer:
         return cls(key)
 
     def save(self, private_path: str | Path, public_path: str | Path) -> None:
-        Path(private_path).write_bytes(
-            self._key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
-        )
+        Path(private_path).write_bytes(self._key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
         Path(private_path).chmod(0o600)
         Path(public_path).write_bytes(self.public_pem())
 

@@ -32,8 +32,10 @@ def check_task_arch(task: str, arch: str) -> None:
     if task not in TASK_NAMES:
         raise UsageError(f"--task {task!r}: choose one of {', '.join(TASK_NAMES)}")
     if (arch == DEFAULT_ARCH["ldct"]) != (task == "ldct"):
-        raise UsageError(f"--arch {arch} does not fit --task {task}: use --arch {DEFAULT_ARCH[task]}"
-                         + ("" if task == "ldct" else " or another classifier of the zoo (resnet, vit)"))
+        raise UsageError(
+            f"--arch {arch} does not fit --task {task}: use --arch {DEFAULT_ARCH[task]}"
+            + ("" if task == "ldct" else " or another classifier of the zoo (resnet, vit)")
+        )
 
 
 class Task(Protocol):
@@ -42,8 +44,18 @@ class Task(Protocol):
     def model_config(self, arch: str = ..., **options) -> ModelConfig: ...
 
     def train_local(
-        self, model: nn.Module, indices: np.ndarray | None = None, *, epochs: int = 1, lr: float = 1e-3, batch_size: int = 32,
-        seed: int = 0, weight_decay: float = 0.0, device: str = "cpu", dp: DPSettings | None = None, prox_mu: float = 0.0,
+        self,
+        model: nn.Module,
+        indices: np.ndarray | None = None,
+        *,
+        epochs: int = 1,
+        lr: float = 1e-3,
+        batch_size: int = 32,
+        seed: int = 0,
+        weight_decay: float = 0.0,
+        device: str = "cpu",
+        dp: DPSettings | None = None,
+        prox_mu: float = 0.0,
     ) -> TrainResult: ...
 
     def evaluate(self, model: nn.Module, split: str = "test") -> dict[str, float]: ...

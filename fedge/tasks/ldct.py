@@ -69,8 +69,10 @@ def site_slices(series: Sequence[Series], shard: int, num_shards: int, test_per_
     every = [(i, j) for i, s in enumerate(series) for j in range(len(s.hu))]
     mine = every[shard::num_shards]
     if len(mine) < test_per_site + 1:
-        raise UsageError(f"site {shard} of {num_shards} gets {len(mine)} CT slices; it needs {test_per_site + 1} "
-                         f"({test_per_site} to test, one to train): use fewer sites or a --ct-dir with more slices")
+        raise UsageError(
+            f"site {shard} of {num_shards} gets {len(mine)} CT slices; it needs {test_per_site + 1} "
+            f"({test_per_site} to test, one to train): use fewer sites or a --ct-dir with more slices"
+        )
     test = {int(round(x)) for x in np.linspace(0, len(mine) - 1, test_per_site + 2)[1:-1]}
     return [(i, j, k in test) for k, (i, j) in enumerate(mine)]
 
@@ -134,8 +136,17 @@ class LdctTask:
 
     @classmethod
     def simulate(
-        cls, hu: np.ndarray, pixel_mm: float, protocol: ScanProtocol, *, test_slices: Sequence[int],
-        sim: SimulationConfig = SimulationConfig(), patch: int = 32, stride: int = 12, seed: int = 0, cache_dir=None,
+        cls,
+        hu: np.ndarray,
+        pixel_mm: float,
+        protocol: ScanProtocol,
+        *,
+        test_slices: Sequence[int],
+        sim: SimulationConfig = SimulationConfig(),
+        patch: int = 32,
+        stride: int = 12,
+        seed: int = 0,
+        cache_dir=None,
     ) -> "LdctTask":
         """Simulate `protocol` on slices `hu` (n, H, W); `test_slices` are held out whole, the rest become patches."""
         pairs = simulate(hu, pixel_mm, protocol, sim, seed=seed, cache_dir=cache_dir)
@@ -144,13 +155,24 @@ class LdctTask:
         if test.all():
             raise UsageError(f"all {len(hu)} slices are test slices; the site needs at least one to train on")
         lo, no = patches(pairs.low[~test], pairs.normal[~test], patch, stride)
-        return cls(PairSet(lo, no, _cond_of(protocol, len(lo))),
-                   PairSet(pairs.low[test], pairs.normal[test], _cond_of(protocol, int(test.sum()))), sim.image_size)
+        return cls(
+            PairSet(lo, no, _cond_of(protocol, len(lo))), PairSet(pairs.low[test], pairs.normal[test], _cond_of(protocol, int(test.sum()))), sim.image_size
+        )
 
     @classmethod
     def for_site(
-        cls, series: Sequence[Series], protocol: ScanProtocol, *, shard: int = 0, num_shards: int = 1, test_per_site: int = 2,
-        sim: SimulationConfig = SimulationConfig(), patch: int = 32, stride: int = 12, seed: int = 0, cache_dir=None,
+        cls,
+        series: Sequence[Series],
+        protocol: ScanProtocol,
+        *,
+        shard: int = 0,
+        num_shards: int = 1,
+        test_per_site: int = 2,
+        sim: SimulationConfig = SimulationConfig(),
+        patch: int = 32,
+        stride: int = 12,
+        seed: int = 0,
+        cache_dir=None,
     ) -> "LdctTask":
         """Site `shard`'s share of a CT folder (`site_slices`) under the site's protocol."""
         chosen = site_slices(series, shard, num_shards, test_per_site)
@@ -161,13 +183,15 @@ class LdctTask:
                 hu = s.hu[[j for j, _ in rows]]
                 test_idx = [n for n, (_, test) in enumerate(rows) if test]
                 if len(test_idx) < len(rows):
-                    tasks.append(cls.simulate(hu, s.pixel_mm, protocol, test_slices=test_idx, sim=sim, patch=patch, stride=stride,
-                                              seed=seed, cache_dir=cache_dir))
+                    tasks.append(
+                        cls.simulate(hu, s.pixel_mm, protocol, test_slices=test_idx, sim=sim, patch=patch, stride=stride, seed=seed, cache_dir=cache_dir)
+                    )
         return cls.pool(tasks)
 
     @classmethod
-    def scoring(cls, series: Sequence[Series], protocols: Sequence[ScanProtocol], *, sim: SimulationConfig = SimulationConfig(),
-                seed: int = 0, cache_dir=None) -> "LdctTask":
+    def scoring(
+        cls, series: Sequence[Series], protocols: Sequence[ScanProtocol], *, sim: SimulationConfig = SimulationConfig(), seed: int = 0, cache_dir=None
+    ) -> "LdctTask":
         """Score-only: every slice of `series` under each protocol, whole, and nothing to train on; what
         `fedge server --task ldct` evaluates each global on (its own CT, which no site holds)."""
         if not protocols:
@@ -184,8 +208,18 @@ class LdctTask:
         return denoiser_config(self.image_size, arch, **options)
 
     def train_local(
-        self, model: nn.Module, indices: np.ndarray | None = None, *, epochs: int = 1, lr: float = 1e-3, batch_size: int = 16,
-        seed: int = 0, weight_decay: float = 0.0, device: str = "cpu", dp: DPSettings | None = None, prox_mu: float = 0.0,
+        self,
+        model: nn.Module,
+        indices: np.ndarray | None = None,
+        *,
+        epochs: int = 1,
+        lr: float = 1e-3,
+        batch_size: int = 16,
+        seed: int = 0,
+        weight_decay: float = 0.0,
+        device: str = "cpu",
+        dp: DPSettings | None = None,
+        prox_mu: float = 0.0,
     ) -> TrainResult:
         """Adam on MSE(denoised, normal-dose) over the training patches, in place (plus FedProx's
         mu/2 ||w - w_round||^2 when announced). `accuracy` is 0: a denoiser has none (the wire's train

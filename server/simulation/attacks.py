@@ -70,8 +70,13 @@ ATTACKS: dict[str, Attack] = {
         Attack("sign_flip", True, False, lambda c: (_scale(_own(c), -10.0), c.num_samples), "its own update x -10"),
         Attack("gaussian", False, False, _gaussian, "N(0, 1) in every coordinate"),
         Attack("scaled", True, False, lambda c: (_scale(_own(c), 100.0), c.num_samples), "its own update x 100"),
-        Attack("inflated_samples", True, False, lambda c: (_scale(_own(c), -1.0), c.max_samples),
-               "its own update negated, claiming the most samples the server accepts (1e9 is refused by --max-samples)"),
+        Attack(
+            "inflated_samples",
+            True,
+            False,
+            lambda c: (_scale(_own(c), -1.0), c.max_samples),
+            "its own update negated, claiming the most samples the server accepts (1e9 is refused by --max-samples)",
+        ),
         Attack("label_flip", True, True, lambda c: (_own(c), c.num_samples), "honest training on labels flipped to C-1-y"),
         Attack("alie", False, False, _alie, "a little is enough: honest mean - z * std"),
     )

@@ -91,9 +91,7 @@ def default_trainer(settings: SimulationSettings, prox_mu: float = 0.0) -> SiteT
     """The agent's local step with the simulation's settings and what the strategy announces (FedProx's mu)."""
 
     def train(task: Task, model: torch.nn.Module, site: str, indices: np.ndarray | None, seed: int) -> int:
-        return task.train_local(
-            model, indices, epochs=settings.epochs, lr=settings.lr, batch_size=settings.batch_size, seed=seed, prox_mu=prox_mu
-        ).num_samples
+        return task.train_local(model, indices, epochs=settings.epochs, lr=settings.lr, batch_size=settings.batch_size, seed=seed, prox_mu=prox_mu).num_samples
 
     return train
 
@@ -127,7 +125,8 @@ class InProcessFederation:
         self.codec = UpdateCodec.from_spec(settings.codec)
         self.names = list(self.site_tasks) or [f"site-{i + 1}" for i in range(settings.sites)]
         self.shards: dict[str, np.ndarray | None] = (
-            dict.fromkeys(self.names) if self.site_tasks
+            dict.fromkeys(self.names)
+            if self.site_tasks
             else dict(zip(self.names, dirichlet_split(task.splits.labels["train"], settings.sites, settings.alpha, settings.seed)))  # type: ignore[attr-defined]
         )
         rng = np.random.default_rng(settings.seed)
@@ -200,9 +199,17 @@ class InProcessFederation:
         if mean is not None:
             self.weights = W.add(self.weights, mean)
             self.strategy.commit()
-        record = {"round": rnd, "updates": len(updates), "rejected": rejected, "left_out": left_out, "applied": mean is not None,
-                  "uplink_bytes": sum(u.nbytes for u in updates), "train_seconds": train_seconds,
-                  "aggregate_seconds": aggregate_seconds, **self.strategy.round_metrics()}
+        record = {
+            "round": rnd,
+            "updates": len(updates),
+            "rejected": rejected,
+            "left_out": left_out,
+            "applied": mean is not None,
+            "uplink_bytes": sum(u.nbytes for u in updates),
+            "train_seconds": train_seconds,
+            "aggregate_seconds": aggregate_seconds,
+            **self.strategy.round_metrics(),
+        }
         if self.on_round:
             self.on_round(record)
         return record
@@ -232,7 +239,13 @@ class InProcessFederation:
         seconds = time.perf_counter() - started
         finite = all(np.isfinite(v).all() for v in self.weights.values())
         metrics, broken = self.evaluate()
-        return {"final_auc": metrics["auc"], "final_accuracy": metrics["accuracy"], "finite": finite, "outputs_nan": broken,
-                "seconds_per_round": seconds / self.settings.rounds,
-                "aggregate_seconds_per_round": float(np.mean([r["aggregate_seconds"] for r in history])),
-                "malicious": sorted(self.malicious), "history": history}
+        return {
+            "final_auc": metrics["auc"],
+            "final_accuracy": metrics["accuracy"],
+            "finite": finite,
+            "outputs_nan": broken,
+            "seconds_per_round": seconds / self.settings.rounds,
+            "aggregate_seconds_per_round": float(np.mean([r["aggregate_seconds"] for r in history])),
+            "malicious": sorted(self.malicious),
+            "history": history,
+        }
