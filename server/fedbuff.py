@@ -47,7 +47,6 @@ from compression import SparseTensor
 from fedge import weights as W
 from fedge.errors import check_schema_version
 from fedge.files import atomic_write_bytes
-from fedge.protocol import Chunk, ProtocolError
 from fedge.rounds import Expected
 from server.config import ServerConfig
 from server.intake import Decoded, decode_update
@@ -208,11 +207,7 @@ class AsyncRoundServer(RoundServer):
         if client not in version.selected or client in version.counted or client in version.decoding:
             self._reject(rnd, client, "not-expected", f"not selected for version {rnd}, or its update was already counted", current)
             return
-        try:
-            data = self.reassembler.add(f"{rnd}/{client}", Chunk.decode(raw), max_bytes=self.max_update_bytes)
-        except ProtocolError as exc:
-            self._reject(rnd, client, "bad-chunk", f"bad chunk: {exc}", current)
-            return
+        data = self._reassemble(rnd, client, raw, current)
         if data is None:
             return
         version.decoding.add(client)

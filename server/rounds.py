@@ -317,6 +317,14 @@ class RoundServer:
             max_samples=max_samples,
         )
 
+    def _reassemble(self, rnd: int, client: str, raw: bytes, current: _Round | None) -> bytes | None:
+        """The whole update once its last chunk arrives (None before, or refused: a bad chunk drops its transfer)."""
+        try:
+            return self.reassembler.add(f"{rnd}/{client}", Chunk.decode(raw), max_bytes=self.max_update_bytes)
+        except ProtocolError as exc:
+            self._reject(rnd, client, "bad-chunk", f"bad chunk: {exc}", current)
+            return None
+
     def _handle_update(self, rnd: int, client: str, raw: bytes, current: _Round | None) -> None:
         # The same checks as _accept (the round may have closed since the message was queued).
         if current is None or rnd != current.number:
@@ -325,11 +333,7 @@ class RoundServer:
         if client not in current.selected or client in current.updates or client in current.excluded or client in current.decoding:
             self._reject(rnd, client, "not-expected", "not selected for this round, or its update was already counted", current)
             return
-        try:
-            data = self.reassembler.add(f"{rnd}/{client}", Chunk.decode(raw), max_bytes=self.max_update_bytes)
-        except ProtocolError as exc:
-            self._reject(rnd, client, "bad-chunk", f"bad chunk: {exc}", current)
-            return
+        data = self._reassemble(rnd, client, raw, current)
         if data is None:
             return
         current.decoding.add(client)
