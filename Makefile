@@ -35,7 +35,7 @@ test: $(BIN)/.installed system-deps lint
 # The unit tests only (no broker, subprocess, federation or onnxruntime export): the inner loop,
 # on two pytest-xdist workers (the suite is mostly import time; `make test` stays serial).
 test-fast: $(BIN)/.installed
-	$(BIN)/python -m pytest -q -p no:cacheprovider -m "not integration" -n 2
+	$(BIN)/python -m pytest -q -p no:cacheprovider -m "not integration" -n 2 --dist worksteal
 
 clean:
 	rm -rf runs .pytest_cache
