@@ -358,20 +358,6 @@ def test_a_site_that_holds_the_previous_global_takes_the_delta_downlink_not_the_
     assert "fetching a full snapshot" not in caplog.text
 
 
-@pytest.mark.parametrize("bad", [["--rounds-mode", "fast"], ["--rounds-mode", "async", "--buffer", "0"], ["--max-staleness", "-1"]])
-def test_a_bad_rounds_mode_option_of_the_demo_is_refused_before_anything_starts(tmp_path, medmnist_root, bad) -> None:
-    from typer.testing import CliRunner
-
-    from fedge.cli.main import app
-
-    workdir = tmp_path / "demo"
-    (workdir / "checkpoints").mkdir(parents=True)
-    (workdir / "checkpoints" / "final.safetensors").write_bytes(b"the last demo's model")
-    result = CliRunner().invoke(app, ["demo", "--data-dir", str(medmnist_root), "--dataset", "breastmnist", "--workdir", str(workdir), *bad])
-    assert result.exit_code == 2, result.output
-    assert (workdir / "checkpoints" / "final.safetensors").read_bytes() == b"the last demo's model"
-
-
 def test_the_server_command_takes_the_rounds_mode() -> None:
     from typer.testing import CliRunner
 

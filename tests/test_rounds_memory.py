@@ -181,7 +181,18 @@ def test_a_restarted_server_resumes_its_run_and_the_agents_follow(task, tmp_path
     assert all(agent.rounds_done == [2] for agent in second.agents.values())
 
 
-@pytest.mark.parametrize("bad", [["--mode", "sparse"], ["--codec", "topk:2|q9"], ["--clients", "0"], ["--mode-options", "r=8"]])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        ["--mode", "sparse"],
+        ["--codec", "topk:2|q9"],
+        ["--clients", "0"],
+        ["--mode-options", "r=8"],
+        ["--rounds-mode", "fast"],
+        ["--rounds-mode", "async", "--buffer", "0"],
+        ["--max-staleness", "-1"],
+    ],
+)
 def test_a_bad_demo_option_leaves_the_previous_run_untouched(tmp_path, medmnist_root, bad) -> None:
     from typer.testing import CliRunner
 
