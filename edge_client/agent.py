@@ -268,6 +268,7 @@ class Agent:
             device=default_device() if self.config.device == "auto" else self.config.device,
             dp=dp,
             prox_mu=train.prox_mu,
+            augment=train.augment,
         )
         if dp is not None:  # counted once trained, before anything is sent: a crash can only over-count
             self.state.privacy.record(dp.noise_multiplier, result.dp_sample_rate, result.dp_steps)

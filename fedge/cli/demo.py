@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from fedge.cli.options import DP_HELP, FILM_HELP, IMAGE_SIZE_HELP, MODE_OPTIONS_HELP, STRATEGY_HELP, STRATEGY_OPTIONS_HELP
+from fedge.cli.options import AUGMENT_HELP, DP_HELP, FILM_HELP, IMAGE_SIZE_HELP, MODE_OPTIONS_HELP, STRATEGY_HELP, STRATEGY_OPTIONS_HELP
 
 
 def demo(
@@ -34,6 +34,7 @@ def demo(
     mode_options: str = typer.Option(None, help=MODE_OPTIONS_HELP),
     strategy: str = typer.Option("fedavg", help=STRATEGY_HELP),
     strategy_options: str = typer.Option(None, help=STRATEGY_OPTIONS_HELP),
+    augment: bool = typer.Option(False, "--augment", help=AUGMENT_HELP),
     dp_noise_multiplier: float = typer.Option(None, help=DP_HELP),
     dp_max_grad_norm: float = typer.Option(1.0, help="DP-SGD: per-sample gradient clip"),
     dp_delta: float = typer.Option(1e-5, help="DP-SGD: the delta each site's epsilon is reported at"),
@@ -116,6 +117,7 @@ def demo(
             secure=secure,
             strategy=strategy,
             strategy_options=parse_strategy_options(strategy_options),
+            augment=augment,
             dp_noise_multiplier=dp_noise_multiplier,
             dp_max_grad_norm=dp_max_grad_norm,
             dp_delta=dp_delta,

@@ -54,6 +54,7 @@ class FederationSettings:
     secure: bool = False  # provision a CA, certificates and ACLs into <workdir>/pki and run Mosquitto with them
     strategy: str = "fedavg"  # server.strategies: a robust rule, or dp_fedavg (client-level central DP)
     strategy_options: dict[str, Any] = field(default_factory=dict)
+    augment: bool = False  # sites flip and shift their training images (TrainSettings.augment)
     dp_noise_multiplier: float | None = None  # record-level DP: DP-SGD at every site (the cnn is then built with GroupNorm)
     dp_max_grad_norm: float = 1.0
     dp_delta: float = 1e-5
@@ -90,10 +91,10 @@ def _check(settings: FederationSettings) -> None:
     check_task_arch(settings.task, settings.arch)
     if settings.task == "ldct" and len(settings.protocols) != settings.clients:
         raise ValueError(f"--task ldct: give one --protocol per site ({settings.clients}, got {len(settings.protocols)})")
-    if settings.task == "ldct" and settings.dp_noise_multiplier is not None:
-        from fedge.tasks.ldct import NO_DP
+    if settings.task == "ldct" and (settings.dp_noise_multiplier is not None or settings.augment):
+        from fedge.tasks.ldct import NO_AUGMENT, NO_DP
 
-        raise ValueError(NO_DP)
+        raise ValueError(NO_DP if settings.dp_noise_multiplier is not None else NO_AUGMENT)
     if settings.secure and settings.broker:
         raise ValueError("--secure starts its own Mosquitto with the generated config; leave out --broker")
     from fedge.modes import get_mode
@@ -164,6 +165,7 @@ def run_federation(
         dp_noise_multiplier=settings.dp_noise_multiplier,
         dp_max_grad_norm=settings.dp_max_grad_norm,
         dp_delta=settings.dp_delta,
+        augment=settings.augment,
     )
     task = _evaluation_task(settings)  # fail fast, before any process starts
     model_options = dict(settings.model_options)

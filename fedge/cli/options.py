@@ -55,6 +55,10 @@ STRATEGY_OPTIONS_HELP = (
 )
 FILM_HELP = "ldct: condition the denoiser on each scan's protocol (FiLM scales and shifts from (I0, views))"
 IMAGE_SIZE_HELP = "ldct: resample CT slices to this many pixels before the simulation (default 128; agents set image_size in their YAML)"
+AUGMENT_HELP = (
+    "Sites flip each training image left-right at random and shift it by up to 3 pixels (classification only; "
+    "for small sets such as BreastMNIST's 546 images, where a CNN otherwise overfits within a few epochs)"
+)
 DP_HELP = (
     "Record-level DP: DP-SGD at every site with this noise multiplier (opacus; SGD with momentum 0.9 at --lr, "
     "e.g. --lr 0.5; the cnn is then built with GroupNorm). Pair it with a dense codec such as --codec 'q8,ef|zstd': "
@@ -117,8 +121,12 @@ def exit_code_for(exc: BaseException) -> int:
 
 
 def fail_with(exc: BaseException) -> typer.Exit:
-    """`fail` for a caught error: its message and its exit code; raise the result."""
-    return fail(str(exc), exit_code_for(exc))
+    """`fail` for a caught error: its message (a validation error's first problem, on one line) and its exit code; raise the result."""
+    from pydantic import ValidationError
+
+    from fedge.protocol.errors import first_error
+
+    return fail(first_error(exc) if isinstance(exc, ValidationError) else str(exc), exit_code_for(exc))
 
 
 def one_line_errors(command: Callable[P, R]) -> Callable[P, R]:

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 
 import typer
 
-from fedge.cli.options import DP_HELP, FILM_HELP, IMAGE_SIZE_HELP, MODE_OPTIONS_HELP, STRATEGY_HELP, STRATEGY_OPTIONS_HELP, one_line_errors
+from fedge.cli.options import AUGMENT_HELP, DP_HELP, FILM_HELP, IMAGE_SIZE_HELP, MODE_OPTIONS_HELP, STRATEGY_HELP, STRATEGY_OPTIONS_HELP, one_line_errors
 
 if TYPE_CHECKING:
     from fedge.models import ModelConfig
@@ -60,6 +60,7 @@ def server(
     max_update_norm: float = typer.Option(1e4, help="Refuse updates whose decoded delta has a larger L2 norm (NaN/Inf always refused)"),
     strategy: str = typer.Option("fedavg", help=STRATEGY_HELP),
     strategy_options: str = typer.Option(None, help=STRATEGY_OPTIONS_HELP),
+    augment: bool = typer.Option(False, "--augment", help=AUGMENT_HELP),
     dp_noise_multiplier: float = typer.Option(None, help=DP_HELP),
     dp_max_grad_norm: float = typer.Option(1.0, help="DP-SGD: per-sample gradient clip"),
     dp_delta: float = typer.Option(1e-5, help="DP-SGD: the delta each site's epsilon is reported at (below 1 / its records)"),
@@ -122,6 +123,7 @@ def server(
             dp_noise_multiplier=dp_noise_multiplier,
             dp_max_grad_norm=dp_max_grad_norm,
             dp_delta=dp_delta,
+            augment=augment,
         )
     except ValueError as exc:
         raise fail(f"invalid training settings: {exc}") from None
@@ -141,6 +143,10 @@ def server(
     console = Console()
     classifier = None
     if task == "ldct":
+        if augment:
+            from fedge.tasks.ldct import NO_AUGMENT
+
+            raise fail(NO_AUGMENT)
         model_config, evaluator = _denoiser(
             ct_dir, data_dir, protocol, image_size, film=film, arch=arch, evaluate=evaluate or ct_dir is not None, dp=dp_noise_multiplier is not None, seed=seed
         )

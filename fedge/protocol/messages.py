@@ -13,7 +13,7 @@ from __future__ import annotations
 import time
 from typing import Any, Literal, TypeVar, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler, ValidationError, model_serializer
+from pydantic import BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler, ValidationError, model_serializer, model_validator
 
 from fedge.protocol.envelope import NAME_PATTERN, RUN_PATTERN, SHA256_PATTERN
 from fedge.protocol.errors import ProtocolError, first_error
@@ -58,10 +58,18 @@ class TrainSettings(_Message):
     # and FedBN's normalisation layers kept at the site (they are in neither the global nor the update).
     prox_mu: float = Field(default=0.0, ge=0, le=1e3)
     local_norm: bool = False
+    # Random flips and shifts of each training batch (fedge.tasks.augment): for sites with a few hundred images.
+    augment: bool = False
+
+    @model_validator(mode="after")
+    def _augment_without_dp(self) -> TrainSettings:
+        if self.augment and self.dp_noise_multiplier is not None:
+            raise ValueError("augment is not implemented with DP-SGD (opacus draws its own Poisson batches): leave out one of them")
+        return self
 
     @model_serializer(mode="wrap")
     def _without_unused_newer_fields(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
-        """prox_mu and local_norm are left out at their defaults: agents from before them (whose
+        """prox_mu, local_norm and augment are left out at their defaults: agents from before them (whose
         records forbid unknown fields) still accept every announcement that does not use them."""
         data = handler(self)
         for key, default in NEWER_DEFAULTS.items():
@@ -70,7 +78,7 @@ class TrainSettings(_Message):
         return data
 
 
-NEWER_DEFAULTS: dict[str, object] = {"prox_mu": 0.0, "local_norm": False}
+NEWER_DEFAULTS: dict[str, object] = {"prox_mu": 0.0, "local_norm": False, "augment": False}
 
 
 class Record(_Message):

@@ -56,6 +56,7 @@ class Task(Protocol):
         device: str = "cpu",
         dp: DPSettings | None = None,
         prox_mu: float = 0.0,
+        augment: bool = False,
     ) -> TrainResult: ...
 
     def evaluate(self, model: nn.Module, split: str = "test") -> dict[str, float]: ...

@@ -33,6 +33,7 @@ class BoundSettings:
     epochs: int  # passes over the data: the federation's rounds x local epochs
     lr: float = 1e-3
     batch_size: int = 32
+    augment: bool = False  # as the federation's TrainSettings.augment
 
     def __post_init__(self) -> None:
         if self.sites < 1 or self.epochs < 1 or not self.alpha > 0:
@@ -56,7 +57,7 @@ def _site_seed(seed: int, site: int) -> int:
 def centralized_auc(task: ClassificationTask, make_model: ModelFactory, settings: BoundSettings, seed: int) -> float:
     """Test AUC of the model trained on all sites' data pooled (the whole train split)."""
     model = make_model(seed)
-    task.train_local(model, None, epochs=settings.epochs, lr=settings.lr, batch_size=settings.batch_size, seed=seed)
+    task.train_local(model, None, epochs=settings.epochs, lr=settings.lr, batch_size=settings.batch_size, seed=seed, augment=settings.augment)
     return float(task.evaluate(model)["auc"])
 
 
@@ -66,7 +67,10 @@ def local_only_aucs(task: ClassificationTask, make_model: ModelFactory, settings
     aucs = []
     for i, indices in enumerate(shards):
         model = make_model(seed)
-        task.train_local(model, np.asarray(indices), epochs=settings.epochs, lr=settings.lr, batch_size=settings.batch_size, seed=_site_seed(seed, i))
+        site_seed = _site_seed(seed, i)
+        task.train_local(
+            model, np.asarray(indices), epochs=settings.epochs, lr=settings.lr, batch_size=settings.batch_size, seed=site_seed, augment=settings.augment
+        )
         aucs.append(float(task.evaluate(model)["auc"]))
     return aucs
 
@@ -83,6 +87,7 @@ def learning_bounds(task: ClassificationTask, make_model: ModelFactory, settings
         "local_only_auc_per_seed_and_site": local,
         "seeds": list(seeds),
         "sites": settings.sites, "alpha": settings.alpha, "epochs": settings.epochs, "lr": settings.lr, "batch_size": settings.batch_size,
+        "augment": settings.augment,
     }  # fmt: skip
 
 

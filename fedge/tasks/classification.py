@@ -12,6 +12,7 @@ from torch import nn
 
 from fedge.data import ImageSplits
 from fedge.models import ModelConfig
+from fedge.tasks.augment import augment_batch
 from fedge.tasks.metrics import classification_metrics
 
 if TYPE_CHECKING:
@@ -38,7 +39,16 @@ class LocalTrainer:
     included), which needs no loss scaling; elsewhere in fp32.
     """
 
-    def __init__(self, model: nn.Module, *, lr: float = 1e-3, weight_decay: float = 0.0, device: str = "cpu", prox_mu: float = 0.0):
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        lr: float = 1e-3,
+        weight_decay: float = 0.0,
+        device: str = "cpu",
+        prox_mu: float = 0.0,
+        augment: torch.Generator | None = None,
+    ):
         self.device = device
         self.model = model.to(device).train()  # for the trainer's lifetime, not once per step
         params = [p for p in model.parameters() if p.requires_grad]
@@ -49,6 +59,7 @@ class LocalTrainer:
         # at the weights the round started from, keeps a skewed site near the global.
         self.prox_mu = prox_mu
         self.anchor = [(p, p.detach().clone()) for p in params] if prox_mu > 0 else []
+        self.augment = augment  # flips and shifts drawn from this generator (fedge.tasks.augment); None: the images as they are
 
     def proximal(self) -> torch.Tensor | float:
         """mu/2 * ||w - w_global||^2 (0 without FedProx)."""
@@ -78,7 +89,8 @@ class LocalTrainer:
             idx = order[i : i + batch_size].to(self.device)
             if len(idx) < 2:
                 continue
-            loss, hits = self.step(x[idx], y[idx])
+            batch = x[idx] if self.augment is None else augment_batch(x[idx], self.augment)
+            loss, hits = self.step(batch, y[idx])
             total, correct, seen, steps = total + loss * len(idx), correct + hits, seen + len(idx), steps + 1
         return total, correct, seen, steps
 
@@ -123,10 +135,12 @@ class ClassificationTask:
         device: str = "cpu",
         dp: DPSettings | None = None,
         prox_mu: float = 0.0,
+        augment: bool = False,
     ) -> TrainResult:
         """Train in place on the train split (or its `indices`); deterministic for a given seed on CPU.
         With `dp`, DP-SGD (`fedge.tasks.dp.train_dp`: Poisson batches, per-sample clipping, noise);
-        with `prox_mu` > 0, FedProx's proximal term (the loss reported is the data loss alone)."""
+        with `prox_mu` > 0, FedProx's proximal term (the loss reported is the data loss alone);
+        with `augment`, random flips and shifts of each batch (`fedge.tasks.augment`)."""
         images = self.splits.images["train"]
         labels = self.splits.labels["train"]
         if indices is not None:
@@ -134,13 +148,15 @@ class ClassificationTask:
         if dp is not None:
             if prox_mu > 0:
                 raise ValueError("FedProx's proximal term is not implemented with DP-SGD: announce prox_mu=0 with dp_noise_multiplier")
+            if augment:
+                raise ValueError("augmentation is not implemented with DP-SGD (opacus's Poisson batches): announce augment=false with dp_noise_multiplier")
             from fedge.tasks.dp import train_dp
 
             y = torch.from_numpy(np.asarray(labels, dtype=np.int64))
             return train_dp(model, preprocess(images), y, dp, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed, device=device)
-        trainer = LocalTrainer(model, lr=lr, weight_decay=weight_decay, device=device, prox_mu=prox_mu)
-        x_all, y_all = trainer.batch(images, labels)
         generator = torch.Generator().manual_seed(seed)
+        trainer = LocalTrainer(model, lr=lr, weight_decay=weight_decay, device=device, prox_mu=prox_mu, augment=generator if augment else None)
+        x_all, y_all = trainer.batch(images, labels)
         start, total_loss, correct, seen = time.perf_counter(), 0.0, 0, 0
         for _ in range(epochs):
             loss, hits, n, _steps = trainer.epoch(x_all, y_all, batch_size, torch.randperm(len(y_all), generator=generator))

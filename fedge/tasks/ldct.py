@@ -29,6 +29,7 @@ HU_SCALE = 1000.0  # network input/output: HU / 1000 (water 0, air -1)
 DATA_RANGE = 2000.0  # HU: the peak of PSNR and the dynamic range of SSIM
 COND = 2  # conditioning planes: (log dose, views), `ScanProtocol.condition()`
 NO_DP = "DP-SGD is not available for the ldct task; leave out --dp-noise-multiplier"
+NO_AUGMENT = "augmentation is for classification (a denoiser's pairs would need the same transform): leave out --augment with --task ldct"
 
 
 @dataclass(frozen=True)
@@ -220,12 +221,15 @@ class LdctTask:
         device: str = "cpu",
         dp: DPSettings | None = None,
         prox_mu: float = 0.0,
+        augment: bool = False,
     ) -> TrainResult:
         """Adam on MSE(denoised, normal-dose) over the training patches, in place (plus FedProx's
         mu/2 ||w - w_round||^2 when announced). `accuracy` is 0: a denoiser has none (the wire's train
         metrics keep the classification names)."""
         if dp is not None:
             raise UsageError(NO_DP)
+        if augment:
+            raise UsageError(NO_AUGMENT)
         data = self.train
         if indices is not None:
             data = PairSet(data.low[indices], data.normal[indices], data.cond[indices])

@@ -43,6 +43,7 @@ class SimulationSettings:
     epochs: int = 1
     lr: float = 1e-3
     batch_size: int = 32
+    augment: bool = False  # random flips and shifts of each local batch (TrainSettings.augment)
     seed: int = 0
     max_samples: int = 1_000_000  # the server's --max-samples
     max_update_norm: float = 1e4  # the server's --max-update-norm
@@ -87,11 +88,12 @@ def finite_aggregate(strategy: Strategy, updates: list[ClientUpdate], weights: D
     return None, left_out
 
 
-def default_trainer(settings: SimulationSettings, prox_mu: float = 0.0) -> SiteTrainer:
-    """The agent's local step with the simulation's settings and what the strategy announces (FedProx's mu)."""
+def default_trainer(announced: TrainSettings) -> SiteTrainer:
+    """The agent's local step under the announced settings (the simulation's, plus what the strategy adds: FedProx's mu)."""
 
     def train(task: Task, model: torch.nn.Module, site: str, indices: np.ndarray | None, seed: int) -> int:
-        return task.train_local(model, indices, epochs=settings.epochs, lr=settings.lr, batch_size=settings.batch_size, seed=seed, prox_mu=prox_mu).num_samples
+        a = announced
+        return task.train_local(model, indices, epochs=a.epochs, lr=a.lr, batch_size=a.batch_size, seed=seed, prox_mu=a.prox_mu, augment=a.augment).num_samples
 
     return train
 
@@ -118,8 +120,8 @@ class InProcessFederation:
             raise ValueError(f"site_tasks: give settings.sites ({settings.sites}) tasks, one per site, and no adversary")
         self.settings, self.task, self.strategy, self.adversary = settings, task, strategy, adversary
         # What the server would announce: FedProx's mu reaches the local step, FedBN keeps normalisation layers at the sites.
-        self.train = announced_train(TrainSettings(epochs=settings.epochs, lr=settings.lr, batch_size=settings.batch_size), strategy)
-        self.trainer = trainer or default_trainer(settings, self.train.prox_mu)
+        self.train = announced_train(TrainSettings(epochs=settings.epochs, lr=settings.lr, batch_size=settings.batch_size, augment=settings.augment), strategy)
+        self.trainer = trainer or default_trainer(self.train)
         self.local_noise = local_noise
         self.on_round = on_round
         self.codec = UpdateCodec.from_spec(settings.codec)
