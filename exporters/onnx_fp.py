@@ -9,8 +9,8 @@ import io
 import logging
 import re
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import onnx
 import torch
 from torch import nn
 
@@ -29,6 +29,9 @@ from exporters.base import (
 from exporters.ort import ort_runner
 from fedge.models import ModelConfig
 from fedge.precision import Precision
+
+if TYPE_CHECKING:  # loaded by the functions that read a file (1.5 s at import)
+    import onnx
 
 # torch.onnx warns once per torchvision op it cannot register; fedge has no torchvision.
 logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
@@ -107,6 +110,8 @@ def _explain(exc: Exception, config: ModelConfig) -> ExportError:
 
 def check_onnx_file(path: Path) -> onnx.ModelProto:
     """Full checker pass (with shape inference), opset floor, single file, dynamic batch dimension."""
+    import onnx
+
     model = onnx.load(str(path), load_external_data=False)
     try:
         onnx.checker.check_model(model, full_check=True)

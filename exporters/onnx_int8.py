@@ -8,7 +8,6 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-from onnx import numpy_helper
 from torch import nn
 
 from exporters.base import INPUT_NAME, Artifact, Calibration, CalibrationError, Exporter, ExportError, ExportSpec, Runner, register_exporter
@@ -135,6 +134,8 @@ def _nodes_of(path: Path, op_types: tuple[str, ...]) -> list[str]:
 
 def check_qdq(path: Path) -> None:
     """The TensorRT explicit-quantization contract: QDQ pairs, int8, zero points all 0, per-channel weights."""
+    from onnx import numpy_helper
+
     model = check_onnx_file(path)
     consts = {t.name: t for t in model.graph.initializer}
     qdq = [n for n in model.graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear")]

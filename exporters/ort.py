@@ -18,7 +18,6 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
-import onnx
 
 from exporters.base import INPUT_NAME, ExportError, Runner, UnsupportedOpError
 
@@ -28,6 +27,8 @@ DISABLED_OPTIMIZERS_KEY = "onnxruntime.disabled_optimizers"
 
 def set_disabled_optimizers(path: Path, names: Sequence[str]) -> None:
     """Record in `path`'s metadata which optimizers every session on it must skip."""
+    import onnx  # here, not at import: onnx costs 1.5 s and most users of exporters never touch a file
+
     model = onnx.load(str(path))
     props = {p.key: p.value for p in model.metadata_props}
     onnx.helper.set_model_props(model, {**props, DISABLED_OPTIMIZERS_KEY: ",".join(names)})
@@ -36,6 +37,8 @@ def set_disabled_optimizers(path: Path, names: Sequence[str]) -> None:
 
 def disabled_optimizers(path: Path) -> list[str]:
     """The optimizers `path`'s metadata asks sessions to skip (none for most artifacts)."""
+    import onnx
+
     props = {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
     return [name for name in props.get(DISABLED_OPTIMIZERS_KEY, "").split(",") if name]
 

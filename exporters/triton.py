@@ -8,28 +8,22 @@ import re
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import onnx
 from torch import nn
 
 from exporters.base import Artifact, Exporter, ExportError, ExportSpec, Runner, get_exporter, register_exporter
 from exporters.ort import ort_runner
 from fedge.models import ModelConfig
 
+if TYPE_CHECKING:  # onnx loads when a repository is written or checked, not when exporters is imported (1.5 s)
+    import onnx
+
 PLATFORM = "onnxruntime_onnx"
 QUEUE_DELAY_US = 100  # real-time: wait at most 0.1 ms to fill a batch
 
-_TRITON_TYPES = {
-    onnx.TensorProto.FLOAT: "TYPE_FP32",
-    onnx.TensorProto.FLOAT16: "TYPE_FP16",
-    onnx.TensorProto.DOUBLE: "TYPE_FP64",
-    onnx.TensorProto.INT8: "TYPE_INT8",
-    onnx.TensorProto.UINT8: "TYPE_UINT8",
-    onnx.TensorProto.INT32: "TYPE_INT32",
-    onnx.TensorProto.INT64: "TYPE_INT64",
-    onnx.TensorProto.BOOL: "TYPE_BOOL",
-}
+# onnx.TensorProto element types (fixed by the ONNX spec) -> Triton's names.
+_TRITON_TYPES = {1: "TYPE_FP32", 10: "TYPE_FP16", 11: "TYPE_FP64", 3: "TYPE_INT8", 2: "TYPE_UINT8", 6: "TYPE_INT32", 7: "TYPE_INT64", 9: "TYPE_BOOL"}
 
 
 def _io(model: onnx.ModelProto, which: str) -> list[tuple[str, str, list[int]]]:
@@ -138,6 +132,8 @@ def check_repository(model_dir: Path) -> None:
         if not path.is_file():
             raise ExportError(f"Triton repository {model_dir} lacks {path.relative_to(model_dir)}")
     config = parse_pbtxt(config_path.read_text())
+    import onnx
+
     graph = onnx.load(str(onnx_path), load_external_data=False)
     problems = []
     if config.get("name") != [model_dir.name]:
@@ -173,6 +169,8 @@ class TritonExporter(Exporter):
             built = inner.export(model, config, Path(tmp), spec)
             onnx_path = Path(shutil.move(str(built.path), version / "model.onnx"))
         config_path = model_dir / "config.pbtxt"
+        import onnx
+
         config_path.write_text(config_pbtxt(name, onnx.load(str(onnx_path), load_external_data=False), spec))
         return Artifact(path=model_dir, onnx_path=onnx_path, files=(config_path, onnx_path), notes=built.notes)
 

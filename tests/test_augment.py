@@ -64,7 +64,7 @@ def test_train_local_with_augment_is_deterministic_and_differs_from_without(brea
     def trained(augment: bool) -> dict[str, np.ndarray]:
         torch.manual_seed(0)
         model = build_model(MODEL)
-        breast_task.train_local(model, np.arange(96), epochs=1, seed=5, augment=augment)
+        breast_task.train_local(model, np.arange(32), epochs=1, seed=5, augment=augment)
         return W.float_state(model)
 
     plain, once, twice = trained(False), trained(True), trained(True)

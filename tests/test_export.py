@@ -6,10 +6,8 @@ import json
 import shlex
 
 import numpy as np
-import onnx
 import pytest
 import torch
-from onnx import numpy_helper
 
 from exporters import (
     EXPORTERS,
@@ -69,6 +67,8 @@ def test_every_format_exports_and_passes_parity(trained, tmp_path, fmt):
 
 @pytest.mark.integration
 def test_onnx_fp32_matches_torch_and_loads_fresh(trained, tmp_path):
+    import onnx
+
     model, config, _, test = trained
 
     result = export_model(model, config, "onnx", tmp_path, _spec("fp32"), test)
@@ -87,6 +87,8 @@ def test_onnx_fp32_matches_torch_and_loads_fresh(trained, tmp_path):
 
 @pytest.mark.integration
 def test_onnx_fp16_keeps_fp32_io_and_metric(trained, tmp_path):
+    import onnx
+
     model, config, _, test = trained
 
     result = export_model(model, config, "onnx", tmp_path, _spec("fp16"), test)
@@ -99,6 +101,9 @@ def test_onnx_fp16_keeps_fp32_io_and_metric(trained, tmp_path):
 
 @pytest.mark.integration
 def test_int8_is_symmetric_per_channel_qdq(trained, tmp_path):
+    import onnx
+    from onnx import numpy_helper
+
     model, config, calib, test = trained
 
     result = export_model(model, config, "onnx-int8", tmp_path, _spec("int8", calib), test)
@@ -118,6 +123,7 @@ def test_int8_resnet_runs_every_conv_in_int8_on_the_cpu(trained, tmp_path):
     """Residual blocks fan a tensor out to conv1 and the shortcut; each consumer gets its own Q->DQ
     pair and the session skips CSE (metadata), so onnxruntime turns every Conv into QLinearConv
     instead of leaving those convs in fp32 between Q/DQ."""
+    import onnx
     import onnxruntime as ort
 
     _, _, calib, test = trained
@@ -252,6 +258,8 @@ def test_tensorrt_builds_an_engine(trained, tmp_path):  # pragma: no cover - nee
 
 @pytest.mark.integration
 def test_triton_config_matches_the_onnx_graph(trained, tmp_path):
+    import onnx
+
     model, config, _, test = trained
 
     result = export_model(model, config, "triton", tmp_path, _spec("fp32"), test)

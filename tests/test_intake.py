@@ -53,6 +53,7 @@ def _round_of(server: RoundServer, keys, order: tuple[str, ...]) -> tuple[_Round
     return current, mean
 
 
+@pytest.mark.integration  # starts a pool of decoder processes
 def test_decoding_in_worker_processes_counts_the_same_and_aggregates_the_same_in_any_order(tmp_path, keys) -> None:
     inline = _server(tmp_path / "inline", keys)
     pooled = _server(tmp_path / "pooled", keys, decode_workers=2)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import numpy as np
-import onnx
 import pytest
 import torch
 
@@ -21,6 +20,8 @@ ort = pytest.importorskip("onnxruntime")
     ids=lambda c: c.arch,
 )
 def test_qat_model_exports_qdq_onnx_that_matches_torch(config: ModelConfig, tmp_path) -> None:
+    import onnx
+
     mode = get_mode("qat")
     model = mode.prepare(build_model(config), config)
     x = torch.randn(8, config.in_channels, 28, 28)
