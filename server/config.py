@@ -9,6 +9,7 @@ from typing import Any, Literal
 from fedge.models import ModelConfig
 from fedge.protocol import TrainSettings
 from fedge.protocol.chunks import DEFAULT_CHUNK_SIZE
+from fedge.schedule import LrSchedule, check_schedule
 from server.strategies import announced_train, get_strategy
 
 
@@ -27,6 +28,7 @@ class ServerConfig:
     strategy: str = "fedavg"
     strategy_options: dict[str, Any] = field(default_factory=dict)  # checked here against the strategy's options
     train: TrainSettings = field(default_factory=TrainSettings)  # announced to the sites each round (mode included)
+    lr_schedule: LrSchedule = "constant"  # fedge.schedule: each round's announced lr, from train.lr over `rounds`
     seed: int = 0
     chunk_size: int = DEFAULT_CHUNK_SIZE
     client_id: str = "server"
@@ -61,6 +63,7 @@ class ServerConfig:
         if self.rounds_mode not in ("sync", "async") or self.buffer < 1 or not 0 <= self.max_staleness <= 1000:
             raise ValueError(f"rounds_mode sync|async, buffer >= 1 and max_staleness in [0, 1000], got {self.rounds_mode!r}, "
                              f"{self.buffer}, {self.max_staleness}")  # fmt: skip
+        check_schedule(self.lr_schedule)
         if self.round_timeout <= 0 or self.chunk_size < 1024:
             raise ValueError("round_timeout must be positive and chunk_size at least 1024 bytes")
         # A wrong name or option, or a strategy the training settings exclude, fails before anything starts.

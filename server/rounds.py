@@ -31,6 +31,7 @@ from fedge.protocol import (
     SnapshotAnnouncement,
     StatusMessage,
     Topics,
+    TrainSettings,
     open_record,
     sign_record,
 )
@@ -43,6 +44,7 @@ from fedge.rounds import (
     codec_for,
     make_global,
 )
+from fedge.schedule import scheduled_lr
 from fedge.transport import Message, MqttSession, Session, SessionFactory, TlsFiles
 from server.config import ServerConfig
 from server.intake import Decoded, UpdateIntake
@@ -206,7 +208,7 @@ class RoundServer:
             downlink_kind=kind,
             base_round=base,
             uplink_codec=self.uplink.spec,
-            train=self.train,
+            train=self.train_for(rnd),
             **self._announced(),
             **self._signed_by(),
         )
@@ -218,6 +220,11 @@ class RoundServer:
         if self.session is None:
             raise RuntimeError("the server is not connected: call run()")
         return self.session
+
+    def train_for(self, rnd: int) -> TrainSettings:
+        """What round (or version) `rnd` announces: the training settings, with the scheduled lr."""
+        lr = scheduled_lr(self.train.lr, rnd, self.config.rounds, self.config.lr_schedule)
+        return self.train if lr == self.train.lr else self.train.model_copy(update={"lr": lr})
 
     def _announced(self) -> dict[str, Any]:
         """Announcement fields of a rounds mode (server.fedbuff: max_staleness); none for synchronous rounds."""

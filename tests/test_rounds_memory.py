@@ -193,6 +193,7 @@ def test_a_restarted_server_resumes_its_run_and_the_agents_follow(task, tmp_path
         ["--max-staleness", "-1"],
         ["--augment", "--dp-noise-multiplier", "1.0"],
         ["--task", "ldct", "--augment"],
+        ["--lr-schedule", "cosnie"],
     ],
 )
 def test_a_bad_demo_option_leaves_the_previous_run_untouched(tmp_path, medmnist_root, bad) -> None:

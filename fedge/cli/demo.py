@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from fedge.cli.options import AUGMENT_HELP, DP_HELP, FILM_HELP, IMAGE_SIZE_HELP, MODE_OPTIONS_HELP, STRATEGY_HELP, STRATEGY_OPTIONS_HELP
+from fedge.cli.options import AUGMENT_HELP, DP_HELP, FILM_HELP, IMAGE_SIZE_HELP, LR_SCHEDULE_HELP, MODE_OPTIONS_HELP, STRATEGY_HELP, STRATEGY_OPTIONS_HELP
 
 
 def demo(
@@ -34,6 +34,7 @@ def demo(
     mode_options: str = typer.Option(None, help=MODE_OPTIONS_HELP),
     strategy: str = typer.Option("fedavg", help=STRATEGY_HELP),
     strategy_options: str = typer.Option(None, help=STRATEGY_OPTIONS_HELP),
+    lr_schedule: str = typer.Option("constant", help=LR_SCHEDULE_HELP),
     augment: bool = typer.Option(False, "--augment", help=AUGMENT_HELP),
     dp_noise_multiplier: float = typer.Option(None, help=DP_HELP),
     dp_max_grad_norm: float = typer.Option(1.0, help="DP-SGD: per-sample gradient clip"),
@@ -118,6 +119,7 @@ def demo(
             strategy=strategy,
             strategy_options=parse_strategy_options(strategy_options),
             augment=augment,
+            lr_schedule=lr_schedule,  # type: ignore[arg-type]  # checked before anything starts
             dp_noise_multiplier=dp_noise_multiplier,
             dp_max_grad_norm=dp_max_grad_norm,
             dp_delta=dp_delta,

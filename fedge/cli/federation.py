@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from fedge.protocol.messages import ModeName
 
 if TYPE_CHECKING:
+    from fedge.schedule import LrSchedule
     from fedge.tasks.base import Task, TaskName
     from server.watch import WatchSettings
 
@@ -55,6 +56,7 @@ class FederationSettings:
     strategy: str = "fedavg"  # server.strategies: a robust rule, or dp_fedavg (client-level central DP)
     strategy_options: dict[str, Any] = field(default_factory=dict)
     augment: bool = False  # sites flip and shift their training images (TrainSettings.augment)
+    lr_schedule: LrSchedule = "constant"  # each round's announced lr (fedge.schedule)
     dp_noise_multiplier: float | None = None  # record-level DP: DP-SGD at every site (the cnn is then built with GroupNorm)
     dp_max_grad_norm: float = 1.0
     dp_delta: float = 1e-5
@@ -95,6 +97,9 @@ def _check(settings: FederationSettings) -> None:
         from fedge.tasks.ldct import NO_AUGMENT, NO_DP
 
         raise ValueError(NO_DP if settings.dp_noise_multiplier is not None else NO_AUGMENT)
+    from fedge.schedule import check_schedule
+
+    check_schedule(settings.lr_schedule)
     if settings.secure and settings.broker:
         raise ValueError("--secure starts its own Mosquitto with the generated config; leave out --broker")
     from fedge.modes import get_mode
@@ -201,6 +206,7 @@ def run_federation(
                 uplink_codec=settings.codec,
                 downlink_codec=settings.downlink_codec,
                 train=train,
+                lr_schedule=settings.lr_schedule,
                 strategy=settings.strategy,
                 strategy_options=settings.strategy_options,
                 seed=settings.seed,

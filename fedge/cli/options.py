@@ -55,6 +55,7 @@ STRATEGY_OPTIONS_HELP = (
 )
 FILM_HELP = "ldct: condition the denoiser on each scan's protocol (FiLM scales and shifts from (I0, views))"
 IMAGE_SIZE_HELP = "ldct: resample CT slices to this many pixels before the simulation (default 128; agents set image_size in their YAML)"
+LR_SCHEDULE_HELP = "Each round's announced lr: constant (--lr every round) or cosine (from --lr in round 1 towards 0 in the last)"
 AUGMENT_HELP = (
     "Sites flip each training image left-right at random and shift it by up to 3 pixels (classification only; "
     "for small sets such as BreastMNIST's 546 images, where a CNN otherwise overfits within a few epochs)"

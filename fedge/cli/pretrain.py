@@ -10,7 +10,7 @@ from pathlib import Path
 
 import typer
 
-from fedge.cli.options import fail, fail_with, parse_key_values
+from fedge.cli.options import AUGMENT_HELP, fail, fail_with, parse_key_values
 
 
 def pretrain(
@@ -23,6 +23,7 @@ def pretrain(
     lr: float = typer.Option(3e-4, help="Learning rate (Adam)"),
     batch_size: int = typer.Option(64, min=2, help="Batch size"),
     seed: int = typer.Option(0, help="Seed for initialisation and batch order"),
+    augment: bool = typer.Option(False, "--augment", help=AUGMENT_HELP),
     out: Path = typer.Option(..., help="Checkpoint to write (safetensors); pass it to the federation's --init"),
 ) -> None:
     """Pretrain a backbone on one dataset and write a checkpoint."""
@@ -61,7 +62,7 @@ def pretrain(
     with Progress(*columns, console=console) as progress:
         bar = progress.add_task("epochs", total=epochs)
         for epoch in range(epochs):
-            result = task.train_local(model, epochs=1, lr=lr, batch_size=batch_size, seed=seed * 1000 + epoch)
+            result = task.train_local(model, epochs=1, lr=lr, batch_size=batch_size, seed=seed * 1000 + epoch, augment=augment)
             metrics = task.evaluate(model, val_split)
             progress.console.print(
                 f"epoch {epoch + 1:>3}  loss {result.loss:.4f}  train acc {result.accuracy:.4f}  {val_split} AUC {metrics['auc']:.4f}  {result.seconds:.0f}s"
@@ -70,6 +71,6 @@ def pretrain(
     test = task.evaluate(model, "test")
     save_checkpoint(
         out, model.state_dict(), config,
-        dataset=dataset, epochs=epochs, lr=lr, seed=seed, val_auc=metrics["auc"], test_auc=test["auc"], params=params,
+        dataset=dataset, epochs=epochs, lr=lr, seed=seed, augment=augment, val_auc=metrics["auc"], test_auc=test["auc"], params=params,
     )  # fmt: skip
     console.print(f"test AUC {test['auc']:.4f}, accuracy {test['accuracy']:.4f}; checkpoint: {out}")

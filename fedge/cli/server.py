@@ -8,7 +8,17 @@ from typing import TYPE_CHECKING
 
 import typer
 
-from fedge.cli.options import AUGMENT_HELP, DP_HELP, FILM_HELP, IMAGE_SIZE_HELP, MODE_OPTIONS_HELP, STRATEGY_HELP, STRATEGY_OPTIONS_HELP, one_line_errors
+from fedge.cli.options import (
+    AUGMENT_HELP,
+    DP_HELP,
+    FILM_HELP,
+    IMAGE_SIZE_HELP,
+    LR_SCHEDULE_HELP,
+    MODE_OPTIONS_HELP,
+    STRATEGY_HELP,
+    STRATEGY_OPTIONS_HELP,
+    one_line_errors,
+)
 
 if TYPE_CHECKING:
     from fedge.models import ModelConfig
@@ -60,6 +70,7 @@ def server(
     max_update_norm: float = typer.Option(1e4, help="Refuse updates whose decoded delta has a larger L2 norm (NaN/Inf always refused)"),
     strategy: str = typer.Option("fedavg", help=STRATEGY_HELP),
     strategy_options: str = typer.Option(None, help=STRATEGY_OPTIONS_HELP),
+    lr_schedule: str = typer.Option("constant", help=LR_SCHEDULE_HELP),
     augment: bool = typer.Option(False, "--augment", help=AUGMENT_HELP),
     dp_noise_multiplier: float = typer.Option(None, help=DP_HELP),
     dp_max_grad_norm: float = typer.Option(1.0, help="DP-SGD: per-sample gradient clip"),
@@ -105,6 +116,7 @@ def server(
     from fedge.cli.options import fail, parse_mode_options, parse_strategy_options
     from fedge.data import load_medmnist
     from fedge.protocol import TrainSettings
+    from fedge.schedule import LR_SCHEDULES
     from fedge.tasks import ClassificationTask
     from fedge.tasks.base import DEFAULT_ARCH, TASK_NAMES, check_task_arch
     from server.config import ServerConfig
@@ -132,6 +144,8 @@ def server(
     for spec in filter(None, (codec, downlink_codec)):
         UpdateCodec.from_spec(spec)  # a typo fails here, before a broker starts or a dataset loads
     get_strategy(strategy, **parse_strategy_options(strategy_options))  # so does a wrong strategy or option
+    if lr_schedule not in LR_SCHEDULES:
+        raise fail(f"--lr-schedule {lr_schedule!r}: choose one of {', '.join(LR_SCHEDULES)}")
     if rounds_mode not in ("sync", "async"):
         raise fail(f"--rounds-mode {rounds_mode!r}: choose sync or async")
     watch = WatchSettings(metrics_port=metrics_port, metrics_host=metrics_host, dashboard=dashboard, dashboard_token=dashboard_token,
@@ -178,6 +192,7 @@ def server(
             uplink_codec=codec,
             downlink_codec=downlink_codec,
             train=train,
+            lr_schedule=lr_schedule,  # type: ignore[arg-type]  # checked in ServerConfig
             seed=seed,
             init_checkpoint=init,
             dataset=dataset if classifier is not None else None,

@@ -21,6 +21,7 @@ from torch import nn
 
 from fedge.data import dirichlet_split
 from fedge.models import ModelConfig, build_model
+from fedge.schedule import LrSchedule, check_schedule, scheduled_lr
 from fedge.tasks.classification import ClassificationTask
 
 ModelFactory = Callable[[int], nn.Module]  # seed -> the model the federation starts from (seeded init or pretrained)
@@ -34,10 +35,12 @@ class BoundSettings:
     lr: float = 1e-3
     batch_size: int = 32
     augment: bool = False  # as the federation's TrainSettings.augment
+    lr_schedule: LrSchedule = "constant"  # as the server's --lr-schedule, with one epoch per round
 
     def __post_init__(self) -> None:
         if self.sites < 1 or self.epochs < 1 or not self.alpha > 0:
             raise ValueError(f"bounds: sites and epochs must be >= 1 and alpha > 0, got {self.sites}, {self.epochs}, {self.alpha}")
+        check_schedule(self.lr_schedule)
 
 
 def seeded_model(config: ModelConfig) -> ModelFactory:
@@ -54,10 +57,22 @@ def _site_seed(seed: int, site: int) -> int:
     return zlib.crc32(f"{seed}/bound-site-{site}".encode())
 
 
+def _train(task: ClassificationTask, model: nn.Module, indices: np.ndarray | None, settings: BoundSettings, seed: int) -> None:
+    """`settings.epochs` passes at a constant lr; with a schedule, one pass per round at that round's
+    lr (as a federation with one local epoch per round: the optimizer restarts each round)."""
+    s = settings
+    if s.lr_schedule == "constant":
+        task.train_local(model, indices, epochs=s.epochs, lr=s.lr, batch_size=s.batch_size, seed=seed, augment=s.augment)
+        return
+    for epoch in range(1, s.epochs + 1):
+        lr = scheduled_lr(s.lr, epoch, s.epochs, s.lr_schedule)
+        task.train_local(model, indices, epochs=1, lr=lr, batch_size=s.batch_size, seed=zlib.crc32(f"{seed}/epoch-{epoch}".encode()), augment=s.augment)
+
+
 def centralized_auc(task: ClassificationTask, make_model: ModelFactory, settings: BoundSettings, seed: int) -> float:
     """Test AUC of the model trained on all sites' data pooled (the whole train split)."""
     model = make_model(seed)
-    task.train_local(model, None, epochs=settings.epochs, lr=settings.lr, batch_size=settings.batch_size, seed=seed, augment=settings.augment)
+    _train(task, model, None, settings, seed)
     return float(task.evaluate(model)["auc"])
 
 
@@ -67,10 +82,7 @@ def local_only_aucs(task: ClassificationTask, make_model: ModelFactory, settings
     aucs = []
     for i, indices in enumerate(shards):
         model = make_model(seed)
-        site_seed = _site_seed(seed, i)
-        task.train_local(
-            model, np.asarray(indices), epochs=settings.epochs, lr=settings.lr, batch_size=settings.batch_size, seed=site_seed, augment=settings.augment
-        )
+        _train(task, model, np.asarray(indices), settings, _site_seed(seed, i))
         aucs.append(float(task.evaluate(model)["auc"]))
     return aucs
 
@@ -87,7 +99,7 @@ def learning_bounds(task: ClassificationTask, make_model: ModelFactory, settings
         "local_only_auc_per_seed_and_site": local,
         "seeds": list(seeds),
         "sites": settings.sites, "alpha": settings.alpha, "epochs": settings.epochs, "lr": settings.lr, "batch_size": settings.batch_size,
-        "augment": settings.augment,
+        "augment": settings.augment, "lr_schedule": settings.lr_schedule,
     }  # fmt: skip
 
 

@@ -22,6 +22,7 @@ from fedge import weights as W
 from fedge.data import ImageSplits, dirichlet_split
 from fedge.models import build_model
 from fedge.protocol import TrainSettings
+from fedge.schedule import LrSchedule, check_schedule, scheduled_lr
 from fedge.tasks import ClassificationTask
 from fedge.tasks.base import Task
 from server.simulation.attacks import Attack, AttackContext
@@ -44,6 +45,7 @@ class SimulationSettings:
     lr: float = 1e-3
     batch_size: int = 32
     augment: bool = False  # random flips and shifts of each local batch (TrainSettings.augment)
+    lr_schedule: LrSchedule = "constant"  # each round's lr (fedge.schedule), as the server's --lr-schedule
     seed: int = 0
     max_samples: int = 1_000_000  # the server's --max-samples
     max_update_norm: float = 1e4  # the server's --max-update-norm
@@ -51,6 +53,7 @@ class SimulationSettings:
     def __post_init__(self) -> None:
         if self.sites < 1 or self.rounds < 1 or self.epochs < 1:
             raise ValueError("sites, rounds and epochs must be at least 1")
+        check_schedule(self.lr_schedule)
         UpdateCodec.from_spec(self.codec)
 
 
@@ -88,16 +91,6 @@ def finite_aggregate(strategy: Strategy, updates: list[ClientUpdate], weights: D
     return None, left_out
 
 
-def default_trainer(announced: TrainSettings) -> SiteTrainer:
-    """The agent's local step under the announced settings (the simulation's, plus what the strategy adds: FedProx's mu)."""
-
-    def train(task: Task, model: torch.nn.Module, site: str, indices: np.ndarray | None, seed: int) -> int:
-        a = announced
-        return task.train_local(model, indices, epochs=a.epochs, lr=a.lr, batch_size=a.batch_size, seed=seed, prox_mu=a.prox_mu, augment=a.augment).num_samples
-
-    return train
-
-
 class InProcessFederation:
     """One federation run. `local_noise` (client-level local DP) transforms each honest delta before
     the codec; `trainer` replaces the local step (record-level DP-SGD). `site_tasks` gives each site
@@ -121,7 +114,8 @@ class InProcessFederation:
         self.settings, self.task, self.strategy, self.adversary = settings, task, strategy, adversary
         # What the server would announce: FedProx's mu reaches the local step, FedBN keeps normalisation layers at the sites.
         self.train = announced_train(TrainSettings(epochs=settings.epochs, lr=settings.lr, batch_size=settings.batch_size, augment=settings.augment), strategy)
-        self.trainer = trainer or default_trainer(self.train)
+        self.round_train = self.train  # what the open round announces (the scheduled lr)
+        self.trainer = trainer or self._agent_step
         self.local_noise = local_noise
         self.on_round = on_round
         self.codec = UpdateCodec.from_spec(settings.codec)
@@ -143,6 +137,12 @@ class InProcessFederation:
         self.site_local = {name: {k: initial[k].copy() for k in self.local} for name in self.names}  # FedBN: each site's own
         self.manifest = UpdateCodec.manifest(self.weights)
         self.residuals = {name: ErrorFeedback() for name in self.names}
+
+    def _agent_step(self, task: Task, model: torch.nn.Module, site: str, indices: np.ndarray | None, seed: int) -> int:
+        """The agent's local step under the open round's announcement (the simulation's settings, the
+        scheduled lr, and what the strategy adds: FedProx's mu)."""
+        a = self.round_train
+        return task.train_local(model, indices, epochs=a.epochs, lr=a.lr, batch_size=a.batch_size, seed=seed, prox_mu=a.prox_mu, augment=a.augment).num_samples
 
     def _train(self, task: Task, site: str, rnd: int) -> tuple[Dense, int]:
         W.load_float_state(self.model, self.weights | self.site_local[site])
@@ -169,6 +169,7 @@ class InProcessFederation:
 
     def round(self, rnd: int) -> dict[str, Any]:
         started = time.perf_counter()
+        self.round_train = self.train.model_copy(update={"lr": scheduled_lr(self.train.lr, rnd, self.settings.rounds, self.settings.lr_schedule)})
         honest = {site: self._train(self.site_tasks.get(site, self.task), site, rnd) for site in self.names if site not in self.malicious}
         updates: list[ClientUpdate] = []
         rejected: list[str] = []
