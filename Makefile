@@ -33,9 +33,10 @@ test: $(BIN)/.installed system-deps lint
 	$(BIN)/python -m pytest -q -p no:cacheprovider
 
 # The unit tests only (no broker, subprocess, federation or onnxruntime export): the inner loop,
-# on two pytest-xdist workers (the suite is mostly import time; `make test` stays serial).
+# on two pytest-xdist workers (the suite is mostly import time; `make test` stays serial), with
+# fewer Hypothesis examples per property than `make test` draws.
 test-fast: $(BIN)/.installed
-	$(BIN)/python -m pytest -q -p no:cacheprovider -m "not integration" -n 2 --dist worksteal
+	HYPOTHESIS_PROFILE=inner-loop $(BIN)/python -m pytest -q -p no:cacheprovider -m "not integration" -n 2 --dist worksteal
 
 clean:
 	rm -rf runs .pytest_cache

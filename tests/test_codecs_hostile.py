@@ -3,6 +3,7 @@ and never make the decoder allocate beyond what the bytes and the manifest bound
 
 from __future__ import annotations
 
+import os
 import tracemalloc
 
 import numpy as np
@@ -26,7 +27,12 @@ SPECS = [
     "thresh:0.5|fp16",
     "randk:0.5|ternary|zstd",
 ]
-FAST = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+# Examples per property: 60 in `make test`; `make test-fast` loads the inner-loop profile (15), the
+# way Hypothesis's docs suggest a quick local profile beside a thorough CI one.
+settings.register_profile("full", max_examples=60)
+settings.register_profile("inner-loop", max_examples=15)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "full"))
+FAST = settings(deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 shapes = st.lists(st.integers(1, 9), min_size=0, max_size=3).map(tuple)
 tensors = shapes.flatmap(lambda s: arrays(np.float32, s, elements=st.floats(-1e4, 1e4, width=32)))
