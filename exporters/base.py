@@ -53,11 +53,14 @@ class Calibration:
     the same symmetric QDQ form TensorRT consumes. MinMax keeps every outlier in range; percentile
     clips the top (100 - percentile)% of |activation|; entropy picks the clip that loses least
     information (KL). `float_ops`: op types left unquantized (TensorRT runs them in fp16/fp32), e.g.
-    a denoiser's skip Adds and the BatchNorms after them, whose offset sums int8 resolves poorly."""
+    a denoiser's skip Adds and the BatchNorms after them, whose offset sums int8 resolves poorly.
+    `reduce_range`: weights on 7 bits (onnxruntime's option); None: when the exporting CPU needs it
+    (exporters.onnx_int8.saturating_int8_cpu), so that the parity check measures the model."""
 
     method: CalibrationMethodName = "minmax"
     percentile: float = 99.9
     float_ops: tuple[str, ...] = ()
+    reduce_range: bool | None = None
 
     def __post_init__(self) -> None:
         if self.method not in CALIBRATION_METHODS:

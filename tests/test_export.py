@@ -22,7 +22,8 @@ from exporters import (
     measure_latency,
     register_exporter,
 )
-from exporters.onnx_int8 import ORT_DISABLED_OPTIMIZERS
+from exporters.base import Calibration
+from exporters.onnx_int8 import ORT_DISABLED_OPTIMIZERS, saturating_int8_cpu
 from exporters.ort import disabled_optimizers, ort_runner
 from exporters.tensorrt import is_available as tensorrt_available
 from exporters.tensorrt import trtexec_command
@@ -116,6 +117,36 @@ def test_int8_is_symmetric_per_channel_qdq(trained, tmp_path):
     assert all(z.dtype == np.int8 and not z.any() for z in zero_points)
     assert any(consts[n.input[1]].size > 1 for n in qdq if n.op_type == "DequantizeLinear"), "weights per channel"
     assert abs(result.report["metric"]["delta"]) <= 0.01
+
+
+def test_an_x86_cpu_without_vnni_is_the_one_that_saturates(tmp_path, monkeypatch) -> None:
+    cpuinfo = tmp_path / "cpuinfo"
+    monkeypatch.setattr("platform.machine", lambda: "x86_64")
+    cpuinfo.write_text("processor : 0\nflags : fpu sse2 avx avx2 fma\n")
+    assert saturating_int8_cpu(cpuinfo)
+    for vnni in ("avx512_vnni", "avx_vnni"):
+        cpuinfo.write_text(f"processor : 0\nflags : fpu avx2 {vnni}\n")
+        assert not saturating_int8_cpu(cpuinfo)
+    assert not saturating_int8_cpu(tmp_path / "missing")  # nothing to read: assume a capable CPU
+    monkeypatch.setattr("platform.machine", lambda: "aarch64")  # Jetson: sdot kernels do not saturate
+    cpuinfo.write_text("processor : 0\nflags : fpu sse2 avx2\n")
+    assert not saturating_int8_cpu(cpuinfo)
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("reduce_range", [True, False])
+def test_reduce_range_puts_weights_on_seven_bits(trained, tmp_path, reduce_range):
+    import onnx
+    from onnx import numpy_helper
+
+    model, config, calib, test = trained
+    spec = ExportSpec(precision="int8", calib=calib, calibration=Calibration(reduce_range=reduce_range), **FAST)  # type: ignore[arg-type]
+    result = export_model(model, config, "onnx-int8", tmp_path, spec, test)
+    proto = onnx.load(str(result.path))
+    weights = [numpy_helper.to_array(t) for t in proto.graph.initializer if t.data_type == onnx.TensorProto.INT8 and t.dims and len(t.dims) == 4]
+    largest = max(int(np.abs(w.astype(np.int16)).max()) for w in weights)
+    assert (largest <= 64) if reduce_range else (largest == 127)
+    assert ("7-bit weights" in " ".join(result.report["notes"])) == reduce_range
 
 
 @pytest.mark.integration
