@@ -20,8 +20,10 @@ The model per dataset (`--pneumonia-widths`, `--breast-widths`: the zoo's cnn) i
 measured to come near MedMNIST v2's centralized ResNet-18 (28) AUC (0.944 pneumonia, 0.901 breast)
 within the half-hour budget; the report gives the centralized AUC it actually reached. BreastMNIST's
 546 images need more: its sites flip and shift their images (`--augment`, TrainSettings.augment),
-for 60 rounds (`--breast-rounds`). Every run, bounds included, follows a cosine learning-rate
-schedule over the rounds (`--lr-schedule`, fedge.schedule), as `fedge server --lr-schedule cosine`.
+for 60 rounds (`--breast-rounds`), on a cosine learning-rate schedule over the rounds (`--cosine`,
+fedge.schedule, as `fedge server --lr-schedule cosine`; its bounds too). PneumoniaMNIST keeps a
+constant lr: under the schedule its compressed federations ended lower (fedavg at alpha 0.5: 0.935
+against 0.951 at a constant lr) while its centralized bound stayed at 0.961.
 
 Report: {"results": [{"dataset", "strategy", "alpha", "final_auc", "final_auc_std", ...}],
 "bounds": {"<dataset>": {"centralized_auc", "local_only_auc", ...}}, "cpu_seconds", ...}.
@@ -46,7 +48,6 @@ from rich.console import Console
 from rich.table import Table
 
 from fedge.data.medmnist import default_data_dir
-from fedge.schedule import LR_SCHEDULES
 from server.strategies import STRATEGIES
 
 DATASETS = ("pneumoniamnist", "breastmnist")
@@ -118,16 +119,16 @@ def run_one(job: dict[str, Any]) -> dict[str, Any]:
 
 def per_dataset(args: argparse.Namespace, dataset: str) -> dict[str, Any]:
     """The model, rounds and augmentation a dataset is run with (its command-line flags)."""
+    recipe = {"augment": dataset in args.augment, "lr_schedule": "cosine" if dataset in args.cosine else "constant"}
     if dataset == "pneumoniamnist":
-        return {"widths": args.pneumonia_widths, "rounds": args.pneumonia_rounds, "augment": dataset in args.augment}
-    return {"widths": args.breast_widths, "rounds": args.breast_rounds, "augment": dataset in args.augment}
+        return {"widths": args.pneumonia_widths, "rounds": args.pneumonia_rounds, **recipe}
+    return {"widths": args.breast_widths, "rounds": args.breast_rounds, **recipe}
 
 
 def jobs_for(args: argparse.Namespace) -> list[dict[str, Any]]:
     jobs = []
     for dataset in args.datasets:
-        base = {"dataset": dataset, **per_dataset(args, dataset), "sites": args.sites, "epochs": args.epochs, "lr": args.lr, "codec": args.codec,
-                "lr_schedule": args.lr_schedule}  # fmt: skip
+        base = {"dataset": dataset, **per_dataset(args, dataset), "sites": args.sites, "epochs": args.epochs, "lr": args.lr, "codec": args.codec}
         for seed in args.seeds:
             jobs.append({**base, "kind": "centralized", "seed": seed, "alpha": None, "strategy": None})
             for alpha in args.alphas:
@@ -149,7 +150,7 @@ def summarize(runs: list[dict[str, Any]], args: argparse.Namespace) -> dict[str,
         local = {a: [r["auc"] for r in mine if r["kind"] == "local_only" and r["alpha"] == a] for a in args.alphas}
         if central:
             bounds[dataset] = {"centralized_auc": statistics.fmean(central), "centralized_auc_std": _mean_std(central)[1],
-                               "local_only_auc": statistics.fmean(local.get(ACCEPT_ALPHA) or next(v for v in local.values() if v)),
+                               "local_only_auc": statistics.fmean(v) if (v := local.get(ACCEPT_ALPHA) or next((v for v in local.values() if v), None)) else None,
                                "local_only_auc_by_alpha": {str(a): statistics.fmean(v) for a, v in local.items() if v},
                                **per_dataset(args, dataset), "epochs": per_dataset(args, dataset)["rounds"] * args.epochs}  # fmt: skip
         for alpha in args.alphas:
@@ -164,7 +165,7 @@ def summarize(runs: list[dict[str, Any]], args: argparse.Namespace) -> dict[str,
                              "cpu_seconds_per_run": statistics.fmean(r["cpu_seconds"] for r in rs),
                              "all_finite": all(r["finite"] for r in rs), "rejected_updates": sum(r["rejected"] for r in rs)})  # fmt: skip
     return {"benchmark": "noniid", "sites": args.sites, "rounds": {d: per_dataset(args, d)["rounds"] for d in args.datasets},
-            "augment": sorted(args.augment), "local_epochs": args.epochs, "lr": args.lr, "lr_schedule": args.lr_schedule,
+            "augment": sorted(args.augment), "cosine": sorted(args.cosine), "local_epochs": args.epochs, "lr": args.lr,
             "codec": args.codec, "seeds": args.seeds, "alphas": args.alphas, "strategies": args.strategies,
             "strategy_options": "registry defaults", "results": rows, "bounds": bounds, "acceptance": acceptance(rows, bounds)}  # fmt: skip
 
@@ -221,7 +222,8 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--local-only-alphas", type=float, nargs="*", default=[ACCEPT_ALPHA],
                         help="alphas at which the local-only bound is trained (default: the acceptance setting; add 0.1 1.0 for every column, +8 min)")  # fmt: skip
-    parser.add_argument("--lr-schedule", default="cosine", choices=list(LR_SCHEDULES), help="each round's lr (fedge.schedule); the bounds follow it per epoch")
+    parser.add_argument("--cosine", nargs="*", default=["breastmnist"], choices=list(DATASETS),
+                        help="datasets run on the cosine lr schedule (fedge.schedule; the bounds follow it per epoch); the others at a constant lr")  # fmt: skip
     parser.add_argument("--codec", default="topk:0.02,ef|ternary|zstd")
     parser.add_argument("--pneumonia-widths", type=int, nargs="+", default=[8, 16, 32], help="cnn channel widths on PneumoniaMNIST")
     parser.add_argument("--breast-widths", type=int, nargs="+", default=[32, 64, 128], help="cnn channel widths on BreastMNIST")
