@@ -3,6 +3,7 @@ weights, zero point 0 — the explicit-quantization form TensorRT consumes — c
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import platform
 import tempfile
@@ -188,10 +189,11 @@ class OnnxInt8Exporter(Exporter):
         inputs = calibration_inputs(spec.calib, config, spec.calib_samples)
         out_dir.mkdir(parents=True, exist_ok=True)
         path = out_dir / "model.int8.onnx"
+        reduced = weights_reduced(spec.calibration)  # decided once: the quantizer and the note say the same
         with tempfile.TemporaryDirectory(dir=out_dir, prefix=".fp32.") as tmp:
             fp32 = export_onnx(model, config, Path(tmp) / "model.onnx", "fp32")
-            quantize_qdq(fp32, path, inputs, spec.calibration)
-        bits = "7-bit weights: this x86 CPU has no VNNI (see saturating_int8_cpu)" if weights_reduced(spec.calibration) else "8-bit weights"
+            quantize_qdq(fp32, path, inputs, dataclasses.replace(spec.calibration, reduce_range=reduced))
+        bits = "7-bit weights: this x86 CPU has no VNNI (see saturating_int8_cpu)" if reduced else "8-bit weights"
         return Artifact(path=path, onnx_path=path, files=(path,), notes=(f"calibrated on {len(inputs)} images ({spec.calibration}, symmetric, {bits})",))
 
     def verify(self, artifact: Artifact, spec: ExportSpec) -> None:
