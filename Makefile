@@ -34,9 +34,11 @@ test: $(BIN)/.installed system-deps lint
 
 # The unit tests only (no broker, subprocess, federation or onnxruntime export): the inner loop,
 # on two pytest-xdist workers (the suite is mostly import time; `make test` stays serial), with
-# fewer Hypothesis examples per property than `make test` draws.
+# fewer Hypothesis examples per property than `make test` draws. Bytecode is cached even where the
+# environment sets PYTHONDONTWRITEBYTECODE: recompiling the sources and re-rewriting the test
+# modules' asserts costs each worker seconds on every run.
 test-fast: $(BIN)/.installed
-	HYPOTHESIS_PROFILE=inner-loop $(BIN)/python -m pytest -q -p no:cacheprovider -m "not integration" -n 2 --dist worksteal
+	PYTHONDONTWRITEBYTECODE= HYPOTHESIS_PROFILE=inner-loop $(BIN)/python -m pytest -q -p no:cacheprovider -m "not integration" -n 2 --dist worksteal
 
 clean:
 	rm -rf runs .pytest_cache

@@ -7,6 +7,7 @@ from __future__ import annotations
 import math
 import threading
 import time
+from collections.abc import Callable
 
 DEFAULT_BURST_BYTES = 16 * 1024
 
@@ -18,9 +19,16 @@ class TokenBucket:
     the debt would be paid, so back-to-back calls behave like a serial link of the given rate.
     Reservations are made under a lock and sleeps happen outside it, so concurrent callers queue
     fairly instead of all waking at once. A rate of `math.inf` never blocks (an unthrottled direction).
+    `now` and `sleep` are the clock (tests pace bytes on a virtual one).
     """
 
-    def __init__(self, rate_bits_per_s: float, burst_bytes: int = DEFAULT_BURST_BYTES) -> None:
+    def __init__(
+        self,
+        rate_bits_per_s: float,
+        burst_bytes: int = DEFAULT_BURST_BYTES,
+        now: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
         if not rate_bits_per_s > 0:
             raise ValueError(f"rate_bits_per_s must be > 0 (use math.inf for no limit), got {rate_bits_per_s!r}")
         if burst_bytes < 0:
@@ -29,7 +37,8 @@ class TokenBucket:
         self.burst_bytes = int(burst_bytes)
         self._bytes_per_s = self.rate_bits_per_s / 8
         self._tokens = float(burst_bytes)
-        self._last = time.monotonic()
+        self._now, self._sleep = now, sleep
+        self._last = now()
         self._lock = threading.Lock()
 
     def reserve(self, nbytes: int) -> float:
@@ -39,7 +48,7 @@ class TokenBucket:
         if math.isinf(self._bytes_per_s):
             return 0.0
         with self._lock:
-            now = time.monotonic()
+            now = self._now()
             self._tokens = min(float(self.burst_bytes), self._tokens + (now - self._last) * self._bytes_per_s)
             self._last = now
             self._tokens -= nbytes
@@ -49,7 +58,7 @@ class TokenBucket:
         """Block until `nbytes` may go on the emulated link; returns the seconds slept."""
         delay = self.reserve(nbytes)
         if delay > 0:
-            time.sleep(delay)
+            self._sleep(delay)
         return delay
 
 

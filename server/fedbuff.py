@@ -36,6 +36,7 @@ import json
 import logging
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -96,10 +97,10 @@ class _Buffered:
 class AsyncRoundServer(RoundServer):
     """`RoundServer` with FedBuff's buffered asynchronous aggregation (config.rounds_mode == "async")."""
 
-    def __init__(self, config: ServerConfig, evaluator: Evaluator | None = None, on_round: Any = None):
+    def __init__(self, config: ServerConfig, evaluator: Evaluator | None = None, on_round: Any = None, clock: Callable[[], float] = time.time):
         if config.rounds_mode != "async":
             raise ValueError("AsyncRoundServer needs rounds_mode='async'")
-        super().__init__(config, evaluator, on_round)
+        super().__init__(config, evaluator, on_round, clock)
         self.versions: dict[int, _Version] = {}
         self.buffer: dict[str, tuple[_Buffered, Decoded]] = {}  # by label "<site>@<version>", in the order accepted
         self._raw: dict[tuple[int, str], bytes] = {}  # envelopes in the intake, written to disk once accepted
@@ -309,14 +310,14 @@ class AsyncRoundServer(RoundServer):
 
     def _collect_buffer(self, current: _Round) -> None:
         while len(self._ready(current)) < self.config.buffer:
-            if time.time() > current.deadline:
+            if self.clock() > current.deadline:
                 if any(v.decoding for v in self.versions.values()):
                     self._take(current, timeout=0.2)
                     continue
                 # Re-announce: a restarted broker may have lost the retained global; agents resend cached updates.
                 log.warning("version %d deadline with %d of %d buffered updates; re-announcing", current.number, len(self.buffer), self.config.buffer)
                 self._publish_round(current.number, current.selected)
-                current.deadline = time.time() + self.config.round_timeout
+                current.deadline = self.clock() + self.config.round_timeout
             self._pump(0.2, current)
 
     def _rounds(self) -> None:
@@ -326,7 +327,7 @@ class AsyncRoundServer(RoundServer):
             started = time.monotonic()
             self._open_version(number, selected)  # before the announcement: an answer may come at once
             env_bytes = self._publish_round(number, selected)
-            current = _Round(number, selected, time.time() + self.config.round_timeout, started, env_bytes, self.versions[number].model_sha256)
+            current = _Round(number, selected, self.clock() + self.config.round_timeout, started, env_bytes, self.versions[number].model_sha256)
             log.info("version %d announced to %s (async: aggregate every %d updates)", number, ", ".join(selected), self.config.buffer)
             record = None
             while record is None:

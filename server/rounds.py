@@ -72,8 +72,17 @@ class _Round:
 
 
 class RoundServer:
-    def __init__(self, config: ServerConfig, evaluator: Evaluator | None = None, on_round: Callable[[dict[str, Any]], None] | None = None):
+    def __init__(
+        self,
+        config: ServerConfig,
+        evaluator: Evaluator | None = None,
+        on_round: Callable[[dict[str, Any]], None] | None = None,
+        clock: Callable[[], float] = time.time,
+    ):
+        """`clock` gives the wall time that round deadlines are set and checked against (tests move it
+        past a deadline instead of waiting for it)."""
         self.config = config
+        self.clock = clock
         self.topics = Topics(config.federation)
         self.evaluator = evaluator
         self.on_round = on_round
@@ -201,7 +210,7 @@ class RoundServer:
         transfer = self._mq.publish_chunked(lambda i: self.topics.global_chunk(rnd, i), env, chunk_size=self.config.chunk_size, retain=True)
         announcement = RoundAnnouncement(
             round=rnd,
-            deadline=time.time() + self.config.round_timeout,
+            deadline=self.clock() + self.config.round_timeout,
             selected=selected,
             model_sha256=sha,
             downlink=transfer,
@@ -261,6 +270,12 @@ class RoundServer:
         if parts[2] not in open_round[1]:
             return f"no update expected from {parts[2]!r} (not selected, or already counted)"
         return None
+
+    @property
+    def awaiting(self) -> tuple[int, frozenset[str]] | None:
+        """The open round and the selected sites whose update it still waits for (None between rounds)."""
+        open_round = self._open
+        return None if open_round is None else (open_round[0], frozenset(open_round[1]))
 
     def _set_open(self, current: _Round | None) -> None:
         if current is None:
@@ -408,7 +423,7 @@ class RoundServer:
             have = len(current.updates)
             if have and have >= len(current.selected) - len(current.excluded):  # counted and excluded are selected sites
                 return
-            if time.time() > current.deadline:
+            if self.clock() > current.deadline:
                 if current.decoding:  # updates that arrived in time count: finish decoding them first
                     self._take(current, timeout=0.2)
                     continue
@@ -418,7 +433,7 @@ class RoundServer:
                 # Re-announce: agents whose update was lost (broker restart, server crash) resend it.
                 log.warning("round %d deadline with %d updates (< %d); re-announcing", current.number, have, self.config.min_clients)
                 self._publish_round(current.number, current.selected)  # all of it: a restarted broker may have lost the retained chunks
-                current.deadline = time.time() + self.config.round_timeout
+                current.deadline = self.clock() + self.config.round_timeout
             self._pump(0.2, current)
 
     def _aggregate(self, current: _Round) -> dict[str, np.ndarray] | None:
@@ -515,7 +530,7 @@ class RoundServer:
             selected = self._wait_for_clients()
             started = time.monotonic()
             env_bytes = self._publish_round(rnd, selected)
-            current = _Round(rnd, selected, time.time() + self.config.round_timeout, started, env_bytes, W.state_sha256(self.state.weights))
+            current = _Round(rnd, selected, self.clock() + self.config.round_timeout, started, env_bytes, W.state_sha256(self.state.weights))
             log.info("round %d announced to %s", rnd, ", ".join(selected))
             record = None
             while record is None:

@@ -7,11 +7,11 @@ from __future__ import annotations
 
 import math
 import threading
-import time
 from collections.abc import Callable
 
 import numpy as np
 import pytest
+from clocks import SteppedClock, wait_until
 
 from edge_client.agent import Agent
 from edge_client.config import AgentConfig
@@ -69,14 +69,6 @@ def test_the_mode_picks_the_server_and_checks_its_settings(tmp_path) -> None:
             ServerConfig(**(base | {"rounds_mode": "async"} | bad))  # type: ignore[arg-type]
 
 
-def _wait(what: str, condition: Callable[[], bool], timeout: float = 60) -> None:
-    """A bound on how long the federation may take, not a timing assertion."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.01)
-
-
 class Hand:
     """The sites by hand: real signed-record status, real update envelopes of chosen constant deltas."""
 
@@ -84,7 +76,8 @@ class Hand:
         self.broker = broker
         config = dict(federation=FED, broker="memory://", model=MODEL, checkpoint_dir=tmp_path / "ckpt", rounds=3, min_clients=2,
                       expected_clients=SITES, round_timeout=60, wait_for_clients=60, rounds_mode="async", buffer=2, max_staleness=1)  # fmt: skip
-        self.server = server_class(ServerConfig(**(config | options)))  # type: ignore[arg-type]
+        self.clock = SteppedClock()
+        self.server = server_class(ServerConfig(**(config | options)), clock=self.clock)  # type: ignore[arg-type]
         self.topics = Topics(FED)
         self.site = broker.session("sites")
         self.site.connect()
@@ -105,7 +98,7 @@ class Hand:
 
     def announcement(self, version: int) -> RoundAnnouncement:
         topic = self.topics.announce(version)
-        _wait(f"version {version}", lambda: topic in self.broker.retained)
+        wait_until(f"version {version}", lambda: topic in self.broker.retained)
         return open_record(self.broker.retained[topic], RoundAnnouncement, None, federation=FED)
 
     def update(self, site: str, version: int, value: float, samples: int) -> bytes:
@@ -120,6 +113,14 @@ class Hand:
         self.site.publish_chunked(lambda i: self.topics.update_chunk(version, site, i), envelope)
 
     def join(self) -> None:
+        """Once the last version is aggregated, its sites report their upload time as agents do
+        (the server waits a moment for those reports before it finishes)."""
+        rounds = self.server.config.rounds
+        wait_until(f"version {rounds}'s aggregate", lambda: len(self.server.state.history) >= rounds)
+        last = self.server.state.history[-1]
+        for site in last["clients"]:
+            report = StatusMessage(federation=FED, sender=site, state="online", round=last["round"], metrics={"upload_seconds": 0.0})
+            self.site.publish(self.topics.status(site), sign_record(report, None), retain=True)
         assert self.thread is not None
         self.thread.join(60)
         assert not self.thread.is_alive() and not self.errors, self.errors
@@ -146,7 +147,7 @@ def test_a_late_update_is_weighted_by_its_staleness_and_one_past_max_staleness_o
     hand.send("site-2", 1, hand.update("site-2", 1, 0.04, 30))  # K=2: version 1 closes
     after_1 = hand.announcement(2)
     hand.send("site-3", 1, late)  # ... arrives while version 2 is open: staleness 1, accepted
-    _wait("site-3's late update in the buffer", lambda: "site-3@1" in hand.server.buffer)
+    wait_until("site-3's late update in the buffer", lambda: "site-3@1" in hand.server.buffer)
     hand.send("site-3", 2, hand.update("site-3", 2, 1.0, 100))  # K=2, 3 sites: one update per site per aggregate, this one waits
     fresh = hand.update("site-1", 2, -0.03, 10)
     hand.send("site-1", 2, fresh)  # K=2: version 2 closes
@@ -189,14 +190,15 @@ def test_a_late_update_is_weighted_by_its_staleness_and_one_past_max_staleness_o
 
 def test_a_restart_mid_buffer_keeps_the_accepted_update_and_still_refuses_its_replay(tmp_path) -> None:
     broker = MemoryBroker()
-    first = Hand(broker, tmp_path, rounds=2, round_timeout=1)
+    first = Hand(broker, tmp_path, rounds=2)
     start = {k: v.copy() for k, v in first.server.state.weights.items()}
     first.start()
     counted = first.update("site-1", 1, 0.01, 10)
     first.send("site-1", 1, counted)
-    _wait("the update in the buffer", lambda: "site-1@1" in first.server.buffer)
+    wait_until("the update in the buffer", lambda: "site-1@1" in first.server.buffer)
     assert first.server.session is not None
     first.server.session.drop()  # the server dies: its next publish (the deadline's re-announcement) fails
+    first.clock.advance(first.server.config.round_timeout)
     assert first.thread is not None
     first.thread.join(60)
     assert isinstance(first.errors[0], ConnectionError)
@@ -237,7 +239,7 @@ def test_a_crash_between_an_aggregate_and_its_commit_applies_it_once_and_keeps_w
     first.send("site-2", 1, first.update("site-2", 1, 0.01, 10))
     first.announcement(2)
     first.send("site-3", 1, late)
-    _wait("site-3's late update", lambda: "site-3@1" in first.server.buffer)
+    wait_until("site-3's late update", lambda: "site-3@1" in first.server.buffer)
     first.send("site-3", 2, first.update("site-3", 2, 0.02, 10))  # waits: site-3 already has one in this aggregate
     first.send("site-1", 2, first.update("site-1", 2, 0.01, 10))  # version 2's aggregate, then the crash
     assert first.thread is not None

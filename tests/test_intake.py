@@ -70,6 +70,7 @@ def test_decoding_in_worker_processes_counts_the_same_and_aggregates_the_same_in
     assert all(np.array_equal(mean_inline[k], mean_pooled[k]) for k in mean_inline)  # bit for bit
 
 
+@pytest.mark.integration  # starts a decoder process
 def test_a_full_intake_takes_no_message_until_a_decode_finishes(tmp_path, keys) -> None:
     server = _server(tmp_path, keys, decode_workers=1)
     broker = MemoryBroker()

@@ -171,7 +171,7 @@ def test_in_process_federation_takes_one_task_per_site(head, site, pair_cache: P
     from server.strategies import get_strategy
 
     other = LdctTask.simulate(
-        head.hu[20:23], head.pixel_mm, ScanProtocol.parse("1e5:360"), test_slices=[1], sim=SMALL, patch=32, stride=16, cache_dir=pair_cache / "ldct"
+        head.hu[20:22], head.pixel_mm, ScanProtocol.parse("1e5:90"), test_slices=[1], sim=SMALL, patch=32, stride=16, cache_dir=pair_cache / "ldct"
     )
     settings = SimulationSettings(sites=2, rounds=1, codec="q8|zstd", arch="redcnn", model_options={"width": 8, "depth": 2}, batch_size=8)
     fed = InProcessFederation(settings, site, get_strategy("fedavg"), site_tasks={"low": site, "high": other})

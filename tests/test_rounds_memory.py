@@ -1,14 +1,17 @@
 """The round logic of the server and the agents, over the in-process broker: announcement, training,
 refusal, quorum, deadline, re-announcement and resume, in seconds and without a broker process
-(tests/test_federation.py runs the same over amqtt and Mosquitto)."""
+(tests/test_federation.py runs the same over amqtt and Mosquitto). Deadlines pass when the test moves
+the server's clock, once it has seen what it expects before them."""
 
 from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 
 import numpy as np
 import pytest
+from clocks import SteppedClock, wait_until
 
 from edge_client.agent import Agent
 from edge_client.config import AgentConfig
@@ -34,7 +37,8 @@ class Federation:
         self.broker, self.task, self.tmp_path = broker, task, tmp_path
         config = dict(federation=FED, broker="memory://", model=MODEL, checkpoint_dir=tmp_path / "ckpt", rounds=2, min_clients=2,
                       expected_clients=("site-1", "site-2"), round_timeout=60, wait_for_clients=60)  # fmt: skip
-        self.server = RoundServer(ServerConfig(**(config | server_options)))
+        self.clock = SteppedClock()
+        self.server = RoundServer(ServerConfig(**(config | server_options)), clock=self.clock)
         self.shards = dirichlet_split(task.splits.labels["train"], 2, 1.0, 0)
         self.threads: list[threading.Thread] = []
         self.agents: dict[str, Agent] = {}
@@ -68,6 +72,11 @@ class Federation:
             assert not thread.is_alive(), f"{thread.name} did not finish"
         assert not self.errors, self.errors
 
+    def pass_deadline_once(self, rnd: int, awaiting: set[str], what: str, seen: Callable[[], bool] = lambda: True) -> None:
+        """Once round `rnd` waits only for `awaiting` and `seen()` holds, move the clock past its deadline."""
+        wait_until(what, lambda: self.server.awaiting == (rnd, frozenset(awaiting)) and seen())
+        self.clock.advance(self.server.config.round_timeout + 1)
+
     def announcements(self, rnd: int) -> list[RoundAnnouncement]:
         topic = Topics(FED).announce(rnd)
         return [open_record(m.payload, RoundAnnouncement, None, federation=FED) for m in self.broker.published if m.topic == topic and m.payload]
@@ -96,10 +105,12 @@ def test_two_sites_two_rounds(task, tmp_path) -> None:
 
 
 def test_a_site_that_refuses_the_codec_is_waited_for_until_the_deadline_then_the_quorum_aggregates(task, tmp_path) -> None:
-    fed = Federation(MemoryBroker(), task, tmp_path, rounds=1, min_clients=1, round_timeout=3)
+    fed = Federation(MemoryBroker(), task, tmp_path, rounds=1, min_clients=1)
     fed.start_server()
     fed.start_agent("site-1")
     pinned = fed.start_agent("site-2", codec="q8,ef|zstd")
+    skipped = lambda: pinned.answered is not None and pinned.answered.round == 1  # noqa: E731
+    fed.pass_deadline_once(1, {"site-2"}, "site-1's update and site-2's refusal of round 1", skipped)
     fed.join()
     assert fed.server.state.history[0]["clients"] == ["site-1"]
     assert pinned.rounds_done == [] and pinned.finished  # it skipped the round, and still heard the end
@@ -107,16 +118,14 @@ def test_a_site_that_refuses_the_codec_is_waited_for_until_the_deadline_then_the
 
 
 def test_below_quorum_at_the_deadline_the_round_is_re_announced_and_a_late_site_joins(task, tmp_path) -> None:
-    fed = Federation(MemoryBroker(), task, tmp_path, rounds=1, min_clients=2, round_timeout=2, expected_clients=())
-    fed.start_server()
-    fed.start_agent("site-1")
+    fed = Federation(MemoryBroker(), task, tmp_path, rounds=1, min_clients=2, expected_clients=())
     status = fed.broker.session("site-2-status")  # site-2 is online (so selected) but its agent starts after the deadline
     status.connect()
     status.publish(Topics(FED).status("site-2"), sign_record(StatusMessage(federation=FED, sender="site-2", state="online"), None), retain=True)
-    deadline = time.monotonic() + 60
-    while len(fed.announcements(1)) < 2:
-        assert time.monotonic() < deadline, "round 1 was never re-announced"
-        time.sleep(0.1)
+    fed.start_server()
+    fed.start_agent("site-1")
+    fed.pass_deadline_once(1, {"site-2"}, "site-1's update of round 1")
+    wait_until("round 1's re-announcement", lambda: len(fed.announcements(1)) == 2)
     fed.start_agent("site-2")
     fed.join()
     assert fed.server.state.history[0]["clients"] == ["site-1", "site-2"]
@@ -142,16 +151,17 @@ class FailsOnce:
 
 
 def test_a_round_that_fails_at_a_site_is_skipped_and_the_agent_takes_the_next(task, tmp_path) -> None:
-    fed = Federation(MemoryBroker(), task, tmp_path, min_clients=1, round_timeout=3)
+    fed = Federation(MemoryBroker(), task, tmp_path, min_clients=1)
     fed.start_server()
     fed.start_agent("site-1")
     config = AgentConfig(broker="mqtt://unused:1", site="site-2", federation=FED, state_dir=tmp_path / "site-2")
     failing = Agent(config, FailsOnce(task), fed.shards[1][:64])  # type: ignore[arg-type]
     fed.agents["site-2"] = failing
     fed._thread(lambda: failing.run(transport=fed.broker.session), "site-2")
+    fed.pass_deadline_once(1, {"site-2"}, "site-1's update and site-2's failure in round 1", lambda: failing.refusals.counts["round-error"] == 1)
     fed.join()
-    # Round 1 closes at its deadline without site-2 (or, re-announced under load, takes its retry); round 2 has both.
-    assert len(fed.server.state.history) == 2 and fed.server.state.history[1]["clients"] == ["site-1", "site-2"]
+    # Round 1 closes at its deadline without site-2; round 2 has both.
+    assert [r["clients"] for r in fed.server.state.history] == [["site-1"], ["site-1", "site-2"]]
     assert failing.rounds_done[-1] == 2 and failing.finished
     errors = [detail for kind, detail in failing.refusals.recent if kind == "round-error"]
     assert len(errors) == 1 and "round 1: OSError" in errors[0] and "No space left on device" in errors[0]
@@ -170,10 +180,8 @@ def test_a_restarted_server_resumes_its_run_and_the_agents_follow(task, tmp_path
     assert second.server.state.round == 1 and second.server.run_id == run
     assert Topics(FED).control in broker.retained  # the first server's `finished`, of this same run
     second.start_server()
-    deadline = time.monotonic() + 30
-    while Topics(FED).control in broker.retained:  # a restarted server clears it before agents may take it as the end
-        assert time.monotonic() < deadline, "the restarted server did not clear `finished`"
-        time.sleep(0.02)
+    # A restarted server clears it before agents may take it as the end.
+    wait_until("the restarted server to clear `finished`", lambda: Topics(FED).control not in broker.retained)
     for site in ("site-1", "site-2"):
         second.start_agent(site)
     second.join()
