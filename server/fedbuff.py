@@ -289,6 +289,10 @@ class AsyncRoundServer(RoundServer):
         return {"clients": sorted({label.rsplit("@", 1)[0] for label in trained}),
                 "staleness": {label: current.number - version for label, version in sorted(trained.items())}}  # fmt: skip
 
+    def _reports_due(self, record: dict[str, Any]) -> set[tuple[int, str]]:
+        """A stale update's site reports under the version it trained from, not the aggregate's."""
+        return {(int(version), site) for site, version in (label.rsplit("@", 1) for label in record["staleness"])}
+
     # ---- the loop ------------------------------------------------------------------------------------
     def _open_version(self, number: int, selected: tuple[str, ...]) -> None:
         """Version `number` opens; those older than max_staleness close (their partial uploads dropped)."""

@@ -543,10 +543,14 @@ class RoundServer:
 
     def _await_upload_reports(self, grace: float) -> None:
         """Sites report their measured upload time just after their last update: give them a moment."""
-        last = self.state.history[-1] if self.state.history else None
-        deadline = time.monotonic() + grace
-        while last and time.monotonic() < deadline and any((last["round"], c) not in self.uploads for c in last["clients"]):
+        due = self._reports_due(self.state.history[-1]) if self.state.history else set()
+        deadline = self.clock() + grace
+        while self.clock() < deadline and not due <= self.uploads.keys():
             self._pump(0.1, None)
+
+    def _reports_due(self, record: dict[str, Any]) -> set[tuple[int, str]]:
+        """The (round, site) reports of a round record's sites: each reports under the round it trained."""
+        return {(record["round"], client) for client in record["clients"]}
 
     def _save_final(self) -> Path:
         """The plain model for export: LoRA merged into the backbone, QAT fake-quant kept (as QDQ)."""

@@ -7,17 +7,17 @@ from collections.abc import Callable
 
 
 class SteppedClock:
-    """Wall time plus whatever the test skipped: `advance` moves a round past its deadline at once,
-    once the test has seen everything it expects before that deadline."""
+    """Wall time that stands still until the test moves it: a deadline (or the server's wait for
+    upload reports) passes only by `advance`, once the test has seen what it expects before it."""
 
     def __init__(self) -> None:
-        self.skipped = 0.0
+        self.now = time.time()
 
     def __call__(self) -> float:
-        return time.time() + self.skipped
+        return self.now
 
     def advance(self, seconds: float) -> None:
-        self.skipped += seconds
+        self.now += seconds
 
 
 def wait_until(what: str, condition: Callable[[], bool], timeout: float = 60) -> None:

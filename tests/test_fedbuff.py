@@ -113,13 +113,14 @@ class Hand:
         self.site.publish_chunked(lambda i: self.topics.update_chunk(version, site, i), envelope)
 
     def join(self) -> None:
-        """Once the last version is aggregated, its sites report their upload time as agents do
-        (the server waits a moment for those reports before it finishes)."""
+        """Once the last version is aggregated, its sites report their upload time as agents do, under
+        the version each trained from (the server waits for those reports, on its clock that stands
+        still here, before it finishes)."""
         rounds = self.server.config.rounds
         wait_until(f"version {rounds}'s aggregate", lambda: len(self.server.state.history) >= rounds)
-        last = self.server.state.history[-1]
-        for site in last["clients"]:
-            report = StatusMessage(federation=FED, sender=site, state="online", round=last["round"], metrics={"upload_seconds": 0.0})
+        for label in self.server.state.history[-1]["staleness"]:
+            site, version = label.rsplit("@", 1)
+            report = StatusMessage(federation=FED, sender=site, state="online", round=int(version), metrics={"upload_seconds": 0.0})
             self.site.publish(self.topics.status(site), sign_record(report, None), retain=True)
         assert self.thread is not None
         self.thread.join(60)
@@ -198,7 +199,7 @@ def test_a_restart_mid_buffer_keeps_the_accepted_update_and_still_refuses_its_re
     wait_until("the update in the buffer", lambda: "site-1@1" in first.server.buffer)
     assert first.server.session is not None
     first.server.session.drop()  # the server dies: its next publish (the deadline's re-announcement) fails
-    first.clock.advance(first.server.config.round_timeout)
+    first.clock.advance(first.server.config.round_timeout + 1)
     assert first.thread is not None
     first.thread.join(60)
     assert isinstance(first.errors[0], ConnectionError)
