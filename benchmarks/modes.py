@@ -48,6 +48,7 @@ import statistics
 import subprocess
 import sys
 import time
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -63,6 +64,12 @@ MODES = MODE_NAMES
 # LoRA adapters start at zero (B = 0) and need a larger step than dense fine-tuning (standard practice).
 DEFAULT_LR = {"full": 5e-4, "lora": 3e-3, "pruned": 5e-4, "qat": 5e-4}
 MIN_BACKBONE_PARAMS = 5_000_000
+BACKBONES: dict[str, dict[str, Any]] = {
+    "cnn": {"widths": [64, 128, 256, 2048], "norm": "group"},  # 5.1M; GroupNorm: no running statistics to send in lora mode
+    "vit": {"preset": "small"},  # 6.0M
+}
+LORA_TARGETS = {"cnn": ["all"], "vit": ["qkv"]}
+DEFAULT_LORA_R = 4
 
 
 def parse_lora_options(text: str) -> dict[str, Any]:
@@ -90,20 +97,31 @@ def parse_lr(text: str) -> dict[str, float]:
 def mode_options(mode_name: str, args: argparse.Namespace) -> dict[str, Any]:
     """What `get_mode(mode_name, **options)` gets, in the footprint and in the federation alike."""
     if mode_name == "lora":
-        targets = {} if args.lora_targets == ["all"] else {"targets": args.lora_targets}
+        chosen = args.lora_targets or LORA_TARGETS[args.arch]
+        targets = {} if chosen == ["all"] else {"targets": chosen}
         return {"r": args.lora_r, "alpha": args.lora_alpha, **targets, **args.lora_options}
     if mode_name == "pruned":
         return {"ratio": args.prune_ratio}
     return {}
 
 
+def backbone_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The architecture options of the backbone: the arch's defaults (BACKBONES), then --arch-options."""
+    return {**BACKBONES[args.arch], **args.arch_options}
+
+
 def pretrained_checkpoint(args: argparse.Namespace) -> Path:
-    """The cached foundation model; trained by `fedge pretrain` the first time."""
-    out = Path(args.cache).resolve() / f"vit-{args.preset}-{args.pretrain_dataset}-e{args.pretrain_epochs}.safetensors"
+    """The cached foundation model; trained by `fedge pretrain` the first time (named by everything that shapes it)."""
+    options = backbone_options(args)
+    recipe = json.dumps([options, args.pretrain_lr, args.pretrain_augment], sort_keys=True)
+    name = f"{args.arch}-{zlib.crc32(recipe.encode()):08x}-{args.pretrain_dataset}-e{args.pretrain_epochs}.safetensors"
+    out = Path(args.cache).resolve() / name
     if out.is_file():
         return out
-    cmd = [sys.executable, "-m", "fedge.cli.main", "pretrain", "--dataset", args.pretrain_dataset, "--arch", "vit",
-           "--preset", args.preset, "--epochs", str(args.pretrain_epochs), "--out", str(out)]  # fmt: skip
+    cmd = [sys.executable, "-m", "fedge.cli.main", "pretrain", "--dataset", args.pretrain_dataset, "--arch", args.arch,
+           "--epochs", str(args.pretrain_epochs), "--lr", str(args.pretrain_lr), "--out", str(out)]  # fmt: skip
+    cmd += [arg for k, v in options.items() for arg in ("--option", f"{k}={json.dumps(v)}")]
+    cmd += ["--augment"] if args.pretrain_augment else []
     if args.data_dir:
         cmd += ["--data-dir", str(Path(args.data_dir).resolve())]
     print(f"pretraining the backbone (cached afterwards): {' '.join(cmd[2:])}", flush=True)
@@ -220,7 +238,8 @@ def federate(mode_name: str, seed: int, args: argparse.Namespace, checkpoint: Pa
 
     settings = FederationSettings(
         dataset=args.dataset, data_dir=args.data_dir, clients=args.clients, rounds=args.rounds, codec=args.codec,
-        arch="vit", seed=seed, alpha=args.alpha, epochs=args.epochs, lr=args.lr[mode_name],
+        arch=args.arch, seed=seed, alpha=args.alpha, epochs=args.epochs, lr=args.lr[mode_name],
+        augment=args.augment, lr_schedule=args.lr_schedule,
         batch_size=args.batch_size, workdir=Path(args.workdir) / f"{mode_name}-s{seed}",
         mode=mode_name, mode_options=mode_options(mode_name, args), init=checkpoint,
     )  # fmt: skip
@@ -238,7 +257,8 @@ def learning_bounds(args: argparse.Namespace, checkpoint: Path) -> dict[str, Any
 
     torch.set_num_threads(args.threads)
     task = ClassificationTask(load_medmnist(args.dataset, args.data_dir))
-    settings = BoundSettings(sites=args.clients, alpha=args.alpha, epochs=args.rounds * args.epochs, lr=args.lr["full"], batch_size=args.batch_size)
+    settings = BoundSettings(sites=args.clients, alpha=args.alpha, epochs=args.rounds * args.epochs, lr=args.lr["full"], batch_size=args.batch_size,
+                             augment=args.augment, lr_schedule=args.lr_schedule)  # fmt: skip
     seeds = [args.seed + i for i in range(args.seeds)]
     return bounds_report(task, lambda seed: site_model("full", {}, checkpoint, task, seed)[1], settings, seeds)
 
@@ -303,10 +323,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--report", type=Path, required=True, help="JSON report to write")
     parser.add_argument("--data-dir", default=default_data_dir(), help="Folder with the MedMNIST npz files (default: FEDGE_DATA_DIR, else ../shared/data)")
-    parser.add_argument("--dataset", default="breastmnist", help="Federated dataset")
-    parser.add_argument("--pretrain-dataset", default="pneumoniamnist", help="Dataset the backbone is pretrained on")
-    parser.add_argument("--preset", default="small", help="ViT preset of the backbone (small: 6.0M parameters)")
-    parser.add_argument("--pretrain-epochs", type=int, default=3)
+    parser.add_argument("--dataset", default="pneumoniamnist", help="Federated dataset")
+    parser.add_argument("--pretrain-dataset", default="breastmnist", help="Dataset the backbone is pretrained on (any but --dataset)")
+    parser.add_argument("--arch", default="cnn", choices=sorted(BACKBONES), help="Backbone architecture (the zoo's); its defaults: " + json.dumps(BACKBONES))
+    parser.add_argument(
+        "--arch-options", type=parse_lora_options, default={}, help='Backbone options over the arch\'s defaults, e.g. widths=[32,64,128,1024] or preset="tiny"'
+    )
+    parser.add_argument("--pretrain-epochs", type=int, default=30)
+    parser.add_argument("--pretrain-lr", type=float, default=1e-3)
+    parser.add_argument("--pretrain-augment", action=argparse.BooleanOptionalAction, default=True, help="Random flips and shifts in pretraining")
+    parser.add_argument("--augment", action="store_true", help="Random flips and shifts in the federations and the bounds")
+    parser.add_argument("--lr-schedule", choices=["constant", "cosine"], default="cosine", help="Each round's lr in the federations (the bounds per epoch)")
     parser.add_argument("--cache", default="runs/bench/cache", help="Where the pretrained checkpoint is kept")
     parser.add_argument("--workdir", default="runs/bench/modes", help="Federation workdirs (one per mode and seed)")
     parser.add_argument("--modes", default=",".join(MODES), help="Comma-separated subset of full,lora,pruned,qat")
@@ -321,12 +348,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--lr", type=parse_lr, default=dict(DEFAULT_LR), help=f"Learning rate: one value, or per mode as full=5e-4,lora=3e-3 (default {DEFAULT_LR})"
     )
     parser.add_argument("--codec", default="q4,ef|zstd:3", help="The uplink codec every mode uses")
-    parser.add_argument("--lora-r", type=int, default=4)
+    parser.add_argument("--lora-r", type=int, default=DEFAULT_LORA_R)
     parser.add_argument(
         "--lora-targets",
         type=lambda t: [x.strip() for x in t.split(",") if x.strip()],
-        default=["qkv"],
-        help="Comma-separated layer names that get adapters (peft target_modules); 'all' for every Linear/Conv2d but the head",
+        default=None,
+        help="Comma-separated layer names that get adapters (peft target_modules); 'all' for every Linear/Conv2d but the head (default: "
+        + json.dumps(LORA_TARGETS)
+        + ")",
     )
     parser.add_argument("--lora-alpha", type=float, default=8.0)
     parser.add_argument(

@@ -42,7 +42,9 @@ def test_mode_options_reach_get_mode(bench):
     assert get_mode("lora", **bench.mode_options("lora", args)).r == 8
     assert get_mode("pruned", **bench.mode_options("pruned", args)).ratio == 0.25
     assert bench.mode_options("full", args) == {} and bench.mode_options("qat", args) == {}
-    assert get_mode("lora", **bench.mode_options("lora", args)).targets == ("qkv",)  # the default: attention only
+    assert get_mode("lora", **bench.mode_options("lora", args)).targets is None  # the cnn's default: every conv but the head
+    vit = bench.build_parser().parse_args(["--report", "x.json", "--arch", "vit"])
+    assert get_mode("lora", **bench.mode_options("lora", vit)).targets == ("qkv",)  # the vit's: attention only
     more = bench.build_parser().parse_args(["--report", "x.json", "--lora-targets", "all", "--lora-options", "train_norms=true,freeze_a=true"])
     lora = get_mode("lora", **bench.mode_options("lora", more))
     assert (lora.targets, lora.train_norms, lora.freeze_a) == (None, True, True)
@@ -89,17 +91,21 @@ def test_acceptance_verdicts(bench):
     assert bench.acceptance([full], 4_000_000) == {"backbone_params": 4_000_000, "backbone_at_least_5m": False, "all_hold": False}
 
 
-@pytest.mark.parametrize("mode", ["lora", "pruned"])
-def test_footprint_of_a_tiny_pretrained_vit(bench, mode, medmnist_root: Path, tmp_path: Path):
+TINY = {"vit": {"preset": "tiny"}, "cnn": {"widths": [16, 32], "norm": "group"}}
+
+
+@pytest.mark.parametrize(("arch", "mode"), [("vit", "lora"), ("vit", "pruned"), ("cnn", "lora"), ("cnn", "pruned")])
+def test_footprint_of_a_tiny_pretrained_backbone(bench, arch, mode, medmnist_root: Path, tmp_path: Path):
     import torch
 
     from fedge.checkpoint import save_checkpoint
     from fedge.models import ModelConfig, build_model
 
-    config = ModelConfig(arch="vit", in_channels=1, num_classes=2, image_size=28, options={"preset": "tiny"})
+    config = ModelConfig(arch=arch, in_channels=1, num_classes=2, image_size=28, options=TINY[arch])
     torch.manual_seed(0)
     ckpt = save_checkpoint(tmp_path / "tiny.safetensors", build_model(config).state_dict(), config)
-    args = bench.build_parser().parse_args(["--report", str(tmp_path / "r.json"), "--data-dir", str(medmnist_root), "--step-repeats", "1"])
+    argv = ["--report", str(tmp_path / "r.json"), "--data-dir", str(medmnist_root), "--step-repeats", "1", "--arch", arch, "--dataset", "breastmnist"]
+    args = bench.build_parser().parse_args(argv)
     out: queue.Queue = queue.Queue()
 
     threads = torch.get_num_threads()
@@ -116,6 +122,10 @@ def test_footprint_of_a_tiny_pretrained_vit(bench, mode, medmnist_root: Path, tm
     else:
         assert cost["prune"]["params_after"] < cost["prune"]["params_before"]
         assert cost["prune"]["macs_after"] < cost["prune"]["macs_before"]
+    if (arch, mode) == ("cnn", "lora"):  # adapters (A, B) on both convs and the head; GroupNorm has no statistics to send
+        r, head = bench.DEFAULT_LORA_R, 32 * 2 + 2
+        assert cost["trained_tensors"] == 2 * 2 + 2
+        assert cost["trainable_params"] == r * (1 * 9 + 16) + r * (16 * 9 + 32) + head
 
 
 @pytest.mark.integration
@@ -128,7 +138,7 @@ def test_bounds_fine_tune_the_pretrained_backbone_on_the_federations_split(bench
     config = ModelConfig(arch="vit", in_channels=1, num_classes=2, image_size=28, options={"preset": "tiny"})
     torch.manual_seed(0)
     ckpt = save_checkpoint(tmp_path / "tiny.safetensors", build_model(config).state_dict(), config)
-    args = bench.build_parser().parse_args(["--report", str(tmp_path / "r.json"), "--data-dir", str(medmnist_root), "--seeds", "1",
+    args = bench.build_parser().parse_args(["--report", str(tmp_path / "r.json"), "--data-dir", str(medmnist_root), "--seeds", "1", "--arch", "vit", "--dataset", "breastmnist",
                                             "--rounds", "1", "--epochs", "1", "--clients", "2"])  # fmt: skip
     threads = torch.get_num_threads()
     try:
