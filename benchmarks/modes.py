@@ -329,6 +329,21 @@ def acceptance(results: list[dict[str, Any]], backbone_params: int) -> dict[str,
     return out
 
 
+def bounds_acceptance(results: list[dict[str, Any]], bounds: dict[str, float], dataset: str) -> dict[str, Any]:
+    """Issue 13's checks: centralized full fine-tuning reaches the published ResNet-18 (28) AUC, and
+    federated full fine-tuning ends within 0.02 of it (None where the dataset or mode is missing)."""
+    from fedge.tasks.bounds import PUBLISHED_RESNET18_28_AUC
+
+    out: dict[str, Any] = {"published_resnet18_28_auc": PUBLISHED_RESNET18_28_AUC.get(dataset)}
+    if out["published_resnet18_28_auc"] is not None:
+        out["centralized_reaches_published"] = bounds["centralized_auc"] >= out["published_resnet18_28_auc"]
+    full = next((r for r in results if r["mode"] == "full"), None)
+    if full:
+        out["full_minus_centralized"] = full["final_auc"] - bounds["centralized_auc"]
+        out["full_within_0.02_of_centralized"] = out["full_minus_centralized"] >= -0.02
+    return out
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--report", type=Path, required=True, help="JSON report to write")
@@ -434,6 +449,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         args.report.parent.mkdir(parents=True, exist_ok=True)
         args.report.write_text(json.dumps(report, indent=2, default=str))
     report.update(learning_bounds(args, checkpoint))
+    report["acceptance"].update(bounds_acceptance(report["results"], report["bounds"], args.dataset))
+    report["acceptance"]["all_hold"] = all(v for k, v in report["acceptance"].items() if isinstance(v, bool) and k != "all_hold")
     report["minutes"] = round((time.monotonic() - started) / 60, 2)
     args.report.write_text(json.dumps(report, indent=2, default=str))
     print(f"bounds: centralized AUC {report['bounds']['centralized_auc']:.4f}, local-only {report['bounds']['local_only_auc']:.4f}")

@@ -147,3 +147,16 @@ def test_bounds_fine_tune_the_pretrained_backbone_on_the_federations_split(bench
         torch.set_num_threads(threads)
     assert set(out["bounds"]) == {"centralized_auc", "local_only_auc"} and all(0 <= v <= 1 for v in out["bounds"].values())
     assert out["bounds_detail"]["sites"] == 2 and len(out["bounds_detail"]["local_only_auc_per_seed_and_site"][0]) == 2
+
+
+def test_bounds_acceptance_compares_full_with_centralized_and_the_published_figure(bench):
+    full = bench.summarise("full", [_run(0.95, [4_000_000])], _cost(6_000_000, 700.0), 4, 24_000_000)
+
+    ok = bench.bounds_acceptance([full], {"centralized_auc": 0.96, "local_only_auc": 0.90}, "pneumoniamnist")
+    low = bench.bounds_acceptance([full], {"centralized_auc": 0.98, "local_only_auc": 0.90}, "pneumoniamnist")
+    short = bench.bounds_acceptance([], {"centralized_auc": 0.85, "local_only_auc": 0.80}, "breastmnist")
+
+    assert ok["centralized_reaches_published"] and ok["full_within_0.02_of_centralized"]
+    assert ok["full_minus_centralized"] == pytest.approx(-0.01)
+    assert not low["full_within_0.02_of_centralized"]
+    assert short == {"published_resnet18_28_auc": 0.901, "centralized_reaches_published": False}

@@ -43,6 +43,11 @@ class BoundSettings:
         check_schedule(self.lr_schedule)
 
 
+# MedMNIST v2 (Yang et al. 2023), ResNet-18 at 28x28 trained centrally: the test AUC a default model's
+# centralized bound should reach (shared/reference/anchors.md).
+PUBLISHED_RESNET18_28_AUC = {"pneumoniamnist": 0.944, "breastmnist": 0.901}
+
+
 def seeded_model(config: ModelConfig) -> ModelFactory:
     """What a server builds when it starts without a checkpoint: `config` after torch.manual_seed(seed)."""
 
