@@ -67,6 +67,7 @@ import typer
 from fedge.cli.options import parse_mode_options
 from fedge.data.medmnist import default_data_dir
 from fedge.protocol import MODE_NAMES
+from fedge.schedule import LR_SCHEDULES
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -305,8 +306,9 @@ def summarise(mode_name: str, runs: list[dict[str, Any]], cost: dict[str, Any], 
     return row
 
 
-def acceptance(results: list[dict[str, Any]], backbone_params: int) -> dict[str, Any]:
-    """Issue 4's acceptance, measured: each check holds its numbers and a verdict (None: mode not run)."""
+def acceptance(results: list[dict[str, Any]], backbone_params: int, bounds: dict[str, float] | None = None, dataset: str = "") -> dict[str, Any]:
+    """Issue 4's acceptance, measured, and issue 13's once the bounds are in: each check holds its
+    numbers and a verdict (None: mode not run)."""
     by = {r["mode"]: r for r in results}
     full, lora, pruned = by.get("full"), by.get("lora"), by.get("pruned")
     out: dict[str, Any] = {"backbone_params": backbone_params, "backbone_at_least_5m": backbone_params >= MIN_BACKBONE_PARAMS}
@@ -324,6 +326,8 @@ def acceptance(results: list[dict[str, Any]], backbone_params: int) -> dict[str,
     if pruned and full:
         out["pruned_auc_minus_full"] = pruned["final_auc"] - full["final_auc"]
         out["pruned_auc_within_0.02_of_full"] = pruned["final_auc"] >= full["final_auc"] - 0.02
+    if bounds is not None:
+        out.update(bounds_acceptance(results, bounds, dataset))
     verdicts = [v for k, v in out.items() if isinstance(v, bool)]
     out["all_hold"] = all(verdicts)
     return out
@@ -358,7 +362,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--pretrain-lr", type=float, default=1e-3)
     parser.add_argument("--pretrain-augment", action=argparse.BooleanOptionalAction, default=True, help="Random flips and shifts in pretraining")
     parser.add_argument("--augment", action="store_true", help="Random flips and shifts in the federations and the bounds")
-    parser.add_argument("--lr-schedule", choices=["constant", "cosine"], default="cosine", help="Each round's lr in the federations (the bounds per epoch)")
+    parser.add_argument("--lr-schedule", choices=LR_SCHEDULES, default="cosine", help="Each round's lr in the federations (the bounds per epoch)")
     parser.add_argument("--cache", default="runs/bench/cache", help="Where the pretrained checkpoint is kept")
     parser.add_argument("--workdir", default="runs/bench/modes", help="Federation workdirs (one per mode and seed)")
     parser.add_argument("--modes", default=",".join(MODES), help="Comma-separated subset of full,lora,pruned,qat")
@@ -449,8 +453,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         args.report.parent.mkdir(parents=True, exist_ok=True)
         args.report.write_text(json.dumps(report, indent=2, default=str))
     report.update(learning_bounds(args, checkpoint))
-    report["acceptance"].update(bounds_acceptance(report["results"], report["bounds"], args.dataset))
-    report["acceptance"]["all_hold"] = all(v for k, v in report["acceptance"].items() if isinstance(v, bool) and k != "all_hold")
+    report["acceptance"] = acceptance(report["results"], backbone_params, report["bounds"], args.dataset)
     report["minutes"] = round((time.monotonic() - started) / 60, 2)
     args.report.write_text(json.dumps(report, indent=2, default=str))
     print(f"bounds: centralized AUC {report['bounds']['centralized_auc']:.4f}, local-only {report['bounds']['local_only_auc']:.4f}")

@@ -54,32 +54,3 @@ def test_pretrain_option_errors_come_before_the_dataset_is_read(args: list[str],
     assert result.exit_code == 2, result.output
     assert message in result.output
 
-
-def test_the_simulation_starts_from_a_pretrained_checkpoint(medmnist_root: Path, tmp_path: Path) -> None:
-    """SimulationSettings.init, as the server's --init: the backbone is the checkpoint's, the head new
-    (it was pretrained on another dataset); a checkpoint of another image shape is refused by name."""
-    from fedge.checkpoint import save_checkpoint
-    from fedge.data import load_medmnist
-    from fedge.errors import UsageError
-    from fedge.models import ModelConfig, build_model
-    from fedge.tasks import ClassificationTask
-    from server.simulation import InProcessFederation, SimulationSettings
-    from server.strategies import get_strategy
-
-    config = ModelConfig(arch="cnn", in_channels=1, num_classes=2, image_size=28, options={"widths": [4, 8], "norm": "group"})
-    torch.manual_seed(7)
-    pretrained = build_model(config).state_dict()
-    ckpt = save_checkpoint(tmp_path / "cnn.safetensors", pretrained, config, dataset="pneumoniamnist")
-    task = ClassificationTask(load_medmnist("breastmnist", medmnist_root))
-
-    fed = InProcessFederation(SimulationSettings(sites=2, rounds=1, codec="fp32", init=str(ckpt)), task, get_strategy("fedavg"))
-
-    backbone = [k for k in pretrained if not k.startswith("head.")]
-    assert backbone and all(torch.equal(torch.as_tensor(fed.weights[k]), pretrained[k]) for k in backbone)
-    assert not torch.equal(torch.as_tensor(fed.weights["head.weight"]), pretrained["head.weight"])  # re-initialised
-    assert fed.run()["finite"]
-
-    rgb = config.replace(in_channels=3)
-    other = save_checkpoint(tmp_path / "rgb.safetensors", build_model(rgb).state_dict(), rgb, dataset="pneumoniamnist")
-    with pytest.raises(UsageError, match="3-channel"):
-        InProcessFederation(SimulationSettings(sites=2, rounds=1, init=str(other)), task, get_strategy("fedavg"))

@@ -19,7 +19,6 @@ import torch
 
 from compression import CodecError, ErrorFeedback, UpdateCodec
 from fedge import weights as W
-from fedge.checkpoint import init_from_checkpoint
 from fedge.data import ImageSplits, dirichlet_split
 from fedge.models import build_model
 from fedge.protocol import TrainSettings
@@ -48,7 +47,6 @@ class SimulationSettings:
     augment: bool = False  # random flips and shifts of each local batch (TrainSettings.augment)
     lr_schedule: LrSchedule = "constant"  # each round's lr (fedge.schedule), as the server's --lr-schedule
     seed: int = 0
-    init: str | None = None  # a pretrained checkpoint to start from, as the server's --init (arch and options then come from it)
     max_samples: int = 1_000_000  # the server's --max-samples
     max_update_norm: float = 1e4  # the server's --max-update-norm
 
@@ -93,16 +91,6 @@ def finite_aggregate(strategy: Strategy, updates: list[ClientUpdate], weights: D
     return None, left_out
 
 
-def initial_model(task: Task, settings: SimulationSettings) -> torch.nn.Module:
-    """The server's round-0 global: seeded, then built from the arch or from the `init` checkpoint."""
-    torch.manual_seed(settings.seed)
-    if settings.init is None:
-        return build_model(task.model_config(settings.arch, **settings.model_options))
-    config = task.model_config(settings.arch)
-    return init_from_checkpoint(settings.init, in_channels=config.in_channels, num_classes=config.num_classes, image_size=config.image_size,
-                                dataset=task.splits.name if isinstance(task, ClassificationTask) else None)[0]  # fmt: skip
-
-
 class InProcessFederation:
     """One federation run. `local_noise` (client-level local DP) transforms each honest delta before
     the codec; `trainer` replaces the local step (record-level DP-SGD). `site_tasks` gives each site
@@ -141,7 +129,8 @@ class InProcessFederation:
         count = adversary.count if adversary else 0
         self.malicious = set(rng.permutation(self.names)[:count].tolist())
         self.flipped = flipped_task(task) if adversary and adversary.attack.flips_labels and isinstance(task, ClassificationTask) else None
-        self.model = initial_model(task, settings)
+        torch.manual_seed(settings.seed)
+        self.model = build_model(task.model_config(settings.arch, **settings.model_options))
         initial = W.float_state(self.model)
         self.local = W.norm_layer_names(self.model) if self.train.local_norm else frozenset()
         self.weights = {k: v for k, v in initial.items() if k not in self.local}
