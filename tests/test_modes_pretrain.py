@@ -53,4 +53,3 @@ def test_pretrain_option_errors_come_before_the_dataset_is_read(args: list[str],
 
     assert result.exit_code == 2, result.output
     assert message in result.output
-
