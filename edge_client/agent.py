@@ -18,6 +18,7 @@ import torch
 from compression import CodecError, TensorSpec
 from edge_client.config import AgentConfig
 from edge_client.state import AgentState
+from fedge import controlvariates as CV
 from fedge import weights as W
 from fedge.models import ModelConfig, build_model
 from fedge.modes import TrainingMode, get_mode
@@ -145,10 +146,17 @@ class Agent:
     def _expected_manifest(self, delta: bool, config: ModelConfig, ann: RoundAnnouncement) -> Manifest:
         """What a global for this config may carry: every float tensor of the model, or for a delta the ones that travel."""
         model, mode = self._model_for(config, ann, meta=True)
+        full = Manifest(tuple(TensorSpec(k, tuple(v.shape)) for k, v in self._global_tensors(model, ann).items()))
+        return full.only(set(mode.trainable_state(model)) | {t.name for t in full if CV.is_variate(t.name)}) if delta else full
+
+    def _global_tensors(self, model: torch.nn.Module, ann: RoundAnnouncement) -> dict[str, torch.Tensor]:
+        """Names and shapes of what a global holds for `model` under `ann`: its float tensors but the
+        site's own layers (FedBN), then SCAFFOLD's server variates when announced."""
         local = self._local_names(model, ann)
-        floats = ((k, v) for k, v in model.state_dict().items() if v.is_floating_point() and k not in local)
-        full = Manifest(tuple(TensorSpec(k, tuple(v.shape)) for k, v in floats))
-        return full.only(mode.trainable_state(model)) if delta else full
+        floats = {k: v for k, v in model.state_dict().items() if v.is_floating_point() and k not in local}
+        params = dict(model.named_parameters())
+        variates = {CV.PREFIX + k: params[k] for k in CV.parameter_names(model, local)} if ann.train.control_variates else {}
+        return floats | variates
 
     @staticmethod
     def _local_names(model: torch.nn.Module, ann: RoundAnnouncement) -> frozenset[str]:
@@ -158,8 +166,8 @@ class Agent:
     def _install(self, glob: GlobalPayload, weights: dict[str, np.ndarray], rnd: int, ann: RoundAnnouncement) -> None:
         model, mode = self._model_for(glob.config, ann, meta=False)
         local = self._local_names(model, ann)
-        ours = {k: v for k, v in W.float_state(model).items() if k not in local}
-        if [(k, v.shape) for k, v in ours.items()] != [(k, v.shape) for k, v in weights.items()]:
+        ours = self._global_tensors(model, ann)
+        if [(k, tuple(v.shape)) for k, v in ours.items()] != [(k, tuple(v.shape)) for k, v in weights.items()]:
             raise ProtocolError("global tensors do not match the announced architecture and training mode")
         if local and model is not self.model:  # a fresh model (agent restart): this site's own layers, as it left them
             self.state.restore_local(model, local)
@@ -253,7 +261,9 @@ class Agent:
         if self.model is None or self.held is None or self.mode is None:
             raise RuntimeError("no global model installed: _try_obtain must succeed before training")
         local = self._local_names(self.model, ann)
-        W.load_float_state(self.model, self.held.weights, local=local)
+        weights, server_variates = CV.split(self.held.weights)
+        W.load_float_state(self.model, weights, local=local)
+        own_variates = self.state.load_variates() if ann.train.control_variates else {}
         seed = train_seed(self.config.seed, self.config.site, ann.round)
         torch.manual_seed(seed)
         train = ann.train
@@ -269,12 +279,16 @@ class Agent:
             dp=dp,
             prox_mu=train.prox_mu,
             augment=train.augment,
+            logit_adjust=train.logit_adjust,
+            correction=CV.correction(server_variates, CV.known_to_server(own_variates, self.state.residual)) if train.control_variates else None,
         )
         if dp is not None:  # counted once trained, before anything is sent: a crash can only over-count
             self.state.privacy.record(dp.noise_multiplier, result.dp_sample_rate, result.dp_steps)
             self.state.save_privacy()
         # Only what travels (e.g. LoRA adapters + head): no copy of the frozen rest of the model.
         delta = {k: v.cpu().numpy() - self.held.weights[k] for k, v in self.mode.trainable_state(self.model).items() if k not in local}
+        if result.mean_gradient is not None:  # SCAFFOLD: the change of this site's variate travels beside the delta
+            delta |= CV.update_entries(result.mean_gradient, own_variates)
         envelope = make_update(
             delta, codec=ann.uplink_codec, federation=self.config.federation, site=self.config.site, round=ann.round, run=ann.run,
             model_sha256=ann.model_sha256, num_samples=result.num_samples, residual=self.state.residual, seed=seed, signer=self.signer,
@@ -285,6 +299,8 @@ class Agent:
         self.state.remember_update(self.config.federation, ann.run, ann.round, ann.model_sha256, envelope)
         if local:
             self.state.save_local(self.model, local)
+        if result.mean_gradient is not None:
+            self.state.save_variates(result.mean_gradient)
         if codec_for(ann.uplink_codec).uses_error_feedback:
             self.state.save_residual()
         return envelope

@@ -1,14 +1,16 @@
 """What an agent keeps across restarts: its error-feedback residual, its last sent update, the
-server run it takes part in, its privacy ledger (every DP-SGD release it made), and the layers that
-never leave it (FedBN)."""
+server run it takes part in, its privacy ledger (every DP-SGD release it made), the layers that
+never leave it (FedBN) and its SCAFFOLD control variate."""
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from collections.abc import Collection
 from pathlib import Path
 
+import numpy as np
 import torch
 from safetensors.numpy import load_file, save
 from torch import nn
@@ -17,6 +19,8 @@ from compression import ErrorFeedback
 from fedge.errors import check_schema_version
 from fedge.files import atomic_write_bytes
 from fedge.tasks.dp import PrivacyLedger
+
+log = logging.getLogger(__name__)
 
 # Of agent.json. An older or damaged file is a cache miss (the round is retrained, never sent); a
 # newer one stops the agent at start: its residual and cache belong to a newer fedge.
@@ -95,6 +99,24 @@ class AgentState:
             for k in names:
                 if k in saved and tuple(saved[k].shape) == tuple(state[k].shape):
                     state[k].copy_(torch.from_numpy(saved[k]))
+
+    @property
+    def _variates_file(self) -> Path:
+        return self.folder / "control_variates.safetensors"
+
+    def save_variates(self, variates: dict[str, np.ndarray]) -> None:
+        """This site's SCAFFOLD variate c_i (fedge.controlvariates), kept across rounds and restarts."""
+        atomic_write_bytes(self._variates_file, save(variates))
+
+    def load_variates(self) -> dict[str, np.ndarray]:
+        """The saved c_i; none (round 1) or unreadable: empty, i.e. zero (logged: the next round's correction is then c alone)."""
+        if not self._variates_file.exists():
+            return {}
+        try:
+            return load_file(str(self._variates_file))
+        except Exception as exc:  # a damaged file costs one round of correction, never the agent
+            log.warning("%s is unreadable (%s); this round trains with c_i = 0", self._variates_file, exc)
+            return {}
 
     def save_residual(self) -> None:
         atomic_write_bytes(self._residual_file, self.residual.to_bytes())

@@ -6,9 +6,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from fedge.errors import UsageError
 from fedge.models import ModelConfig
 from fedge.protocol import TrainSettings
 from fedge.protocol.chunks import DEFAULT_CHUNK_SIZE
+from fedge.rounds import codec_for
 from fedge.schedule import LrSchedule, check_schedule
 from server.strategies import announced_train, get_strategy
 
@@ -67,4 +69,16 @@ class ServerConfig:
         if self.round_timeout <= 0 or self.chunk_size < 1024:
             raise ValueError("round_timeout must be positive and chunk_size at least 1024 bytes")
         # A wrong name or option, or a strategy the training settings exclude, fails before anything starts.
-        announced_train(self.train, get_strategy(self.strategy, **self.strategy_options))
+        train = check_strategy(self.train, self.strategy, self.strategy_options, self.rounds_mode)
+        if train.control_variates and not (codec_for(self.uplink_codec).is_lossless or codec_for(self.uplink_codec).uses_error_feedback):
+            raise UsageError(f"strategy {self.strategy!r} with the lossy uplink codec {self.uplink_codec!r}: add 'ef' (e.g. 'topk:0.02,ef|ternary|zstd'), "
+                             "or the server's control variate drifts from the sites' by what the codec drops")  # fmt: skip
+
+
+def check_strategy(train: TrainSettings, strategy: str, options: dict[str, Any], rounds_mode: str) -> TrainSettings:
+    """What the server will announce under `strategy`; UsageError for a name, option or combination it cannot run."""
+    announced = announced_train(train, get_strategy(strategy, **options))
+    if announced.control_variates and rounds_mode == "async":
+        raise UsageError(f"strategy {strategy!r} (control variates) needs synchronous rounds: a stale site's variate "
+                         "would correct against a server variate it never saw; use --rounds-mode sync")  # fmt: skip
+    return announced

@@ -17,6 +17,7 @@ import torch
 from safetensors.numpy import load_file, save
 
 from compression import ErrorFeedback, UpdateCodec
+from fedge import controlvariates as CV
 from fedge import weights as W
 from fedge.checkpoint import init_from_checkpoint
 from fedge.files import atomic_write_bytes
@@ -116,7 +117,7 @@ class RoundServer:
         self.manifest = Manifest.of(self.state.weights)
         # What travels up (and as downlink deltas): the mode's trainable tensors only, e.g. LoRA adapters + head.
         trainable = self.mode.trainable_state(template)
-        self.uplink_manifest = self.manifest.only(trainable)
+        self.uplink_manifest = self.manifest.only(set(trainable) | {k for k in self.state.weights if CV.is_variate(k)})
         # One open transfer per site, never larger than an update of this manifest can be.
         self.max_update_bytes = UpdateCodec.max_payload_bytes(list(self.uplink_manifest)) + (1 << 20) + 1024
         self.reassembler = Reassembler(max_bytes=self.max_update_bytes, one_per_key=True)
@@ -147,6 +148,7 @@ class RoundServer:
         resumed = self.store.load_latest()
         if resumed is not None:
             state, record = resumed
+            state.weights |= self._variates(record)
             residual_file = record.get("downlink_residual")
             if residual_file:
                 path = self.store.folder / residual_file
@@ -158,11 +160,25 @@ class RoundServer:
                 self._strategy_state = load_file(str(self.store.folder / strategy_file))
             log.warning("resuming federation %s after round %d (checkpoint in %s)", self.config.federation, state.round, self.store.folder)
             return state
-        return RoundState(0, {k: v for k, v in W.float_state(self.template).items() if k not in self.local_names})
+        return RoundState(0, {k: v for k, v in W.float_state(self.template).items() if k not in self.local_names} | self._variates(None))
+
+    def _variates(self, record: dict[str, Any] | None) -> dict[str, np.ndarray]:
+        """SCAFFOLD's server variate c (part of the global: fedge.controlvariates): from the checkpoint
+        `record` names, else zero (round 1, or a folder written under another strategy)."""
+        if not self.train.control_variates:
+            return {}
+        zero = CV.zero_variates(self.template, self.local_names)
+        name = (record or {}).get("control_variates")
+        if not name:
+            return zero
+        saved = load_file(str(self.store.folder / name))
+        if sorted((k, v.shape) for k, v in saved.items()) != sorted((k, v.shape) for k, v in zero.items()):
+            raise ValueError(f"{name} in {self.store.folder} does not hold this model's control variates; move it and state.json aside")
+        return {k: saved[k].astype(np.float32) for k in zero}
 
     def global_model(self) -> torch.nn.Module:
         """The current global as a training-time module (what the evaluator scores)."""
-        W.load_float_state(self.template, self.state.weights, local=self.local_names)
+        W.load_float_state(self.template, CV.split(self.state.weights)[0], local=self.local_names)
         return self.template
 
     def _checkpoint(self) -> None:
@@ -173,13 +189,20 @@ class RoundServer:
             name = f"downlink_residual_{self.state.round:04d}.safetensors"
             atomic_write_bytes(self.store.folder / name, self.downlink_residual.to_bytes())
             extra["downlink_residual"] = name
+        variates = {k: v for k, v in self.state.weights.items() if CV.is_variate(k)}
+        if variates:  # beside the model's checkpoint, which stays an exportable model
+            name = f"control_variates_{self.state.round:04d}.safetensors"
+            atomic_write_bytes(self.store.folder / name, save(variates))
+            extra["control_variates"] = name
         strategy_state = self.strategy.state()
         if strategy_state:
             name = f"strategy_state_{self.state.round:04d}.safetensors"
             atomic_write_bytes(self.store.folder / name, save(strategy_state))
             extra["strategy_state"] = name
         self.store.save(self.state, self.config.federation, extra)
-        for pattern, key in (("downlink_residual*.safetensors", "downlink_residual"), ("strategy_state*.safetensors", "strategy_state")):
+        kept = (("downlink_residual*.safetensors", "downlink_residual"), ("strategy_state*.safetensors", "strategy_state"),
+                ("control_variates*.safetensors", "control_variates"))  # fmt: skip
+        for pattern, key in kept:
             for old in self.store.folder.glob(pattern):
                 if old.name != extra.get(key):
                     old.unlink(missing_ok=True)

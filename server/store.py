@@ -80,7 +80,7 @@ class CheckpointStore:
         return self.folder / "final.safetensors"
 
     def save(self, state: RoundState, federation: str, extra: dict[str, Any] | None = None) -> Path:
-        tensors = {k: torch.from_numpy(v) for k, v in state.weights.items()} | self._buffers
+        tensors = {k: torch.from_numpy(state.weights[k]) for k in self._order} | self._buffers  # the model only (not SCAFFOLD's variates)
         path = save_checkpoint(
             self.model_path(state.round), tensors, self.config, mode=self.mode, prepared=True,
             round=state.round, federation=federation, **self.meta,

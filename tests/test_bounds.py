@@ -54,7 +54,7 @@ def test_bound_settings_are_checked() -> None:
 def test_noniid_summary_and_acceptance() -> None:
     bench = load_benchmark("noniid")
     args = argparse.Namespace(datasets=["breastmnist"], strategies=["fedavg", "fedprox"], alphas=[0.1, 0.5], seeds=[0, 1], sites=4,
-                              pneumonia_rounds=2, breast_rounds=2, augment=["breastmnist"], cosine=["breastmnist"],
+                              pneumonia_rounds=2, breast_rounds=2, augment=["breastmnist"], cosine=["breastmnist"], logit_adjust=["breastmnist"],
                               epochs=1, lr=1e-3, codec="fp32", pneumonia_widths=[8], breast_widths=[8])  # fmt: skip
     runs = [{"kind": "centralized", "dataset": "breastmnist", "seed": s, "alpha": None, "strategy": None, "auc": auc} for s, auc in ((0, 0.9), (1, 0.88))]
     runs += [{"kind": "local_only", "dataset": "breastmnist", "seed": 0, "alpha": a, "strategy": None, "auc": auc} for a, auc in ((0.1, 0.6), (0.5, 0.7))]

@@ -6,7 +6,17 @@ from pathlib import Path
 
 import typer
 
-from fedge.cli.options import AUGMENT_HELP, DP_HELP, FILM_HELP, IMAGE_SIZE_HELP, LR_SCHEDULE_HELP, MODE_OPTIONS_HELP, STRATEGY_HELP, STRATEGY_OPTIONS_HELP
+from fedge.cli.options import (
+    AUGMENT_HELP,
+    DP_HELP,
+    FILM_HELP,
+    IMAGE_SIZE_HELP,
+    LOGIT_ADJUST_HELP,
+    LR_SCHEDULE_HELP,
+    MODE_OPTIONS_HELP,
+    STRATEGY_HELP,
+    STRATEGY_OPTIONS_HELP,
+)
 
 
 def demo(
@@ -36,6 +46,7 @@ def demo(
     strategy_options: str = typer.Option(None, help=STRATEGY_OPTIONS_HELP),
     lr_schedule: str = typer.Option("constant", help=LR_SCHEDULE_HELP),
     augment: bool = typer.Option(False, "--augment", help=AUGMENT_HELP),
+    logit_adjust: float = typer.Option(0.0, "--logit-adjust", min=0.0, max=10.0, help=LOGIT_ADJUST_HELP),
     dp_noise_multiplier: float = typer.Option(None, help=DP_HELP),
     dp_max_grad_norm: float = typer.Option(1.0, help="DP-SGD: per-sample gradient clip"),
     dp_delta: float = typer.Option(1e-5, help="DP-SGD: the delta each site's epsilon is reported at"),
@@ -119,6 +130,7 @@ def demo(
             strategy=strategy,
             strategy_options=parse_strategy_options(strategy_options),
             augment=augment,
+            logit_adjust=logit_adjust,
             lr_schedule=lr_schedule,  # type: ignore[arg-type]  # checked before anything starts
             dp_noise_multiplier=dp_noise_multiplier,
             dp_max_grad_norm=dp_max_grad_norm,

@@ -56,6 +56,7 @@ class FederationSettings:
     strategy: str = "fedavg"  # server.strategies: a robust rule, or dp_fedavg (client-level central DP)
     strategy_options: dict[str, Any] = field(default_factory=dict)
     augment: bool = False  # sites flip and shift their training images (TrainSettings.augment)
+    logit_adjust: float = 0.0  # tau of the sites' logit-adjusted loss (TrainSettings.logit_adjust)
     lr_schedule: LrSchedule = "constant"  # each round's announced lr (fedge.schedule)
     dp_noise_multiplier: float | None = None  # record-level DP: DP-SGD at every site (the cnn is then built with GroupNorm)
     dp_max_grad_norm: float = 1.0
@@ -93,10 +94,10 @@ def _check(settings: FederationSettings) -> None:
     check_task_arch(settings.task, settings.arch)
     if settings.task == "ldct" and len(settings.protocols) != settings.clients:
         raise ValueError(f"--task ldct: give one --protocol per site ({settings.clients}, got {len(settings.protocols)})")
-    if settings.task == "ldct" and (settings.dp_noise_multiplier is not None or settings.augment):
-        from fedge.tasks.ldct import NO_AUGMENT, NO_DP
+    if settings.task == "ldct" and (settings.dp_noise_multiplier is not None or settings.augment or settings.logit_adjust):
+        from fedge.tasks.ldct import NO_AUGMENT, NO_DP, NO_LOGIT_ADJUST
 
-        raise ValueError(NO_DP if settings.dp_noise_multiplier is not None else NO_AUGMENT)
+        raise ValueError(NO_DP if settings.dp_noise_multiplier is not None else NO_AUGMENT if settings.augment else NO_LOGIT_ADJUST)
     from fedge.schedule import check_schedule
 
     check_schedule(settings.lr_schedule)
@@ -171,7 +172,11 @@ def run_federation(
         dp_max_grad_norm=settings.dp_max_grad_norm,
         dp_delta=settings.dp_delta,
         augment=settings.augment,
+        logit_adjust=settings.logit_adjust,
     )
+    from server.config import check_strategy
+
+    check_strategy(train, settings.strategy, settings.strategy_options, settings.rounds_mode)  # e.g. scaffold with DP-SGD or async rounds
     task = _evaluation_task(settings)  # fail fast, before any process starts
     model_options = dict(settings.model_options)
     if settings.dp_noise_multiplier is not None and settings.arch == "cnn":

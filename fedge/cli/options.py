@@ -46,7 +46,7 @@ def parse_mode_options(text: str | None) -> dict[str, Any]:
 
 STRATEGY_HELP = (
     "Aggregation rule: fedavg, clipping, median, trimmed_mean, multikrum, centered_clipping (robust), "
-    "dp_fedavg (client-level central DP), fedprox, fedbn, fedadam, fedyogi (non-IID sites); see --strategy-options"
+    "dp_fedavg (client-level central DP), fedprox, fedbn, fedadam, fedyogi, scaffold (non-IID sites); see --strategy-options"
 )
 STRATEGY_OPTIONS_HELP = (
     "Strategy options as KEY=VALUE pairs. clipping: max_norm (default: median norm x multiplier), multiplier, weighted; "
@@ -59,6 +59,11 @@ LR_SCHEDULE_HELP = "Each round's announced lr: constant (--lr every round) or co
 AUGMENT_HELP = (
     "Sites flip each training image left-right at random and shift it by up to 3 pixels (classification only; "
     "for small sets such as BreastMNIST's 546 images, where a CNN otherwise overfits within a few epochs)"
+)
+LOGIT_ADJUST_HELP = (
+    "Label skew: each site trains on logits + TAU * log(its own class frequencies) (logit adjustment), so a site "
+    "whose images are nearly all one class does not teach the shared model that prior; 1.0 is the usual TAU, 0 is off "
+    "(classification only)"
 )
 DP_HELP = (
     "Record-level DP: DP-SGD at every site with this noise multiplier (opacus; SGD with momentum 0.9 at --lr, "

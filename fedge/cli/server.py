@@ -13,6 +13,7 @@ from fedge.cli.options import (
     DP_HELP,
     FILM_HELP,
     IMAGE_SIZE_HELP,
+    LOGIT_ADJUST_HELP,
     LR_SCHEDULE_HELP,
     MODE_OPTIONS_HELP,
     STRATEGY_HELP,
@@ -72,6 +73,7 @@ def server(
     strategy_options: str = typer.Option(None, help=STRATEGY_OPTIONS_HELP),
     lr_schedule: str = typer.Option("constant", help=LR_SCHEDULE_HELP),
     augment: bool = typer.Option(False, "--augment", help=AUGMENT_HELP),
+    logit_adjust: float = typer.Option(0.0, "--logit-adjust", min=0.0, max=10.0, help=LOGIT_ADJUST_HELP),
     dp_noise_multiplier: float = typer.Option(None, help=DP_HELP),
     dp_max_grad_norm: float = typer.Option(1.0, help="DP-SGD: per-sample gradient clip"),
     dp_delta: float = typer.Option(1e-5, help="DP-SGD: the delta each site's epsilon is reported at (below 1 / its records)"),
@@ -136,6 +138,7 @@ def server(
             dp_max_grad_norm=dp_max_grad_norm,
             dp_delta=dp_delta,
             augment=augment,
+            logit_adjust=logit_adjust,
         )
     except ValueError as exc:
         raise fail(f"invalid training settings: {exc}") from None
@@ -157,10 +160,10 @@ def server(
     console = Console()
     classifier = None
     if task == "ldct":
-        if augment:
-            from fedge.tasks.ldct import NO_AUGMENT
+        if augment or logit_adjust:
+            from fedge.tasks.ldct import NO_AUGMENT, NO_LOGIT_ADJUST
 
-            raise fail(NO_AUGMENT)
+            raise fail(NO_AUGMENT if augment else NO_LOGIT_ADJUST)
         model_config, evaluator = _denoiser(
             ct_dir, data_dir, protocol, image_size, film=film, arch=arch, evaluate=evaluate or ct_dir is not None, dp=dp_noise_multiplier is not None, seed=seed
         )

@@ -60,16 +60,23 @@ class TrainSettings(_Message):
     local_norm: bool = False
     # Random flips and shifts of each training batch (fedge.tasks.augment): for sites with a few hundred images.
     augment: bool = False
+    # Label skew (fedge.tasks.classification): each site adds tau * log(its class prior) to the logits in
+    # its loss (logit adjustment, Menon et al. 2021), 0: plain cross-entropy. SCAFFOLD's control
+    # variates (fedge.controlvariates): the global carries the server's, each update the site's change.
+    logit_adjust: float = Field(default=0.0, ge=0, le=10)
+    control_variates: bool = False
 
     @model_validator(mode="after")
-    def _augment_without_dp(self) -> TrainSettings:
-        if self.augment and self.dp_noise_multiplier is not None:
-            raise ValueError("augment is not implemented with DP-SGD (opacus draws its own Poisson batches): leave out one of them")
+    def _dp_alone(self) -> TrainSettings:
+        if self.dp_noise_multiplier is not None:
+            for name, on in (("augment", self.augment), ("logit_adjust", self.logit_adjust > 0), ("control_variates", self.control_variates)):
+                if on:
+                    raise ValueError(f"{name} is not implemented with DP-SGD (opacus runs its own training loop): leave out one of them")
         return self
 
     @model_serializer(mode="wrap")
     def _without_unused_newer_fields(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
-        """prox_mu, local_norm and augment are left out at their defaults: agents from before them (whose
+        """prox_mu, local_norm, augment, logit_adjust and control_variates are left out at their defaults: agents from before them (whose
         records forbid unknown fields) still accept every announcement that does not use them."""
         data = handler(self)
         for key, default in NEWER_DEFAULTS.items():
@@ -78,7 +85,7 @@ class TrainSettings(_Message):
         return data
 
 
-NEWER_DEFAULTS: dict[str, object] = {"prox_mu": 0.0, "local_norm": False, "augment": False}
+NEWER_DEFAULTS: dict[str, object] = {"prox_mu": 0.0, "local_norm": False, "augment": False, "logit_adjust": 0.0, "control_variates": False}
 
 
 class Record(_Message):

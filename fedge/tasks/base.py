@@ -7,6 +7,7 @@ metrics, and the existing classification task already has exactly this shape.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Literal, Protocol, get_args
 
 import numpy as np
@@ -57,6 +58,8 @@ class Task(Protocol):
         dp: DPSettings | None = None,
         prox_mu: float = 0.0,
         augment: bool = False,
+        logit_adjust: float = 0.0,
+        correction: Mapping[str, np.ndarray] | None = None,
     ) -> TrainResult: ...
 
     def evaluate(self, model: nn.Module, split: str = "test") -> dict[str, float]: ...

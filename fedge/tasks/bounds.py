@@ -36,6 +36,7 @@ class BoundSettings:
     batch_size: int = 32
     augment: bool = False  # as the federation's TrainSettings.augment
     lr_schedule: LrSchedule = "constant"  # as the server's --lr-schedule, with one epoch per round
+    logit_adjust: float = 0.0  # as TrainSettings.logit_adjust (the pooled or the site's prior)
 
     def __post_init__(self) -> None:
         if self.sites < 1 or self.epochs < 1 or not self.alpha > 0:
@@ -67,11 +68,12 @@ def _train(task: ClassificationTask, model: nn.Module, indices: np.ndarray | Non
     lr (as a federation with one local epoch per round: the optimizer restarts each round)."""
     s = settings
     if s.lr_schedule == "constant":
-        task.train_local(model, indices, epochs=s.epochs, lr=s.lr, batch_size=s.batch_size, seed=seed, augment=s.augment)
+        task.train_local(model, indices, epochs=s.epochs, lr=s.lr, batch_size=s.batch_size, seed=seed, augment=s.augment, logit_adjust=s.logit_adjust)
         return
     for epoch in range(1, s.epochs + 1):
         lr = scheduled_lr(s.lr, epoch, s.epochs, s.lr_schedule)
-        task.train_local(model, indices, epochs=1, lr=lr, batch_size=s.batch_size, seed=zlib.crc32(f"{seed}/epoch-{epoch}".encode()), augment=s.augment)
+        task.train_local(model, indices, epochs=1, lr=lr, batch_size=s.batch_size, seed=zlib.crc32(f"{seed}/epoch-{epoch}".encode()), augment=s.augment,
+                         logit_adjust=s.logit_adjust)  # fmt: skip
 
 
 def centralized_auc(task: ClassificationTask, make_model: ModelFactory, settings: BoundSettings, seed: int) -> float:
@@ -104,7 +106,7 @@ def learning_bounds(task: ClassificationTask, make_model: ModelFactory, settings
         "local_only_auc_per_seed_and_site": local,
         "seeds": list(seeds),
         "sites": settings.sites, "alpha": settings.alpha, "epochs": settings.epochs, "lr": settings.lr, "batch_size": settings.batch_size,
-        "augment": settings.augment, "lr_schedule": settings.lr_schedule,
+        "augment": settings.augment, "lr_schedule": settings.lr_schedule, "logit_adjust": settings.logit_adjust,
     }  # fmt: skip
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -10,6 +11,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from fedge.controlvariates import VariateStep
 from fedge.data import ImageSplits
 from fedge.models import ModelConfig
 from fedge.tasks.augment import augment_batch
@@ -48,6 +50,8 @@ class LocalTrainer:
         device: str = "cpu",
         prox_mu: float = 0.0,
         augment: torch.Generator | None = None,
+        logit_bias: torch.Tensor | None = None,
+        variates: VariateStep | None = None,
     ):
         self.device = device
         self.model = model.to(device).train()  # for the trainer's lifetime, not once per step
@@ -60,6 +64,11 @@ class LocalTrainer:
         self.prox_mu = prox_mu
         self.anchor = [(p, p.detach().clone()) for p in params] if prox_mu > 0 else []
         self.augment = augment  # flips and shifts drawn from this generator (fedge.tasks.augment); None: the images as they are
+        # Logit adjustment (Menon et al., 2021): tau * log(class prior) added to the logits in the loss
+        # only, so a site whose labels are nearly all one class does not learn that prior into the
+        # shared weights; the model it sends predicts with plain logits.
+        self.logit_bias = None if logit_bias is None else logit_bias.to(device)
+        self.variates = variates  # SCAFFOLD: c - c_i added to every gradient (fedge.controlvariates)
 
     def proximal(self) -> torch.Tensor | float:
         """mu/2 * ||w - w_global||^2 (0 without FedProx)."""
@@ -75,8 +84,10 @@ class LocalTrainer:
         self.optimizer.zero_grad(set_to_none=True)
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.autocast):
             logits = self.model(x)
-            loss = self.loss_fn(logits.float(), y)
+            loss = self.loss_fn(logits.float() if self.logit_bias is None else logits.float() + self.logit_bias, y)
         (loss + self.proximal()).backward()
+        if self.variates is not None:
+            self.variates.apply()
         self.optimizer.step()
         return float(loss.detach()), int((logits.argmax(1) == y).sum())
 
@@ -103,6 +114,14 @@ class TrainResult:
     seconds: float
     dp_sample_rate: float = 0.0  # DP-SGD only: Poisson sampling rate and noisy steps, for the privacy ledger
     dp_steps: int = 0
+    mean_gradient: dict[str, np.ndarray] | None = None  # with a SCAFFOLD correction: the site's next control variate
+
+
+def logit_bias(labels: np.ndarray, num_classes: int, tau: float) -> torch.Tensor:
+    """tau * log(prior) of the labels a site trains on, add-one smoothed so a class it never saw
+    gets a finite (very negative) bias rather than -inf."""
+    counts = np.bincount(np.asarray(labels, dtype=np.int64).reshape(-1), minlength=num_classes).astype(np.float64)
+    return torch.tensor(tau * np.log((counts + 1.0) / (counts.sum() + num_classes)), dtype=torch.float32)
 
 
 class ClassificationTask:
@@ -136,11 +155,16 @@ class ClassificationTask:
         dp: DPSettings | None = None,
         prox_mu: float = 0.0,
         augment: bool = False,
+        logit_adjust: float = 0.0,
+        correction: Mapping[str, np.ndarray] | None = None,
     ) -> TrainResult:
         """Train in place on the train split (or its `indices`); deterministic for a given seed on CPU.
         With `dp`, DP-SGD (`fedge.tasks.dp.train_dp`: Poisson batches, per-sample clipping, noise);
         with `prox_mu` > 0, FedProx's proximal term (the loss reported is the data loss alone);
-        with `augment`, random flips and shifts of each batch (`fedge.tasks.augment`)."""
+        with `augment`, random flips and shifts of each batch (`fedge.tasks.augment`); with
+        `logit_adjust` tau > 0, the loss sees logits + tau log(prior of these labels); with
+        `correction` (SCAFFOLD's c - c_i by parameter name), every gradient is corrected and the
+        result carries the mean raw gradient."""
         images = self.splits.images["train"]
         labels = self.splits.labels["train"]
         if indices is not None:
@@ -148,14 +172,19 @@ class ClassificationTask:
         if dp is not None:
             if prox_mu > 0:
                 raise ValueError("FedProx's proximal term is not implemented with DP-SGD: announce prox_mu=0 with dp_noise_multiplier")
-            if augment:
-                raise ValueError("augmentation is not implemented with DP-SGD (opacus's Poisson batches): announce augment=false with dp_noise_multiplier")
+            if augment or logit_adjust > 0 or correction is not None:
+                raise ValueError(
+                    "augmentation, logit adjustment and control variates are not implemented with DP-SGD (opacus's own loop): announce none of them with dp_noise_multiplier"
+                )
             from fedge.tasks.dp import train_dp
 
             y = torch.from_numpy(np.asarray(labels, dtype=np.int64))
             return train_dp(model, preprocess(images), y, dp, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed, device=device)
         generator = torch.Generator().manual_seed(seed)
-        trainer = LocalTrainer(model, lr=lr, weight_decay=weight_decay, device=device, prox_mu=prox_mu, augment=generator if augment else None)
+        bias = logit_bias(labels, self.splits.num_classes, logit_adjust) if logit_adjust > 0 else None
+        variates = VariateStep(model, correction) if correction is not None else None
+        trainer = LocalTrainer(model, lr=lr, weight_decay=weight_decay, device=device, prox_mu=prox_mu, augment=generator if augment else None,
+                               logit_bias=bias, variates=variates)  # fmt: skip
         x_all, y_all = trainer.batch(images, labels)
         start, total_loss, correct, seen = time.perf_counter(), 0.0, 0, 0
         for _ in range(epochs):
@@ -167,6 +196,7 @@ class ClassificationTask:
             loss=total_loss / max(seen, 1),
             accuracy=correct / max(seen, 1),
             seconds=time.perf_counter() - start,
+            mean_gradient=variates.mean_gradient() if variates is not None else None,
         )
 
     @torch.no_grad()

@@ -9,7 +9,7 @@ centralized bound is concatenation, and a FiLM-conditioned model sees each sampl
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from fedge.controlvariates import VariateStep
 from fedge.data.ldct import ScanProtocol, SimulationConfig, body_mask, patches, simulate
 from fedge.errors import UsageError
 from fedge.models import ModelConfig
@@ -30,6 +31,7 @@ DATA_RANGE = 2000.0  # HU: the peak of PSNR and the dynamic range of SSIM
 COND = 2  # conditioning planes: (log dose, views), `ScanProtocol.condition()`
 NO_DP = "DP-SGD is not available for the ldct task; leave out --dp-noise-multiplier"
 NO_AUGMENT = "augmentation is for classification (a denoiser's pairs would need the same transform): leave out --augment with --task ldct"
+NO_LOGIT_ADJUST = "logit adjustment corrects a classifier's label skew; a denoiser has no labels: leave out --logit-adjust with --task ldct"
 
 
 @dataclass(frozen=True)
@@ -222,14 +224,18 @@ class LdctTask:
         dp: DPSettings | None = None,
         prox_mu: float = 0.0,
         augment: bool = False,
+        logit_adjust: float = 0.0,
+        correction: Mapping[str, np.ndarray] | None = None,
     ) -> TrainResult:
         """Adam on MSE(denoised, normal-dose) over the training patches, in place (plus FedProx's
-        mu/2 ||w - w_round||^2 when announced). `accuracy` is 0: a denoiser has none (the wire's train
+        mu/2 ||w - w_round||^2 when announced, and SCAFFOLD's gradient correction when given). `accuracy` is 0: a denoiser has none (the wire's train
         metrics keep the classification names)."""
         if dp is not None:
             raise UsageError(NO_DP)
         if augment:
             raise UsageError(NO_AUGMENT)
+        if logit_adjust > 0:
+            raise UsageError(NO_LOGIT_ADJUST)
         data = self.train
         if indices is not None:
             data = PairSet(data.low[indices], data.normal[indices], data.cond[indices])
@@ -239,6 +245,7 @@ class LdctTask:
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
         anchor = [p.detach().clone() for p in params] if prox_mu > 0 else []
+        variates = VariateStep(model, correction) if correction is not None else None
         generator = torch.Generator().manual_seed(seed)
         start, total, seen = time.perf_counter(), 0.0, 0
         for _ in range(epochs):
@@ -251,10 +258,13 @@ class LdctTask:
                 loss = nn.functional.mse_loss(model(x[idx]), y[idx])
                 proximal = 0.5 * prox_mu * sum(((p - p0) ** 2).sum() for p, p0 in zip(params, anchor)) if anchor else 0.0
                 (loss + proximal).backward()
+                if variates is not None:
+                    variates.apply()
                 optimizer.step()
                 total, seen = total + float(loss.detach()) * len(idx), seen + len(idx)
         model.to("cpu").eval()
-        return TrainResult(num_samples=len(x), loss=total / max(seen, 1), accuracy=0.0, seconds=time.perf_counter() - start)
+        return TrainResult(num_samples=len(x), loss=total / max(seen, 1), accuracy=0.0, seconds=time.perf_counter() - start,
+                           mean_gradient=variates.mean_gradient() if variates is not None else None)  # fmt: skip
 
     @torch.no_grad()
     def denoise(self, model: nn.Module, low_hu: np.ndarray, cond: np.ndarray, batch_size: int = 16) -> np.ndarray:

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from compression import CodecError, ErrorFeedback, UpdateCodec
+from fedge import controlvariates as CV
 from fedge import weights as W
 from fedge.data import ImageSplits, dirichlet_split
 from fedge.models import build_model
@@ -45,6 +46,7 @@ class SimulationSettings:
     lr: float = 1e-3
     batch_size: int = 32
     augment: bool = False  # random flips and shifts of each local batch (TrainSettings.augment)
+    logit_adjust: float = 0.0  # tau of each site's logit-adjusted loss (TrainSettings.logit_adjust)
     lr_schedule: LrSchedule = "constant"  # each round's lr (fedge.schedule), as the server's --lr-schedule
     seed: int = 0
     max_samples: int = 1_000_000  # the server's --max-samples
@@ -113,7 +115,10 @@ class InProcessFederation:
             raise ValueError(f"site_tasks: give settings.sites ({settings.sites}) tasks, one per site, and no adversary")
         self.settings, self.task, self.strategy, self.adversary = settings, task, strategy, adversary
         # What the server would announce: FedProx's mu reaches the local step, FedBN keeps normalisation layers at the sites.
-        self.train = announced_train(TrainSettings(epochs=settings.epochs, lr=settings.lr, batch_size=settings.batch_size, augment=settings.augment), strategy)
+        self.train = announced_train(TrainSettings(epochs=settings.epochs, lr=settings.lr, batch_size=settings.batch_size, augment=settings.augment,
+                                                   logit_adjust=settings.logit_adjust), strategy)  # fmt: skip
+        if trainer is not None and self.train.control_variates:
+            raise ValueError("a custom trainer cannot follow SCAFFOLD's correction: use the agent's step (trainer=None)")
         self.round_train = self.train  # what the open round announces (the scheduled lr)
         self.trainer = trainer or self._agent_step
         self.local_noise = local_noise
@@ -134,6 +139,10 @@ class InProcessFederation:
         initial = W.float_state(self.model)
         self.local = W.norm_layer_names(self.model) if self.train.local_norm else frozenset()
         self.weights = {k: v for k, v in initial.items() if k not in self.local}
+        if self.train.control_variates:  # SCAFFOLD: c is part of the global, each site keeps its c_i
+            self.weights |= CV.zero_variates(self.model, self.local)
+        self.site_variates: dict[str, dict[str, np.ndarray]] = {name: {} for name in self.names}
+        self.mean_gradient: dict[str, np.ndarray] | None = None  # of the last local step, under control variates
         self.site_local = {name: {k: initial[k].copy() for k in self.local} for name in self.names}  # FedBN: each site's own
         self.manifest = UpdateCodec.manifest(self.weights)
         self.residuals = {name: ErrorFeedback() for name in self.names}
@@ -142,16 +151,26 @@ class InProcessFederation:
         """The agent's local step under the open round's announcement (the simulation's settings, the
         scheduled lr, and what the strategy adds: FedProx's mu)."""
         a = self.round_train
-        return task.train_local(model, indices, epochs=a.epochs, lr=a.lr, batch_size=a.batch_size, seed=seed, prox_mu=a.prox_mu, augment=a.augment).num_samples
+        known = CV.known_to_server(self.site_variates[site], self.residuals[site])
+        correction = CV.correction(CV.split(self.weights)[1], known) if a.control_variates else None
+        result = task.train_local(model, indices, epochs=a.epochs, lr=a.lr, batch_size=a.batch_size, seed=seed, prox_mu=a.prox_mu, augment=a.augment,
+                                  logit_adjust=a.logit_adjust, correction=correction)  # fmt: skip
+        self.mean_gradient = result.mean_gradient
+        return result.num_samples
 
     def _train(self, task: Task, site: str, rnd: int) -> tuple[Dense, int]:
-        W.load_float_state(self.model, self.weights | self.site_local[site])
+        weights = CV.split(self.weights)[0]
+        W.load_float_state(self.model, weights | self.site_local[site])
         seed = site_seed(self.settings.seed, site, rnd)
         torch.manual_seed(seed)
         samples = self.trainer(task, self.model, site, self.shards[site], seed)
         trained = W.float_state(self.model)
         self.site_local[site] = {k: trained[k] for k in self.local}
-        return W.subtract(trained, self.weights), samples  # the global's tensors only: local ones never travel
+        delta = W.subtract(trained, weights)  # the global's tensors only: local ones never travel
+        if self.train.control_variates and self.mean_gradient is not None:
+            delta |= CV.update_entries(self.mean_gradient, self.site_variates[site])
+            self.site_variates[site] = self.mean_gradient
+        return delta, samples
 
     def _receive(self, site: str, delta: Dense, samples: int, seed: int, residual: ErrorFeedback | None) -> ClientUpdate:
         """Encode as the site would, then the server's decode and checks."""
@@ -230,7 +249,7 @@ class InProcessFederation:
         return {k: float(np.mean([m[k] for m, _ in scores])) for k in ("auc", "accuracy")}, any(b for _, b in scores)
 
     def _score(self, weights: Dense) -> tuple[dict[str, float], bool]:
-        W.load_float_state(self.model, weights)
+        W.load_float_state(self.model, CV.split(weights)[0])
         try:
             return self.task.evaluate(self.model), False
         except ValueError:

@@ -14,6 +14,7 @@ from server.strategies import (
     fedyogi,
     median,
     multikrum,
+    scaffold,
     trimmed_mean,
 )
 from server.strategies.base import (
@@ -43,6 +44,7 @@ __all__ = [
     "median",
     "multikrum",
     "register_strategy",
+    "scaffold",
     "strategy_options",
     "trimmed_mean",
 ]
