@@ -69,16 +69,17 @@ class ServerConfig:
         if self.round_timeout <= 0 or self.chunk_size < 1024:
             raise ValueError("round_timeout must be positive and chunk_size at least 1024 bytes")
         # A wrong name or option, or a strategy the training settings exclude, fails before anything starts.
-        train = check_strategy(self.train, self.strategy, self.strategy_options, self.rounds_mode)
-        if train.control_variates and not (codec_for(self.uplink_codec).is_lossless or codec_for(self.uplink_codec).uses_error_feedback):
-            raise UsageError(f"strategy {self.strategy!r} with the lossy uplink codec {self.uplink_codec!r}: add 'ef' (e.g. 'topk:0.02,ef|ternary|zstd'), "
-                             "or the server's control variate drifts from the sites' by what the codec drops")  # fmt: skip
+        check_strategy(self.train, self.strategy, self.strategy_options, self.rounds_mode, self.uplink_codec)
 
 
-def check_strategy(train: TrainSettings, strategy: str, options: dict[str, Any], rounds_mode: str) -> TrainSettings:
+def check_strategy(train: TrainSettings, strategy: str, options: dict[str, Any], rounds_mode: str, uplink_codec: str) -> TrainSettings:
     """What the server will announce under `strategy`; UsageError for a name, option or combination it cannot run."""
     announced = announced_train(train, get_strategy(strategy, **options))
     if announced.control_variates and rounds_mode == "async":
         raise UsageError(f"strategy {strategy!r} (control variates) needs synchronous rounds: a stale site's variate "
                          "would correct against a server variate it never saw; use --rounds-mode sync")  # fmt: skip
+    codec = codec_for(uplink_codec)
+    if announced.control_variates and not (codec.is_lossless or codec.uses_error_feedback):
+        raise UsageError(f"strategy {strategy!r} with the lossy uplink codec {uplink_codec!r}: add 'ef' (e.g. 'topk:0.02,ef|ternary|zstd'), "
+                         "or the server's control variate drifts from the sites' by what the codec drops")  # fmt: skip
     return announced

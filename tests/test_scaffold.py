@@ -187,3 +187,38 @@ def test_scaffold_in_the_simulation_sends_the_variates_through_the_codec(breast_
     assert 1.5 * mean(plain) < mean(result) < 3 * mean(plain)  # about twice FedAvg's uplink
     with pytest.raises(ValueError, match="custom trainer"):
         InProcessFederation(settings, breast_task, get_strategy("scaffold"), trainer=lambda *a: 1)
+
+
+@pytest.mark.integration
+def test_scaffold_with_logit_adjustment_over_mosquitto_with_a_delta_downlink(medmnist_root, tmp_path, mosquitto_broker) -> None:
+    """Agents as separate processes, Mosquitto between them, sparse updates up and quantized deltas
+    down: the variates ride both, the agents keep theirs, the checkpoints stay plain models."""
+    from fedge.cli.federation import FederationSettings, run_federation
+
+    host, port = mosquitto_broker
+    settings = FederationSettings(dataset="breastmnist", data_dir=str(medmnist_root), clients=2, rounds=3, broker=f"mqtt://{host}:{port}",
+                                  federation="scaffold", workdir=tmp_path / "run", codec="topk:0.1,ef|q8|zstd", downlink_codec="q8,ef|zstd",
+                                  strategy="scaffold", logit_adjust=1.0)  # fmt: skip
+    report = run_federation(settings)
+    assert [r["round"] for r in report["rounds"]] == [1, 2, 3] and report["rejected_updates"] == 0
+    assert report["rounds"][2]["downlink_bytes"] < report["rounds"][0]["downlink_bytes"] / 2  # deltas, c included
+    folder = tmp_path / "run" / "checkpoints"
+    c = load_file(str(folder / "control_variates_0003.safetensors"))
+    assert c and any(np.abs(v).sum() > 0 for v in c.values())
+    for site in ("site-1", "site-2"):
+        own = load_file(str(tmp_path / "run" / "agents" / site / "control_variates.safetensors"))
+        assert {CV.PREFIX + k for k in own} == set(c)
+    model = load_checkpoint(report["checkpoint"]).build()
+    assert not any(CV.is_variate(k) for k in model.state_dict())
+
+
+def test_bad_combinations_are_refused_before_the_demo_touches_its_folder(medmnist_root, tmp_path) -> None:
+    from fedge.cli.federation import FederationSettings, run_federation
+
+    previous = tmp_path / "run" / "report.json"
+    previous.parent.mkdir()
+    previous.write_text("{}")
+    for bad, match in (({"rounds_mode": "async"}, "rounds-mode sync"), ({"codec": "topk:0.1|q8"}, "add 'ef'"), ({"dp_noise_multiplier": 1.0}, "DP-SGD")):
+        with pytest.raises((UsageError, ValueError), match=match):
+            run_federation(FederationSettings(dataset="breastmnist", data_dir=str(medmnist_root), workdir=tmp_path / "run", strategy="scaffold", **bad))
+        assert previous.read_text() == "{}"

@@ -176,7 +176,7 @@ def run_federation(
     )
     from server.config import check_strategy
 
-    check_strategy(train, settings.strategy, settings.strategy_options, settings.rounds_mode)  # e.g. scaffold with DP-SGD or async rounds
+    check_strategy(train, settings.strategy, settings.strategy_options, settings.rounds_mode, settings.codec)  # e.g. scaffold with DP-SGD or async rounds
     task = _evaluation_task(settings)  # fail fast, before any process starts
     model_options = dict(settings.model_options)
     if settings.dp_noise_multiplier is not None and settings.arch == "cnn":

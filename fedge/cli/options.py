@@ -62,8 +62,8 @@ AUGMENT_HELP = (
 )
 LOGIT_ADJUST_HELP = (
     "Label skew: each site trains on logits + TAU * log(its own class frequencies) (logit adjustment), so a site "
-    "whose images are nearly all one class does not teach the shared model that prior; 1.0 is the usual TAU, 0 is off "
-    "(classification only)"
+    "with, say, 9 benign images to each malignant one does not teach the shared model its prior; 1.0 is the usual TAU, "
+    "0 is off (classification only; pairs well with --strategy scaffold)"
 )
 DP_HELP = (
     "Record-level DP: DP-SGD at every site with this noise multiplier (opacus; SGD with momentum 0.9 at --lr, "
