@@ -6,17 +6,7 @@ from pathlib import Path
 
 import typer
 
-from fedge.cli.options import (
-    AUGMENT_HELP,
-    DP_HELP,
-    FILM_HELP,
-    IMAGE_SIZE_HELP,
-    LOGIT_ADJUST_HELP,
-    LR_SCHEDULE_HELP,
-    MODE_OPTIONS_HELP,
-    STRATEGY_HELP,
-    STRATEGY_OPTIONS_HELP,
-)
+from fedge.cli import options as helps
 
 
 def demo(
@@ -28,8 +18,8 @@ def demo(
         None,
         help="ldct: one scan protocol per site, I0:VIEWS[:ELECTRONIC_NOISE] (repeat the flag; default: fedge.data.ldct.SITE_PROTOCOLS, from 1e5:360 down to 5e3:90:5)",
     ),
-    film: bool = typer.Option(False, "--film", help=FILM_HELP),
-    image_size: int = typer.Option(None, min=16, max=1024, help=IMAGE_SIZE_HELP),
+    film: bool = typer.Option(False, "--film", help=helps.FILM_HELP),
+    image_size: int = typer.Option(None, min=16, max=1024, help=helps.IMAGE_SIZE_HELP),
     clients: int = typer.Option(4, min=1, help="Number of hospital sites (agent processes)"),
     rounds: int = typer.Option(10, min=1, help="Federated rounds"),
     codec: str = typer.Option("fp32", help="Uplink codec spec, e.g. 'fp16' or 'topk:0.01,ef|q8|zstd:3'"),
@@ -41,13 +31,13 @@ def demo(
     epochs: int = typer.Option(1, min=1, help="Local epochs per round"),
     lr: float = typer.Option(1e-3, help="Local learning rate (Adam)"),
     mode: str = typer.Option("full", help="Local training mode: full | lora | pruned | qat"),
-    mode_options: str = typer.Option(None, help=MODE_OPTIONS_HELP),
-    strategy: str = typer.Option("fedavg", help=STRATEGY_HELP),
-    strategy_options: str = typer.Option(None, help=STRATEGY_OPTIONS_HELP),
-    lr_schedule: str = typer.Option("constant", help=LR_SCHEDULE_HELP),
-    augment: bool = typer.Option(False, "--augment", help=AUGMENT_HELP),
-    logit_adjust: float = typer.Option(0.0, "--logit-adjust", min=0.0, max=10.0, help=LOGIT_ADJUST_HELP),
-    dp_noise_multiplier: float = typer.Option(None, help=DP_HELP),
+    mode_options: str = typer.Option(None, help=helps.MODE_OPTIONS_HELP),
+    strategy: str = typer.Option("fedavg", help=helps.STRATEGY_HELP),
+    strategy_options: str = typer.Option(None, help=helps.STRATEGY_OPTIONS_HELP),
+    lr_schedule: str = typer.Option("constant", help=helps.LR_SCHEDULE_HELP),
+    augment: bool = typer.Option(False, "--augment", help=helps.AUGMENT_HELP),
+    logit_adjust: float = typer.Option(0.0, "--logit-adjust", min=0.0, max=10.0, help=helps.LOGIT_ADJUST_HELP),
+    dp_noise_multiplier: float = typer.Option(None, help=helps.DP_HELP),
     dp_max_grad_norm: float = typer.Option(1.0, help="DP-SGD: per-sample gradient clip"),
     dp_delta: float = typer.Option(1e-5, help="DP-SGD: the delta each site's epsilon is reported at"),
     init: Path = typer.Option(None, help="Pretrained checkpoint to federate from (`fedge pretrain`)"),
