@@ -20,6 +20,7 @@ from fedge.errors import UsageError
 from fedge.memory_transport import MemoryBroker
 from fedge.models import ModelConfig, build_model
 from fedge.protocol import TrainSettings
+from fedge.rounds import make_update
 from fedge.tasks import ClassificationTask
 from fedge.tasks.classification import LocalTrainer, logit_bias
 from server.config import ServerConfig
@@ -110,6 +111,18 @@ def test_logit_adjustment_and_control_variates_are_refused_where_they_cannot_tra
         TrainSettings(logit_adjust=-1.0)
 
 
+def test_an_agent_keeps_its_variate_and_a_damaged_file_costs_one_round_of_correction(tmp_path) -> None:
+    from edge_client.state import AgentState
+
+    state = AgentState(tmp_path)
+    assert state.load_variates() == {}  # round 1: c_i = 0
+    saved = {"head.weight": np.arange(4, dtype=np.float32).reshape(2, 2)}
+    state.save_variates(saved)
+    assert np.array_equal(AgentState(tmp_path).load_variates()["head.weight"], saved["head.weight"])  # across a restart
+    (tmp_path / "control_variates.safetensors").write_bytes(b"\x00garbage")
+    assert AgentState(tmp_path).load_variates() == {}
+
+
 # ---- what the server announces, keeps and checkpoints -------------------------------------------
 def test_announcements_leave_the_new_fields_out_at_their_defaults() -> None:
     assert "logit_adjust" not in TrainSettings().model_dump_json() and "control_variates" not in TrainSettings().model_dump_json()
@@ -151,6 +164,27 @@ def test_a_forged_variate_is_refused_like_a_forged_weight(tmp_path) -> None:
         forged = good | {name: np.full(server.state.weights[name].shape, value, np.float32)}
         with pytest.raises(RejectedUpdate):
             check_update(forged, 1e4)
+
+
+def test_an_update_without_the_variates_or_with_extra_ones_is_refused(tmp_path) -> None:
+    """A site that ignores the announcement (sends the model delta alone) or smuggles a tensor of its
+    own under the prefix: the manifest digest no longer matches the round's, and read_update refuses."""
+    from fedge.rounds import read_update
+    from server.rounds import _Round
+
+    server = _server(tmp_path, "scaffold")
+    current = _Round(1, ("a",), 1e12, 0.0, 0, W.state_sha256(server.state.weights))
+    expected = server._expected(current, "a")
+    honest = {t.name: np.zeros(t.shape, np.float32) for t in server.uplink_manifest}
+
+    def envelope(delta: dict[str, np.ndarray]) -> bytes:
+        return make_update(delta, codec="fp32", federation="t", site="a", round=1, run=server.run_id, model_sha256=current.model_sha256,
+                           num_samples=10, metrics={})  # fmt: skip
+
+    assert set(read_update(envelope(honest), topic_client="a", expected=expected, verifier=None).delta) == set(honest)
+    for forged in ({k: v for k, v in honest.items() if not CV.is_variate(k)}, honest | {CV.PREFIX + "extra": np.zeros(3, np.float32)}):
+        with pytest.raises(RejectedUpdate, match="manifest"):
+            read_update(envelope(forged), topic_client="a", expected=expected, verifier=None)
 
 
 # ---- end to end ---------------------------------------------------------------------------------
