@@ -256,3 +256,14 @@ def test_bad_combinations_are_refused_before_the_demo_touches_its_folder(medmnis
         with pytest.raises((UsageError, ValueError), match=match):
             run_federation(FederationSettings(dataset="breastmnist", data_dir=str(medmnist_root), workdir=tmp_path / "run", strategy="scaffold", **bad))
         assert previous.read_text() == "{}"
+
+
+def test_scaffold_under_lora_gives_variates_to_the_adapters_and_head_only(breast_task: ClassificationTask, tmp_path) -> None:
+    fed = Federation(MemoryBroker(), breast_task, tmp_path, strategy="scaffold", train=TrainSettings(mode="lora"))
+    fed.start_server()
+    for site in ("site-1", "site-2"):
+        fed.start_agent(site)
+    fed.join()
+    assert [len(r["clients"]) for r in fed.server.state.history] == [2, 2] and fed.server.refusals.total == 0
+    names = [k.removeprefix(CV.PREFIX) for k in fed.server.state.weights if CV.is_variate(k)]
+    assert names and all("lora_" in n or "head" in n for n in names)  # the frozen backbone has none
