@@ -171,7 +171,10 @@ class RoundServer:
         name = (record or {}).get("control_variates")
         if not name:
             return zero
-        saved = load_file(str(self.store.folder / name))
+        try:
+            saved = load_file(str(self.store.folder / name))
+        except Exception as exc:  # missing or damaged: say which file and what to do, not a library traceback
+            raise ValueError(f"{name} in {self.store.folder} is unreadable ({type(exc).__name__}: {exc}); move it and state.json aside") from None
         if sorted((k, v.shape) for k, v in saved.items()) != sorted((k, v.shape) for k, v in zero.items()):
             raise ValueError(f"{name} in {self.store.folder} does not hold this model's control variates; move it and state.json aside")
         return {k: saved[k].astype(np.float32) for k in zero}

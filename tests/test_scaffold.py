@@ -152,6 +152,9 @@ def test_the_server_variate_is_in_the_global_and_the_uplink_beside_an_exportable
     again = _server(tmp_path, "scaffold")
     assert again.state.round == 1 and all(np.array_equal(again.state.weights[k], v) for k, v in moved.items())
     assert list(again.state.weights) == list(server.state.weights)  # the same order: the same model hash
+    (tmp_path / "ckpt" / "control_variates_0001.safetensors").write_bytes(b"\x00damaged")
+    with pytest.raises(ValueError, match="control_variates_0001.safetensors .*unreadable.*move it and state.json aside"):
+        _server(tmp_path, "scaffold")
 
 
 def test_a_forged_variate_is_refused_like_a_forged_weight(tmp_path) -> None:
