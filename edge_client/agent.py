@@ -280,7 +280,7 @@ class Agent:
             prox_mu=train.prox_mu,
             augment=train.augment,
             logit_adjust=train.logit_adjust,
-            correction=CV.correction(server_variates, CV.known_to_server(own_variates, self.state.residual)) if train.control_variates else None,
+            correction=CV.correction(server_variates, own_variates, self.state.residual) if train.control_variates else None,
         )
         if dp is not None:  # counted once trained, before anything is sent: a crash can only over-count
             self.state.privacy.record(dp.noise_multiplier, result.dp_sample_rate, result.dp_steps)

@@ -46,21 +46,20 @@ def split(weights: Mapping[str, np.ndarray]) -> tuple[dict[str, np.ndarray], dic
     return model, variates
 
 
-def correction(server: Mapping[str, np.ndarray], site: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """c - c_i for every parameter of `server` (a site with no variate yet has c_i = 0)."""
-    return {k: (v - site[k]).astype(np.float32) if k in site and site[k].shape == v.shape else v.astype(np.float32) for k, v in server.items()}
+def correction(server: Mapping[str, np.ndarray], site: Mapping[str, np.ndarray], residual: ErrorFeedback | None = None) -> dict[str, np.ndarray]:
+    """c - c_i for every parameter of `server`, with c_i as the server's c accounts for it.
 
-
-def known_to_server(own: Mapping[str, np.ndarray], residual: ErrorFeedback | None) -> dict[str, np.ndarray]:
-    """The site's variate as the server's c accounts for it. Under error feedback the server has
-    received the variate less what still waits in the residual; correcting with that (not with
-    the exact one) keeps c - c_i zero on average over the sites, whatever the codec dropped."""
-    if residual is None:
-        return dict(own)
+    Under error feedback the server has received the site's variate less what still waits in its
+    `residual`; correcting with that (not with the exact c_i) keeps c - c_i zero on average over
+    the sites, whatever the codec dropped. A site with no variate yet has c_i = 0."""
     out = {}
-    for name, value in own.items():
-        unsent = residual.get(PREFIX + name, value.shape)
-        out[name] = value - unsent if unsent is not None else value
+    for name, c in server.items():
+        own = site.get(name)
+        if own is None or own.shape != c.shape:
+            out[name] = c.astype(np.float32)
+            continue
+        unsent = residual.get(PREFIX + name, own.shape) if residual is not None else None
+        out[name] = (c - (own - unsent if unsent is not None else own)).astype(np.float32)
     return out
 
 

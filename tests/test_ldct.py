@@ -415,3 +415,22 @@ def test_the_operator_sees_every_task_headline_metric():
     from server.metrics import EVALUATED, RECORD_NUMBERS
 
     assert {m for pair in HEADLINE.values() for m in pair} == set(EVALUATED) <= set(RECORD_NUMBERS)  # Prometheus gauges, dashboard rows
+
+
+def test_the_denoiser_follows_scaffolds_correction_and_refuses_logit_adjustment(site: LdctTask) -> None:
+    """SCAFFOLD's correction holds for any task (the sites differ by scan protocol); logit adjustment has no labels to act on."""
+    from fedge import controlvariates as CV
+    from fedge.errors import UsageError
+
+    config = site.model_config("redcnn", width=8, depth=3)
+    moved = []
+    for shift in (0.0, 1.0):
+        torch.manual_seed(0)
+        model = build_model(config)
+        correction = {n: np.full(tuple(p.shape), shift, np.float32) for n, p in model.named_parameters()}
+        result = site.train_local(model, epochs=1, lr=1e-3, batch_size=8, seed=0, correction=correction)
+        assert set(result.mean_gradient) == set(CV.parameter_names(model))
+        moved.append(float(sum(p.detach().sum() for p in model.parameters())))
+    assert moved[1] < moved[0]  # a positive correction on every gradient pushes every weight down
+    with pytest.raises(UsageError, match="logit"):
+        site.train_local(build_model(config), epochs=1, logit_adjust=1.0)

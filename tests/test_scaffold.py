@@ -270,3 +270,60 @@ def test_scaffold_under_lora_gives_variates_to_the_adapters_and_head_only(breast
     assert [len(r["clients"]) for r in fed.server.state.history] == [2, 2] and fed.server.refusals.total == 0
     names = [k.removeprefix(CV.PREFIX) for k in fed.server.state.weights if CV.is_variate(k)]
     assert names and all("lora_" in n or "head" in n for n in names)  # the frozen backbone has none
+
+
+@pytest.mark.integration
+def test_a_forged_update_without_the_variates_is_refused_over_mosquitto(medmnist_root, tmp_path, mosquitto_broker) -> None:
+    """Any client of the broker sends, as site-1, a well-framed update of the right run, round and
+    model that leaves out SCAFFOLD's variates (an agent that ignores the announcement): refused,
+    counted, and the round completes with the real agents (separate processes)."""
+    import threading
+    import time
+
+    from test_federation import _spawn_federation
+
+    from fedge.protocol import RoundAnnouncement, StatusMessage, Topics, open_record, sign_record
+    from fedge.rounds import make_update
+    from fedge.transport import MqttSession
+    from server.rounds import RoundServer
+
+    host, port = mosquitto_broker
+    broker, federation = f"mqtt://{host}:{port}", "forged-scaffold"
+    topics = Topics(federation)
+    breast_model_config = ClassificationTask(load_medmnist("breastmnist", medmnist_root)).model_config("cnn")
+    server = RoundServer(ServerConfig(federation=federation, broker=broker, model=breast_model_config, checkpoint_dir=tmp_path / "ckpt", rounds=1,
+                                      min_clients=2, expected_clients=("site-1", "site-2"), round_timeout=120, strategy="scaffold"))  # fmt: skip
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    agents: list = []
+    try:
+        attacker = MqttSession(broker, "not-a-site", clean_session=True)
+        attacker.subscribe(topics.announce(1))
+        attacker.connect()
+        for site in ("site-1", "site-2"):  # retained "online", as the agents would say it: the server opens round 1
+            attacker.publish(topics.status(site), sign_record(StatusMessage(federation=federation, sender=site, state="online"), None), retain=True)
+        message = attacker.get(timeout=120)
+        assert message is not None, "round 1 was never announced"
+        ann = open_record(message.payload, RoundAnnouncement, None, federation=federation)
+        assert ann.train.control_variates
+        forged = {t.name: np.zeros(t.shape, np.float32) for t in server.uplink_manifest if not CV.is_variate(t.name)}
+        envelope = make_update(forged, codec="fp32", federation=federation, site="site-1", round=1, run=ann.run, model_sha256=ann.model_sha256,
+                               num_samples=5, metrics={})  # fmt: skip
+        attacker.publish_chunked(lambda i: topics.update_chunk(1, "site-1", i), envelope)
+        attacker.close()
+        deadline = time.monotonic() + 60
+        while "manifest" not in " | ".join(detail for _, detail in server.refusals.recent):
+            assert time.monotonic() < deadline, server.refusals.recent
+            time.sleep(0.1)
+        _, agents = _spawn_federation(tmp_path, medmnist_root, broker, federation, 1)
+        thread.join(timeout=240)
+        assert not thread.is_alive(), "round did not complete"
+        for agent in agents:
+            assert agent.wait(timeout=60) == 0
+    finally:
+        for agent in agents:
+            if agent.poll() is None:
+                agent.kill()
+    assert "manifest" in " | ".join(detail for _, detail in server.refusals.recent)
+    assert server.state.round == 1 and server.state.history[0]["clients"] == ["site-1", "site-2"]
+    assert any(np.abs(v).sum() > 0 for k, v in server.state.weights.items() if CV.is_variate(k))  # the real sites' variates counted

@@ -151,8 +151,7 @@ class InProcessFederation:
         """The agent's local step under the open round's announcement (the simulation's settings, the
         scheduled lr, and what the strategy adds: FedProx's mu)."""
         a = self.round_train
-        known = CV.known_to_server(self.site_variates[site], self.residuals[site])
-        correction = CV.correction(CV.split(self.weights)[1], known) if a.control_variates else None
+        correction = CV.correction(CV.split(self.weights)[1], self.site_variates[site], self.residuals[site]) if a.control_variates else None
         result = task.train_local(model, indices, epochs=a.epochs, lr=a.lr, batch_size=a.batch_size, seed=seed, prox_mu=a.prox_mu, augment=a.augment,
                                   logit_adjust=a.logit_adjust, correction=correction)  # fmt: skip
         self.mean_gradient = result.mean_gradient
@@ -167,7 +166,7 @@ class InProcessFederation:
         trained = W.float_state(self.model)
         self.site_local[site] = {k: trained[k] for k in self.local}
         delta = W.subtract(trained, weights)  # the global's tensors only: local ones never travel
-        if self.train.control_variates and self.mean_gradient is not None:
+        if self.mean_gradient is not None:  # SCAFFOLD
             delta |= CV.update_entries(self.mean_gradient, self.site_variates[site])
             self.site_variates[site] = self.mean_gradient
         return delta, samples
