@@ -146,17 +146,15 @@ class Agent:
     def _expected_manifest(self, delta: bool, config: ModelConfig, ann: RoundAnnouncement) -> Manifest:
         """What a global for this config may carry: every float tensor of the model, or for a delta the ones that travel."""
         model, mode = self._model_for(config, ann, meta=True)
-        full = Manifest(tuple(TensorSpec(k, tuple(v.shape)) for k, v in self._global_tensors(model, ann).items()))
+        full = Manifest(tuple(TensorSpec(k, shape) for k, shape in self._global_shapes(model, ann).items()))
         return full.only(set(mode.trainable_state(model)) | {t.name for t in full if CV.is_variate(t.name)}) if delta else full
 
-    def _global_tensors(self, model: torch.nn.Module, ann: RoundAnnouncement) -> dict[str, torch.Tensor]:
+    def _global_shapes(self, model: torch.nn.Module, ann: RoundAnnouncement) -> dict[str, tuple[int, ...]]:
         """Names and shapes of what a global holds for `model` under `ann`: its float tensors but the
         site's own layers (FedBN), then SCAFFOLD's server variates when announced."""
         local = self._local_names(model, ann)
-        floats = {k: v for k, v in model.state_dict().items() if v.is_floating_point() and k not in local}
-        params = dict(model.named_parameters())
-        variates = {CV.PREFIX + k: params[k] for k in CV.parameter_names(model, local)} if ann.train.control_variates else {}
-        return floats | variates
+        floats = {k: tuple(v.shape) for k, v in model.state_dict().items() if v.is_floating_point() and k not in local}
+        return floats | (CV.variate_shapes(model, local) if ann.train.control_variates else {})
 
     @staticmethod
     def _local_names(model: torch.nn.Module, ann: RoundAnnouncement) -> frozenset[str]:
@@ -166,8 +164,7 @@ class Agent:
     def _install(self, glob: GlobalPayload, weights: dict[str, np.ndarray], rnd: int, ann: RoundAnnouncement) -> None:
         model, mode = self._model_for(glob.config, ann, meta=False)
         local = self._local_names(model, ann)
-        ours = self._global_tensors(model, ann)
-        if [(k, tuple(v.shape)) for k, v in ours.items()] != [(k, tuple(v.shape)) for k, v in weights.items()]:
+        if list(self._global_shapes(model, ann).items()) != [(k, tuple(v.shape)) for k, v in weights.items()]:
             raise ProtocolError("global tensors do not match the announced architecture and training mode")
         if local and model is not self.model:  # a fresh model (agent restart): this site's own layers, as it left them
             self.state.restore_local(model, local)

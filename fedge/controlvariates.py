@@ -29,10 +29,15 @@ def parameter_names(model: nn.Module, local: Collection[str] = ()) -> list[str]:
     return [name for name, p in model.named_parameters() if p.requires_grad and name not in local]
 
 
-def zero_variates(model: nn.Module, local: Collection[str] = ()) -> dict[str, np.ndarray]:
-    """The server's c before round 1, under the wire names."""
+def variate_shapes(model: nn.Module, local: Collection[str] = ()) -> dict[str, tuple[int, ...]]:
+    """The variates a global carries for `model`, under the wire names (works on the meta device)."""
     params = dict(model.named_parameters())
-    return {PREFIX + name: np.zeros(tuple(params[name].shape), np.float32) for name in parameter_names(model, local)}
+    return {PREFIX + name: tuple(params[name].shape) for name in parameter_names(model, local)}
+
+
+def zero_variates(model: nn.Module, local: Collection[str] = ()) -> dict[str, np.ndarray]:
+    """The server's c before round 1."""
+    return {name: np.zeros(shape, np.float32) for name, shape in variate_shapes(model, local).items()}
 
 
 def is_variate(name: str) -> bool:

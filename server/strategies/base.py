@@ -142,8 +142,6 @@ def announced_train(train: TrainSettings, strategy: Strategy) -> TrainSettings:
     merged = train.model_copy(update=strategy.announce())
     if merged.prox_mu > 0 and merged.dp_noise_multiplier is not None:
         raise UsageError(f"strategy {strategy.name!r} (FedProx's proximal term) does not combine with DP-SGD: drop --dp-noise-multiplier or use fedavg")
-    if merged.control_variates and merged.dp_noise_multiplier is not None:
-        raise UsageError(f"strategy {strategy.name!r} (control variates) does not combine with DP-SGD: drop --dp-noise-multiplier or use fedavg")
     try:
         return TrainSettings.model_validate(merged.model_dump())
     except ValueError as exc:
