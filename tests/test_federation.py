@@ -117,6 +117,19 @@ def _spawn_federation(root: Path, data: Path, broker: str, federation: str, roun
     return server_cmd, agents
 
 
+def finish_round(server: threading.Thread, agents: list[subprocess.Popen]) -> None:
+    """Wait for an in-process server's round and its agent processes to end cleanly; kill what is left."""
+    try:
+        server.join(timeout=240)
+        assert not server.is_alive(), "round did not complete"
+        for agent in agents:
+            assert agent.wait(timeout=60) == 0
+    finally:
+        for agent in agents:
+            if agent.poll() is None:
+                agent.kill()
+
+
 def _round_done(ckpt: Path) -> int:
     import json
 
@@ -242,15 +255,7 @@ def test_malformed_updates_are_rejected_and_the_round_completes(medmnist_root, t
     for topic, payload in attacks.values():
         _publish(host, port, topic, payload)
     _, agents = _spawn_federation(tmp_path, medmnist_root, broker, federation, 1)
-    try:
-        thread.join(timeout=240)
-        assert not thread.is_alive(), "round did not complete"
-        for agent in agents:
-            assert agent.wait(timeout=60) == 0
-    finally:
-        for agent in agents:
-            if agent.poll() is None:
-                agent.kill()
+    finish_round(thread, agents)
     reasons = " | ".join(detail for _, detail in server.refusals.recent)
     assert "bad chunk" in reasons
     assert "header length" in reasons

@@ -280,7 +280,7 @@ def test_a_forged_update_without_the_variates_is_refused_over_mosquitto(medmnist
     import threading
     import time
 
-    from test_federation import _spawn_federation
+    from test_federation import _spawn_federation, finish_round
 
     from fedge.protocol import RoundAnnouncement, StatusMessage, Topics, open_record, sign_record
     from fedge.rounds import make_update
@@ -295,9 +295,8 @@ def test_a_forged_update_without_the_variates_is_refused_over_mosquitto(medmnist
                                       min_clients=2, expected_clients=("site-1", "site-2"), round_timeout=120, strategy="scaffold"))  # fmt: skip
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
-    agents: list = []
+    attacker = MqttSession(broker, "not-a-site", clean_session=True)
     try:
-        attacker = MqttSession(broker, "not-a-site", clean_session=True)
         attacker.subscribe(topics.announce(1))
         attacker.connect()
         for site in ("site-1", "site-2"):  # retained "online", as the agents would say it: the server opens round 1
@@ -310,20 +309,14 @@ def test_a_forged_update_without_the_variates_is_refused_over_mosquitto(medmnist
         envelope = make_update(forged, codec="fp32", federation=federation, site="site-1", round=1, run=ann.run, model_sha256=ann.model_sha256,
                                num_samples=5, metrics={})  # fmt: skip
         attacker.publish_chunked(lambda i: topics.update_chunk(1, "site-1", i), envelope)
-        attacker.close()
         deadline = time.monotonic() + 60
         while "manifest" not in " | ".join(detail for _, detail in server.refusals.recent):
             assert time.monotonic() < deadline, server.refusals.recent
             time.sleep(0.1)
-        _, agents = _spawn_federation(tmp_path, medmnist_root, broker, federation, 1)
-        thread.join(timeout=240)
-        assert not thread.is_alive(), "round did not complete"
-        for agent in agents:
-            assert agent.wait(timeout=60) == 0
     finally:
-        for agent in agents:
-            if agent.poll() is None:
-                agent.kill()
+        attacker.close()
+    _, agents = _spawn_federation(tmp_path, medmnist_root, broker, federation, 1)
+    finish_round(thread, agents)
     assert "manifest" in " | ".join(detail for _, detail in server.refusals.recent)
     assert server.state.round == 1 and server.state.history[0]["clients"] == ["site-1", "site-2"]
     assert any(np.abs(v).sum() > 0 for k, v in server.state.weights.items() if CV.is_variate(k))  # the real sites' variates counted
