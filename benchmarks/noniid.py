@@ -84,7 +84,7 @@ def _settings(job: dict[str, Any], alpha: float) -> Any:
 
     return SimulationSettings(sites=job["sites"], rounds=job["rounds"], alpha=alpha, codec=job["codec"], epochs=job["epochs"],
                               lr=job["lr"], model_options={"widths": tuple(job["widths"])}, seed=job["seed"], augment=job["augment"],
-                              lr_schedule=job["lr_schedule"], logit_adjust=job["logit_adjust"])  # fmt: skip
+                              lr_schedule=job["lr_schedule"], logit_adjust=job["logit_adjust"], optimizer=job["optimizer"])  # fmt: skip
 
 
 def _model_factory(job: dict[str, Any]) -> Any:
@@ -111,7 +111,7 @@ def run_one(job: dict[str, Any]) -> dict[str, Any]:
                    rejected=sum(len(r["rejected"]) for r in history))  # fmt: skip
     else:
         bound = BoundSettings(sites=job["sites"], alpha=job["alpha"] or ACCEPT_ALPHA, epochs=job["rounds"] * job["epochs"], lr=job["lr"], augment=job["augment"],
-                              lr_schedule=job["lr_schedule"], logit_adjust=job["logit_adjust"])  # fmt: skip
+                              lr_schedule=job["lr_schedule"], logit_adjust=job["logit_adjust"], optimizer=job["optimizer"])  # fmt: skip
         if job["kind"] == "centralized":
             out["auc"] = centralized_auc(task, _model_factory(job), bound, job["seed"])
         else:
@@ -122,9 +122,11 @@ def run_one(job: dict[str, Any]) -> dict[str, Any]:
 
 
 def per_dataset(args: argparse.Namespace, dataset: str) -> dict[str, Any]:
-    """The model, rounds and augmentation a dataset is run with (its command-line flags)."""
+    """The model, rounds, optimizer and augmentation a dataset is run with (its command-line flags)."""
+    sgd = dataset in args.sgd
     recipe = {"augment": dataset in args.augment, "lr_schedule": "cosine" if dataset in args.cosine else "constant",
-              "logit_adjust": LOGIT_ADJUST_TAU if dataset in args.logit_adjust else 0.0}  # fmt: skip
+              "logit_adjust": LOGIT_ADJUST_TAU if dataset in args.logit_adjust else 0.0,
+              "optimizer": "sgd" if sgd else "adam", "lr": args.sgd_lr if sgd else args.lr}  # fmt: skip
     if dataset == "pneumoniamnist":
         return {"widths": args.pneumonia_widths, "rounds": args.pneumonia_rounds, **recipe}
     return {"widths": args.breast_widths, "rounds": args.breast_rounds, **recipe}
@@ -133,7 +135,7 @@ def per_dataset(args: argparse.Namespace, dataset: str) -> dict[str, Any]:
 def jobs_for(args: argparse.Namespace) -> list[dict[str, Any]]:
     jobs = []
     for dataset in args.datasets:
-        base = {"dataset": dataset, **per_dataset(args, dataset), "sites": args.sites, "epochs": args.epochs, "lr": args.lr, "codec": args.codec}
+        base = {"dataset": dataset, **per_dataset(args, dataset), "sites": args.sites, "epochs": args.epochs, "codec": args.codec}
         for seed in args.seeds:
             jobs.append({**base, "kind": "centralized", "seed": seed, "alpha": None, "strategy": None})
             for alpha in args.alphas:
@@ -170,7 +172,8 @@ def summarize(runs: list[dict[str, Any]], args: argparse.Namespace) -> dict[str,
                              "cpu_seconds_per_run": statistics.fmean(r["cpu_seconds"] for r in rs),
                              "all_finite": all(r["finite"] for r in rs), "rejected_updates": sum(r["rejected"] for r in rs)})  # fmt: skip
     return {"benchmark": "noniid", "sites": args.sites, "rounds": {d: per_dataset(args, d)["rounds"] for d in args.datasets},
-            "augment": sorted(args.augment), "cosine": sorted(args.cosine), "logit_adjust": {d: per_dataset(args, d)["logit_adjust"] for d in args.datasets}, "local_epochs": args.epochs, "lr": args.lr,
+            "augment": sorted(args.augment), "cosine": sorted(args.cosine), "logit_adjust": {d: per_dataset(args, d)["logit_adjust"] for d in args.datasets}, "local_epochs": args.epochs,
+            "optimizer": {d: per_dataset(args, d)["optimizer"] for d in args.datasets}, "lr": {d: per_dataset(args, d)["lr"] for d in args.datasets},
             "codec": args.codec, "seeds": args.seeds, "alphas": args.alphas, "strategies": args.strategies,
             "strategy_options": "registry defaults", "results": rows, "bounds": bounds, "acceptance": acceptance(rows, bounds)}  # fmt: skip
 
@@ -225,7 +228,10 @@ def main() -> None:
     parser.add_argument("--breast-rounds", type=int, default=60, help="BreastMNIST's 546 images: more, shorter rounds")
     parser.add_argument("--epochs", type=int, default=1, help="local epochs per round")
     parser.add_argument("--sites", type=int, default=4)
-    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--lr", type=float, default=1e-3, help="the sites' Adam lr (datasets not in --sgd)")
+    parser.add_argument("--sgd", nargs="*", default=["breastmnist"], choices=list(DATASETS),
+                        help="datasets whose sites (and bounds) train with SGD, momentum 0.9, at --sgd-lr (TrainSettings.optimizer); the others with Adam at --lr")  # fmt: skip
+    parser.add_argument("--sgd-lr", type=float, default=0.2)
     parser.add_argument("--local-only-alphas", type=float, nargs="*", default=[ACCEPT_ALPHA],
                         help="alphas at which the local-only bound is trained (default: the acceptance setting; add 0.1 1.0 for every column, +8 min)")  # fmt: skip
     parser.add_argument("--cosine", nargs="*", default=["breastmnist"], choices=list(DATASETS),
@@ -245,8 +251,11 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2, help="runs in parallel (one torch thread each)")
     parser.add_argument("--data-dir", default=default_data_dir())
     args = parser.parse_args()
-    if any(not a > 0 for a in args.alphas) or min(args.pneumonia_rounds, args.breast_rounds, args.epochs, args.sites, args.workers) < 1:
-        parser.error("--alphas must be positive; rounds, --epochs, --sites and --workers at least 1")
+    if (
+        any(not a > 0 for a in args.alphas + [args.lr, args.sgd_lr])
+        or min(args.pneumonia_rounds, args.breast_rounds, args.epochs, args.sites, args.workers) < 1
+    ):
+        parser.error("--alphas, --lr and --sgd-lr must be positive; rounds, --epochs, --sites and --workers at least 1")
 
     jobs = jobs_for(args)
     jobs.sort(key=lambda j: j["dataset"] != "pneumoniamnist")  # the long ones first: the pool ends evenly

@@ -277,6 +277,7 @@ class Agent:
             prox_mu=train.prox_mu,
             augment=train.augment,
             logit_adjust=train.logit_adjust,
+            optimizer=train.optimizer,
             correction=CV.correction(server_variates, own_variates, self.state.residual) if train.control_variates else None,
         )
         if dp is not None:  # counted once trained, before anything is sent: a crash can only over-count

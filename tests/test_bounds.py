@@ -55,7 +55,7 @@ def test_noniid_summary_and_acceptance() -> None:
     bench = load_benchmark("noniid")
     args = argparse.Namespace(datasets=["breastmnist"], strategies=["fedavg", "fedprox"], alphas=[0.1, 0.5], seeds=[0, 1], sites=4,
                               pneumonia_rounds=2, breast_rounds=2, augment=["breastmnist"], cosine=["breastmnist"], logit_adjust=["breastmnist"],
-                              epochs=1, lr=1e-3, codec="fp32", pneumonia_widths=[8], breast_widths=[8])  # fmt: skip
+                              sgd=["breastmnist"], sgd_lr=0.2, epochs=1, lr=1e-3, codec="fp32", pneumonia_widths=[8], breast_widths=[8])  # fmt: skip
     runs = [{"kind": "centralized", "dataset": "breastmnist", "seed": s, "alpha": None, "strategy": None, "auc": auc} for s, auc in ((0, 0.9), (1, 0.88))]
     runs += [{"kind": "local_only", "dataset": "breastmnist", "seed": 0, "alpha": a, "strategy": None, "auc": auc} for a, auc in ((0.1, 0.6), (0.5, 0.7))]
     runs += [{"kind": "federation", "dataset": "breastmnist", "seed": s, "alpha": a, "strategy": st, "final_auc": auc, "finite": True,
@@ -65,6 +65,7 @@ def test_noniid_summary_and_acceptance() -> None:
     report = bench.summarize(runs, args)
     assert report["bounds"]["breastmnist"]["centralized_auc"] == pytest.approx(0.89)
     assert report["bounds"]["breastmnist"]["local_only_auc"] == pytest.approx(0.7)  # at alpha 0.5
+    assert report["optimizer"] == {"breastmnist": "sgd"} and report["lr"] == {"breastmnist": 0.2}  # --sgd's datasets at --sgd-lr
     row = next(r for r in report["results"] if r["alpha"] == 0.1 and r["strategy"] == "fedprox")
     assert row["final_auc"] == pytest.approx(0.81) and row["final_auc_std"] == pytest.approx(np.std([0.8, 0.82], ddof=1))
     check = report["acceptance"]["breastmnist"]

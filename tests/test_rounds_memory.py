@@ -202,6 +202,7 @@ def test_a_restarted_server_resumes_its_run_and_the_agents_follow(task, tmp_path
         ["--augment", "--dp-noise-multiplier", "1.0"],
         ["--task", "ldct", "--augment"],
         ["--lr-schedule", "cosnie"],
+        ["--local-optimizer", "rmsprop"],
     ],
 )
 def test_a_bad_demo_option_leaves_the_previous_run_untouched(tmp_path, medmnist_root, bad) -> None:

@@ -29,7 +29,8 @@ def demo(
     seed: int = typer.Option(0, help="Seed for the site split, initial model and local training"),
     alpha: float = typer.Option(1.0, help="Dirichlet label-skew of the site split (smaller = more skewed)"),
     epochs: int = typer.Option(1, min=1, help="Local epochs per round"),
-    lr: float = typer.Option(1e-3, help="Local learning rate (Adam)"),
+    lr: float = typer.Option(1e-3, help="Local learning rate (Adam; with --local-optimizer sgd about 0.2)"),
+    local_optimizer: str = typer.Option("adam", "--local-optimizer", help=helps.LOCAL_OPTIMIZER_HELP),
     mode: str = typer.Option("full", help="Local training mode: full | lora | pruned | qat"),
     mode_options: str = typer.Option(None, help=helps.MODE_OPTIONS_HELP),
     strategy: str = typer.Option("fedavg", help=helps.STRATEGY_HELP),
@@ -121,6 +122,7 @@ def demo(
             strategy_options=parse_strategy_options(strategy_options),
             augment=augment,
             logit_adjust=logit_adjust,
+            local_optimizer=local_optimizer,  # type: ignore[arg-type]  # checked before anything starts
             lr_schedule=lr_schedule,  # type: ignore[arg-type]  # checked before anything starts
             dp_noise_multiplier=dp_noise_multiplier,
             dp_max_grad_norm=dp_max_grad_norm,

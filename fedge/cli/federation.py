@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from fedge.protocol.messages import ModeName
+from fedge.protocol.messages import LocalOptimizer, ModeName
 
 if TYPE_CHECKING:
     from fedge.schedule import LrSchedule
@@ -57,6 +57,7 @@ class FederationSettings:
     strategy_options: dict[str, Any] = field(default_factory=dict)
     augment: bool = False  # sites flip and shift their training images (TrainSettings.augment)
     logit_adjust: float = 0.0  # tau of the sites' logit-adjusted loss (TrainSettings.logit_adjust)
+    local_optimizer: LocalOptimizer = "adam"  # the sites' local step (TrainSettings.optimizer)
     lr_schedule: LrSchedule = "constant"  # each round's announced lr (fedge.schedule)
     dp_noise_multiplier: float | None = None  # record-level DP: DP-SGD at every site (the cnn is then built with GroupNorm)
     dp_max_grad_norm: float = 1.0
@@ -173,6 +174,7 @@ def run_federation(
         dp_delta=settings.dp_delta,
         augment=settings.augment,
         logit_adjust=settings.logit_adjust,
+        optimizer=settings.local_optimizer,
     )
     from server.config import check_strategy
 

@@ -60,6 +60,10 @@ AUGMENT_HELP = (
     "Sites flip each training image left-right at random and shift it by up to 3 pixels (classification only; "
     "for small sets such as BreastMNIST's 546 images, where a CNN otherwise overfits within a few epochs)"
 )
+LOCAL_OPTIMIZER_HELP = (
+    "The sites' local optimizer: adam (restarted each round; --lr 1e-3) or sgd (momentum 0.9; give a larger --lr, e.g. 0.2). "
+    "Under strong label skew sgd lets a site with little left to learn move little, where Adam moves every site about --lr a step"
+)
 LOGIT_ADJUST_HELP = (
     "Label skew: each site trains on logits + TAU * log(its own class frequencies) (logit adjustment), so a site "
     "with, say, 9 benign images to each malignant one does not teach the shared model its prior; 1.0 is the usual TAU, "

@@ -13,6 +13,7 @@ from fedge.cli.options import (
     DP_HELP,
     FILM_HELP,
     IMAGE_SIZE_HELP,
+    LOCAL_OPTIMIZER_HELP,
     LOGIT_ADJUST_HELP,
     LR_SCHEDULE_HELP,
     MODE_OPTIONS_HELP,
@@ -57,7 +58,8 @@ def server(
     downlink_codec: str = typer.Option(None, help="Send each new global as a delta with this codec (default: full model)"),
     round_timeout: float = typer.Option(300.0, help="Seconds a round waits for all selected sites"),
     epochs: int = typer.Option(1),
-    lr: float = typer.Option(1e-3),
+    lr: float = typer.Option(1e-3, help="Local learning rate, announced each round (scaled by --lr-schedule)"),
+    local_optimizer: str = typer.Option("adam", "--local-optimizer", help=LOCAL_OPTIMIZER_HELP),
     batch_size: int = typer.Option(32),
     seed: int = typer.Option(0),
     checkpoint_dir: Path = typer.Option(Path("runs/server"), help="Per-round checkpoints; a restart resumes from here"),
@@ -139,6 +141,7 @@ def server(
             dp_delta=dp_delta,
             augment=augment,
             logit_adjust=logit_adjust,
+            optimizer=local_optimizer,  # type: ignore[arg-type]  # checked here: TrainSettings names the choices
         )
     except ValueError as exc:
         raise fail(f"invalid training settings: {exc}") from None

@@ -11,6 +11,7 @@ from fedge.protocol.envelope import (
     encode_envelope,
 )
 from fedge.protocol.messages import (
+    LOCAL_OPTIMIZERS,
     MODE_NAMES,
     ControlMessage,
     RoundAnnouncement,
@@ -27,6 +28,7 @@ __all__ = [
     "ALLOWED_METRICS",
     "Chunk",
     "ControlMessage",
+    "LOCAL_OPTIMIZERS",
     "MODE_NAMES",
     "Envelope",
     "EnvelopeHeader",

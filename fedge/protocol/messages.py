@@ -22,6 +22,8 @@ from fedge.protocol.signing import SignatureError, Signer, Verifier
 MAX_RECORD_BYTES = 64 * 1024
 ModeName = Literal["full", "lora", "pruned", "qat"]
 MODE_NAMES: tuple[str, ...] = get_args(ModeName)
+LocalOptimizer = Literal["adam", "sgd"]  # built by fedge.tasks.optimizer (this module imports no torch)
+LOCAL_OPTIMIZERS: tuple[str, ...] = get_args(LocalOptimizer)
 STATUS_METRICS = frozenset({"upload_seconds", "upload_bytes", "dp_epsilon"})  # dp_epsilon: the site's DP-SGD spend so far
 
 OptionValue = bool | int | float | str | tuple[str, ...]
@@ -48,6 +50,9 @@ class TrainSettings(_Message):
     epochs: int = Field(default=1, ge=1, le=1000)
     lr: float = Field(default=1e-3, gt=0, le=10.0)
     batch_size: int = Field(default=32, ge=1, le=65536)
+    # The local step's optimizer: Adam (restarted every round), or SGD with momentum 0.9, whose steps
+    # scale with the gradient, so a site that has little left to learn moves little (DP-SGD is always SGD).
+    optimizer: LocalOptimizer = "adam"
     mode: ModeName = "full"
     mode_options: dict[str, OptionValue] = Field(default_factory=dict, max_length=32)
     # Record-level DP (DP-SGD at every site, fedge.tasks.dp): off unless a noise multiplier is announced.
@@ -76,7 +81,7 @@ class TrainSettings(_Message):
 
     @model_serializer(mode="wrap")
     def _without_unused_newer_fields(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
-        """prox_mu, local_norm, augment, logit_adjust and control_variates are left out at their defaults: agents from before them (whose
+        """optimizer, prox_mu, local_norm, augment, logit_adjust and control_variates are left out at their defaults: agents from before them (whose
         records forbid unknown fields) still accept every announcement that does not use them."""
         data = handler(self)
         for key, default in NEWER_DEFAULTS.items():
@@ -85,7 +90,7 @@ class TrainSettings(_Message):
         return data
 
 
-NEWER_DEFAULTS: dict[str, object] = {"prox_mu": 0.0, "local_norm": False, "augment": False, "logit_adjust": 0.0, "control_variates": False}
+NEWER_DEFAULTS: dict[str, object] = {"optimizer": "adam", "prox_mu": 0.0, "local_norm": False, "augment": False, "logit_adjust": 0.0, "control_variates": False}
 
 
 class Record(_Message):

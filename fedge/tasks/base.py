@@ -60,6 +60,7 @@ class Task(Protocol):
         augment: bool = False,
         logit_adjust: float = 0.0,
         correction: Mapping[str, np.ndarray] | None = None,
+        optimizer: str = "adam",
     ) -> TrainResult: ...
 
     def evaluate(self, model: nn.Module, split: str = "test") -> dict[str, float]: ...

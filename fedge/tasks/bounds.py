@@ -21,8 +21,10 @@ from torch import nn
 
 from fedge.data import dirichlet_split
 from fedge.models import ModelConfig, build_model
+from fedge.protocol.messages import LocalOptimizer
 from fedge.schedule import LrSchedule, check_schedule, scheduled_lr
 from fedge.tasks.classification import ClassificationTask
+from fedge.tasks.optimizer import check_optimizer
 
 ModelFactory = Callable[[int], nn.Module]  # seed -> the model the federation starts from (seeded init or pretrained)
 
@@ -37,11 +39,13 @@ class BoundSettings:
     augment: bool = False  # as the federation's TrainSettings.augment
     lr_schedule: LrSchedule = "constant"  # as the server's --lr-schedule, with one epoch per round
     logit_adjust: float = 0.0  # as TrainSettings.logit_adjust (the pooled or the site's prior)
+    optimizer: LocalOptimizer = "adam"  # as TrainSettings.optimizer
 
     def __post_init__(self) -> None:
         if self.sites < 1 or self.epochs < 1 or not self.alpha > 0:
             raise ValueError(f"bounds: sites and epochs must be >= 1 and alpha > 0, got {self.sites}, {self.epochs}, {self.alpha}")
         check_schedule(self.lr_schedule)
+        check_optimizer(self.optimizer)
 
 
 # MedMNIST v2 (Yang et al. 2023), ResNet-18 at 28x28 trained centrally: the test AUC a default model's
@@ -68,12 +72,13 @@ def _train(task: ClassificationTask, model: nn.Module, indices: np.ndarray | Non
     lr (as a federation with one local epoch per round: the optimizer restarts each round)."""
     s = settings
     if s.lr_schedule == "constant":
-        task.train_local(model, indices, epochs=s.epochs, lr=s.lr, batch_size=s.batch_size, seed=seed, augment=s.augment, logit_adjust=s.logit_adjust)
+        task.train_local(model, indices, epochs=s.epochs, lr=s.lr, batch_size=s.batch_size, seed=seed, augment=s.augment, logit_adjust=s.logit_adjust,
+                         optimizer=s.optimizer)  # fmt: skip
         return
     for epoch in range(1, s.epochs + 1):
         lr = scheduled_lr(s.lr, epoch, s.epochs, s.lr_schedule)
         task.train_local(model, indices, epochs=1, lr=lr, batch_size=s.batch_size, seed=zlib.crc32(f"{seed}/epoch-{epoch}".encode()), augment=s.augment,
-                         logit_adjust=s.logit_adjust)  # fmt: skip
+                         logit_adjust=s.logit_adjust, optimizer=s.optimizer)  # fmt: skip
 
 
 def centralized_auc(task: ClassificationTask, make_model: ModelFactory, settings: BoundSettings, seed: int) -> float:
@@ -106,7 +111,7 @@ def learning_bounds(task: ClassificationTask, make_model: ModelFactory, settings
         "local_only_auc_per_seed_and_site": local,
         "seeds": list(seeds),
         "sites": settings.sites, "alpha": settings.alpha, "epochs": settings.epochs, "lr": settings.lr, "batch_size": settings.batch_size,
-        "augment": settings.augment, "lr_schedule": settings.lr_schedule, "logit_adjust": settings.logit_adjust,
+        "augment": settings.augment, "lr_schedule": settings.lr_schedule, "logit_adjust": settings.logit_adjust, "optimizer": settings.optimizer,
     }  # fmt: skip
 
 

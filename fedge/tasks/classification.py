@@ -16,6 +16,7 @@ from fedge.data import ImageSplits
 from fedge.models import ModelConfig
 from fedge.tasks.augment import augment_batch
 from fedge.tasks.metrics import classification_metrics
+from fedge.tasks.optimizer import local_optimizer
 
 if TYPE_CHECKING:
     from fedge.tasks.dp import DPSettings
@@ -35,7 +36,7 @@ def default_device() -> str:
 
 
 class LocalTrainer:
-    """The local step every site runs: Adam on the trainable parameters, cross-entropy, on one device.
+    """The local step every site runs: Adam (or SGD, as announced) on the trainable parameters, cross-entropy, on one device.
 
     On CUDA it trains in bfloat16 autocast where the GPU supports it (Ampere and newer, Jetson Orin
     included), which needs no loss scaling; elsewhere in fp32.
@@ -47,6 +48,7 @@ class LocalTrainer:
         *,
         lr: float = 1e-3,
         weight_decay: float = 0.0,
+        optimizer: str = "adam",
         device: str = "cpu",
         prox_mu: float = 0.0,
         augment: torch.Generator | None = None,
@@ -56,7 +58,7 @@ class LocalTrainer:
         self.device = device
         self.model = model.to(device).train()  # for the trainer's lifetime, not once per step
         params = [p for p in model.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
+        self.optimizer = local_optimizer(params, optimizer, lr=lr, weight_decay=weight_decay)
         self.loss_fn = nn.CrossEntropyLoss()
         self.autocast = device.startswith("cuda") and torch.cuda.is_bf16_supported()
         # FedProx (Li et al., 2020): mu/2 * ||w - w_global||^2 over the trained parameters, anchored
@@ -157,6 +159,7 @@ class ClassificationTask:
         augment: bool = False,
         logit_adjust: float = 0.0,
         correction: Mapping[str, np.ndarray] | None = None,
+        optimizer: str = "adam",
     ) -> TrainResult:
         """Train in place on the train split (or its `indices`); deterministic for a given seed on CPU.
         With `dp`, DP-SGD (`fedge.tasks.dp.train_dp`: Poisson batches, per-sample clipping, noise);
@@ -164,7 +167,7 @@ class ClassificationTask:
         with `augment`, random flips and shifts of each batch (`fedge.tasks.augment`); with
         `logit_adjust` tau > 0, the loss sees logits + tau log(prior of these labels); with
         `correction` (SCAFFOLD's c - c_i by parameter name), every gradient is corrected and the
-        result carries the mean raw gradient."""
+        result carries the mean raw gradient; `optimizer` adam or sgd (fedge.tasks.optimizer; DP-SGD is SGD)."""
         images = self.splits.images["train"]
         labels = self.splits.labels["train"]
         if indices is not None:
@@ -183,7 +186,7 @@ class ClassificationTask:
         generator = torch.Generator().manual_seed(seed)
         bias = logit_bias(labels, self.splits.num_classes, logit_adjust) if logit_adjust > 0 else None
         variates = VariateStep(model, correction) if correction is not None else None
-        trainer = LocalTrainer(model, lr=lr, weight_decay=weight_decay, device=device, prox_mu=prox_mu, augment=generator if augment else None,
+        trainer = LocalTrainer(model, lr=lr, weight_decay=weight_decay, optimizer=optimizer, device=device, prox_mu=prox_mu, augment=generator if augment else None,
                                logit_bias=bias, variates=variates)  # fmt: skip
         x_all, y_all = trainer.batch(images, labels)
         start, total_loss, correct, seen = time.perf_counter(), 0.0, 0, 0

@@ -22,6 +22,7 @@ from fedge.data.ldct import ScanProtocol, SimulationConfig, body_mask, patches, 
 from fedge.errors import UsageError
 from fedge.models import ModelConfig
 from fedge.tasks.classification import TrainResult
+from fedge.tasks.optimizer import local_optimizer
 
 if TYPE_CHECKING:
     from fedge.tasks.dp import DPSettings
@@ -226,8 +227,9 @@ class LdctTask:
         augment: bool = False,
         logit_adjust: float = 0.0,
         correction: Mapping[str, np.ndarray] | None = None,
+        optimizer: str = "adam",
     ) -> TrainResult:
-        """Adam on MSE(denoised, normal-dose) over the training patches, in place (plus FedProx's
+        """Adam (or SGD, as announced) on MSE(denoised, normal-dose) over the training patches, in place (plus FedProx's
         mu/2 ||w - w_round||^2 when announced, and SCAFFOLD's gradient correction when given). `accuracy` is 0: a denoiser has none (the wire's train
         metrics keep the classification names)."""
         if dp is not None:
@@ -243,7 +245,7 @@ class LdctTask:
         y = torch.from_numpy(data.normal / HU_SCALE).unsqueeze(1).to(device)
         model.to(device).train()
         params = [p for p in model.parameters() if p.requires_grad]
-        optimizer = torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
+        step = local_optimizer(params, optimizer, lr=lr, weight_decay=weight_decay)
         anchor = [p.detach().clone() for p in params] if prox_mu > 0 else []
         variates = VariateStep(model, correction) if correction is not None else None
         generator = torch.Generator().manual_seed(seed)
@@ -254,13 +256,13 @@ class LdctTask:
                 idx = order[i : i + batch_size].to(device)
                 if len(idx) < 2:
                     continue  # BatchNorm cannot train on one sample
-                optimizer.zero_grad(set_to_none=True)
+                step.zero_grad(set_to_none=True)
                 loss = nn.functional.mse_loss(model(x[idx]), y[idx])
                 proximal = 0.5 * prox_mu * sum(((p - p0) ** 2).sum() for p, p0 in zip(params, anchor)) if anchor else 0.0
                 (loss + proximal).backward()
                 if variates is not None:
                     variates.apply()
-                optimizer.step()
+                step.step()
                 total, seen = total + float(loss.detach()) * len(idx), seen + len(idx)
         model.to("cpu").eval()
         return TrainResult(num_samples=len(x), loss=total / max(seen, 1), accuracy=0.0, seconds=time.perf_counter() - start,

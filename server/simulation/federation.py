@@ -23,9 +23,11 @@ from fedge import weights as W
 from fedge.data import ImageSplits, dirichlet_split
 from fedge.models import build_model
 from fedge.protocol import TrainSettings
+from fedge.protocol.messages import LocalOptimizer
 from fedge.schedule import LrSchedule, check_schedule, scheduled_lr
 from fedge.tasks import ClassificationTask
 from fedge.tasks.base import Task
+from fedge.tasks.optimizer import check_optimizer
 from server.simulation.attacks import Attack, AttackContext
 from server.strategies import ClientUpdate, Strategy, announced_train
 from server.validation import RejectedUpdate, check_update
@@ -47,6 +49,7 @@ class SimulationSettings:
     batch_size: int = 32
     augment: bool = False  # random flips and shifts of each local batch (TrainSettings.augment)
     logit_adjust: float = 0.0  # tau of each site's logit-adjusted loss (TrainSettings.logit_adjust)
+    optimizer: LocalOptimizer = "adam"  # the local step's (TrainSettings.optimizer)
     lr_schedule: LrSchedule = "constant"  # each round's lr (fedge.schedule), as the server's --lr-schedule
     seed: int = 0
     max_samples: int = 1_000_000  # the server's --max-samples
@@ -56,6 +59,7 @@ class SimulationSettings:
         if self.sites < 1 or self.rounds < 1 or self.epochs < 1:
             raise ValueError("sites, rounds and epochs must be at least 1")
         check_schedule(self.lr_schedule)
+        check_optimizer(self.optimizer)
         UpdateCodec.from_spec(self.codec)
 
 
@@ -116,7 +120,7 @@ class InProcessFederation:
         self.settings, self.task, self.strategy, self.adversary = settings, task, strategy, adversary
         # What the server would announce: FedProx's mu reaches the local step, FedBN keeps normalisation layers at the sites.
         self.train = announced_train(TrainSettings(epochs=settings.epochs, lr=settings.lr, batch_size=settings.batch_size, augment=settings.augment,
-                                                   logit_adjust=settings.logit_adjust), strategy)  # fmt: skip
+                                                   logit_adjust=settings.logit_adjust, optimizer=settings.optimizer), strategy)  # fmt: skip
         if trainer is not None and self.train.control_variates:
             raise ValueError("a custom trainer cannot follow SCAFFOLD's correction: use the agent's step (trainer=None)")
         self.round_train = self.train  # what the open round announces (the scheduled lr)
@@ -153,7 +157,7 @@ class InProcessFederation:
         a = self.round_train
         correction = CV.correction(CV.split(self.weights)[1], self.site_variates[site], self.residuals[site]) if a.control_variates else None
         result = task.train_local(model, indices, epochs=a.epochs, lr=a.lr, batch_size=a.batch_size, seed=seed, prox_mu=a.prox_mu, augment=a.augment,
-                                  logit_adjust=a.logit_adjust, correction=correction)  # fmt: skip
+                                  logit_adjust=a.logit_adjust, correction=correction, optimizer=a.optimizer)  # fmt: skip
         self.mean_gradient = result.mean_gradient
         return result.num_samples
 
