@@ -36,6 +36,15 @@ def medmnist_root() -> Path:
 
 
 @pytest.fixture(scope="session")
+def breast_task(medmnist_root: Path):
+    """BreastMNIST (546 train images) as a classification task: what most federation tests train on. Read-only."""
+    from fedge.data import load_medmnist
+    from fedge.tasks import ClassificationTask
+
+    return ClassificationTask(load_medmnist("breastmnist", medmnist_root))
+
+
+@pytest.fixture(scope="session")
 def data_dir() -> Path:
     found = find_data_root("dicom")
     if found is None:

@@ -12,18 +12,12 @@ import torch
 from test_rounds_memory import MODEL, Federation
 
 from fedge import weights as W
-from fedge.data import load_medmnist
 from fedge.errors import UsageError
 from fedge.memory_transport import MemoryBroker
 from fedge.models import build_model
 from fedge.protocol import TrainSettings
 from fedge.tasks import ClassificationTask
 from fedge.tasks.augment import MAX_SHIFT, augment_batch
-
-
-@pytest.fixture(scope="module")
-def breast_task(medmnist_root) -> ClassificationTask:
-    return ClassificationTask(load_medmnist("breastmnist", medmnist_root))
 
 
 def _candidates(image: np.ndarray, bound: int) -> dict[tuple[bool, int, int], np.ndarray]:

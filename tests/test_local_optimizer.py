@@ -11,7 +11,6 @@ from test_rounds_memory import Federation
 
 import fedge.tasks.classification as classification
 from fedge import weights as W
-from fedge.data import load_medmnist
 from fedge.memory_transport import MemoryBroker
 from fedge.models import ModelConfig, build_model
 from fedge.protocol import TrainSettings
@@ -22,11 +21,6 @@ from fedge.tasks.optimizer import SGD_MOMENTUM, local_optimizer
 from server.simulation import SimulationSettings
 
 CNN = ModelConfig(arch="cnn", in_channels=1, num_classes=2, image_size=28, options={"widths": [4, 8]})
-
-
-@pytest.fixture(scope="module")
-def breast_task(medmnist_root) -> ClassificationTask:
-    return ClassificationTask(load_medmnist("breastmnist", medmnist_root))
 
 
 def test_sgd_steps_lr_times_the_gradient_then_carries_momentum() -> None:

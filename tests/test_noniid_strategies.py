@@ -12,7 +12,6 @@ from test_strategies_server import _round, _server
 
 from compression import TensorSpec
 from fedge import weights as W
-from fedge.data import load_medmnist
 from fedge.errors import UsageError
 from fedge.memory_transport import MemoryBroker
 from fedge.models import ModelConfig, build_model
@@ -22,11 +21,6 @@ from fedge.tasks.classification import LocalTrainer
 from server.strategies import ClientUpdate, announced_train, get_strategy
 
 CNN = ModelConfig(arch="cnn", in_channels=1, num_classes=2, image_size=28, options={"widths": [4, 8]})
-
-
-@pytest.fixture(scope="module")
-def breast_task(medmnist_root) -> ClassificationTask:
-    return ClassificationTask(load_medmnist("breastmnist", medmnist_root))
 
 
 def _update(client: str, values: dict[str, float], samples: int = 1) -> ClientUpdate:

@@ -31,11 +31,6 @@ from server.validation import RejectedUpdate, check_update
 CNN = ModelConfig(arch="cnn", in_channels=1, num_classes=2, image_size=28, options={"widths": [4, 8]})
 
 
-@pytest.fixture(scope="module")
-def breast_task(medmnist_root) -> ClassificationTask:
-    return ClassificationTask(load_medmnist("breastmnist", medmnist_root))
-
-
 # ---- the local step ------------------------------------------------------------------------------
 def test_the_correction_is_added_to_every_gradient_and_the_raw_gradients_are_averaged() -> None:
     torch.manual_seed(0)

@@ -7,11 +7,9 @@ import math
 import pytest
 from test_rounds_memory import Federation
 
-from fedge.data import load_medmnist
 from fedge.memory_transport import MemoryBroker
 from fedge.protocol import TrainSettings
 from fedge.schedule import scheduled_lr
-from fedge.tasks import ClassificationTask
 from fedge.tasks.bounds import BoundSettings
 from server.simulation import InProcessFederation, SimulationSettings
 from server.strategies import get_strategy
@@ -30,11 +28,6 @@ def test_cosine_starts_at_lr_halves_midway_never_reaches_zero_and_constant_is_co
         BoundSettings(sites=2, alpha=1.0, epochs=2, lr_schedule="linear")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="constant, cosine"):
         SimulationSettings(lr_schedule="linear")  # type: ignore[arg-type]
-
-
-@pytest.fixture(scope="module")
-def breast_task(medmnist_root) -> ClassificationTask:
-    return ClassificationTask(load_medmnist("breastmnist", medmnist_root))
 
 
 def test_the_server_announces_each_rounds_scheduled_lr(breast_task, tmp_path) -> None:
