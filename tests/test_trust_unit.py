@@ -129,13 +129,17 @@ def test_agent_refuses_forged_control_and_announcements_and_keeps_running(tmp_pa
         "round 999999999 signed by a stranger": (topics.announce(999999999), sign_record(_announcement(999999999), Signer.generate())),
         "announcement of round 1 on round 2's topic": (topics.announce(2), sign_record(_announcement(1), signers["server"])),
         "a million epochs, signed": (topics.announce(3), _signed_raw(_announcement(3), signers["server"], '"epochs":1,', '"epochs":1000000,')),
+        "an optimizer nobody implemented, signed": (
+            topics.announce(4),
+            _signed_raw(_announcement(4), signers["server"], '"epochs":1,', '"epochs":1,"optimizer":"rmsprop",'),
+        ),
         "garbage global chunk": (topics.global_chunk(1, 0), b"\x00" * 40),
     }
     for topic, payload in forged.values():
         agent._handle(Message(topic, payload, retain=True))
     assert not agent.finished and agent.pending is None and agent.run_id is None
     assert agent.refusals.total == len(forged)
-    assert agent.refusals.counts["bad-signature"] == 3 and agent.refusals.counts["bad-record"] == 4
+    assert agent.refusals.counts["bad-signature"] == 3 and agent.refusals.counts["bad-record"] == 5
     assert agent.refusals.counts["handler-error"] == 0
 
     genuine = _announcement(1)
