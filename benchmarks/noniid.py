@@ -99,7 +99,8 @@ def _model_factory(job: dict[str, Any]) -> Any:
 
 def run_one(job: dict[str, Any]) -> dict[str, Any]:
     """One federation, or one bound (centralized for a seed; local-only for a seed and alpha)."""
-    from fedge.tasks.bounds import BoundSettings, centralized_auc, local_only_aucs
+    from fedge.tasks.bounds import BoundSettings, centralized_model, local_only_aucs
+    from fedge.tasks.calibration import calibrate_head, feature_stats
     from server.simulation import InProcessFederation
     from server.strategies import get_strategy
 
@@ -107,8 +108,12 @@ def run_one(job: dict[str, Any]) -> dict[str, Any]:
     out = {k: job[k] for k in ("kind", "dataset", "seed", "alpha", "strategy")}
     task = _task(job["dataset"])
     if job["kind"] == "federation":
-        result = InProcessFederation(_settings(job, job["alpha"]), task, get_strategy(job["strategy"])).run()
+        fed = InProcessFederation(_settings(job, job["alpha"]), task, get_strategy(job["strategy"]))
+        result = fed.run()
         history = result.pop("history")
+        if job["calibrate"] and not fed.local:  # FedBN has no one global model to calibrate
+            metrics, out["calibration_bytes_per_site"] = fed.calibrated()
+            out["calibrated_auc"] = metrics["auc"]
         out.update(final_auc=result["final_auc"], final_accuracy=result["final_accuracy"], finite=result["finite"],
                    uplink_bytes_per_round=statistics.fmean(r["uplink_bytes"] for r in history),
                    rejected=sum(len(r["rejected"]) for r in history))  # fmt: skip
@@ -116,7 +121,12 @@ def run_one(job: dict[str, Any]) -> dict[str, Any]:
         bound = BoundSettings(sites=job["sites"], alpha=job["alpha"] or ACCEPT_ALPHA, epochs=job["rounds"] * job["epochs"], lr=job["lr"], augment=job["augment"],
                               lr_schedule=job["lr_schedule"], logit_adjust=job["logit_adjust"], optimizer=job["optimizer"])  # fmt: skip
         if job["kind"] == "centralized":
-            out["auc"] = centralized_auc(task, _model_factory(job), bound, job["seed"])
+            model = centralized_model(task, _model_factory(job), bound, job["seed"])
+            out["auc"] = task.evaluate(model)["auc"]
+            if job["calibrate"]:  # the same LDA head, from the pooled train split's statistics
+                splits = task.splits
+                calibrate_head(model, feature_stats(model, splits.images["train"], splits.labels["train"], splits.num_classes))
+                out["calibrated_auc"] = task.evaluate(model)["auc"]
         else:
             out["auc_per_site"] = local_only_aucs(task, _model_factory(job), bound, job["seed"])
             out["auc"] = statistics.fmean(out["auc_per_site"])
@@ -129,7 +139,7 @@ def per_dataset(args: argparse.Namespace, dataset: str) -> dict[str, Any]:
     sgd = dataset in args.sgd
     recipe = {"augment": dataset in args.augment, "lr_schedule": "cosine" if dataset in args.cosine else "constant",
               "logit_adjust": LOGIT_ADJUST_TAU if dataset in args.logit_adjust else 0.0,
-              "optimizer": "sgd" if sgd else "adam", "lr": args.sgd_lr if sgd else args.lr}  # fmt: skip
+              "optimizer": "sgd" if sgd else "adam", "lr": args.sgd_lr if sgd else args.lr, "calibrate": dataset in args.calibrate}  # fmt: skip
     if dataset == "pneumoniamnist":
         return {"widths": args.pneumonia_widths, "rounds": args.pneumonia_rounds, **recipe}
     return {"widths": args.breast_widths, "rounds": args.breast_rounds, **recipe}
@@ -152,6 +162,15 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
+def _calibrated(runs: list[dict[str, Any]], key: str) -> dict[str, Any]:
+    """Mean, std and per-seed values of the runs' head-calibrated AUC (empty where none was measured)."""
+    values = [r["calibrated_auc"] for r in runs if "calibrated_auc" in r]
+    if not values:
+        return {}
+    extra = {"calibration_bytes_per_site": runs[0]["calibration_bytes_per_site"]} if "calibration_bytes_per_site" in runs[0] else {}
+    return {key: statistics.fmean(values), f"{key}_std": _mean_std(values)[1], f"{key}_per_seed": values, **extra}
+
+
 def summarize(runs: list[dict[str, Any]], args: argparse.Namespace) -> dict[str, Any]:
     rows, bounds = [], {}
     for dataset in args.datasets:
@@ -162,6 +181,7 @@ def summarize(runs: list[dict[str, Any]], args: argparse.Namespace) -> dict[str,
             bounds[dataset] = {"centralized_auc": statistics.fmean(central), "centralized_auc_std": _mean_std(central)[1],
                                "local_only_auc": statistics.fmean(v) if (v := local.get(ACCEPT_ALPHA) or next((v for v in local.values() if v), None)) else None,
                                "local_only_auc_by_alpha": {str(a): statistics.fmean(v) for a, v in local.items() if v},
+                               **_calibrated([r for r in mine if r["kind"] == "centralized"], "centralized_calibrated_auc"),
                                **per_dataset(args, dataset), "epochs": per_dataset(args, dataset)["rounds"] * args.epochs}  # fmt: skip
         for alpha in args.alphas:
             for strategy in args.strategies:
@@ -173,10 +193,11 @@ def summarize(runs: list[dict[str, Any]], args: argparse.Namespace) -> dict[str,
                              "final_auc_per_seed": [r["final_auc"] for r in rs], "seeds": [r["seed"] for r in rs],
                              "uplink_bytes_per_round": statistics.fmean(r["uplink_bytes_per_round"] for r in rs),
                              "cpu_seconds_per_run": statistics.fmean(r["cpu_seconds"] for r in rs),
-                             "all_finite": all(r["finite"] for r in rs), "rejected_updates": sum(r["rejected"] for r in rs)})  # fmt: skip
+                             "all_finite": all(r["finite"] for r in rs), "rejected_updates": sum(r["rejected"] for r in rs),
+                             **_calibrated(rs, "calibrated_auc")})  # fmt: skip
     return {"benchmark": "noniid", "sites": args.sites, "rounds": {d: per_dataset(args, d)["rounds"] for d in args.datasets},
             "augment": sorted(args.augment), "cosine": sorted(args.cosine), "logit_adjust": {d: per_dataset(args, d)["logit_adjust"] for d in args.datasets}, "local_epochs": args.epochs,
-            "optimizer": {d: per_dataset(args, d)["optimizer"] for d in args.datasets}, "lr": {d: per_dataset(args, d)["lr"] for d in args.datasets},
+            "optimizer": {d: per_dataset(args, d)["optimizer"] for d in args.datasets}, "calibrate": sorted(args.calibrate), "lr": {d: per_dataset(args, d)["lr"] for d in args.datasets},
             "codec": args.codec, "seeds": args.seeds, "alphas": args.alphas, "strategies": args.strategies,
             "strategy_options": "registry defaults", "results": rows, "bounds": bounds, "acceptance": acceptance(rows, bounds)}  # fmt: skip
 
@@ -193,6 +214,12 @@ def acceptance(rows: list[dict[str, Any]], bounds: dict[str, Any]) -> dict[str, 
             check.update(
                 best_at_alpha_0_5=best["strategy"], its_auc=best["final_auc"], within_0_02_of_centralized=b["centralized_auc"] - best["final_auc"] <= ACCEPT_GAP
             )
+            calibrated = [r for r in at if "calibrated_auc" in r]
+            if calibrated:  # the head refit from feature statistics, against both bounds
+                best = max(calibrated, key=lambda r: r["calibrated_auc"])
+                check.update(best_calibrated_at_alpha_0_5=best["strategy"], its_calibrated_auc=best["calibrated_auc"],
+                             calibrated_within_0_02_of_centralized=b["centralized_auc"] - best["calibrated_auc"] <= ACCEPT_GAP,
+                             centralized_calibrated_auc=b.get("centralized_calibrated_auc"))  # fmt: skip
         skewed = [r for (a, s), r in by.items() if a == 0.1 and s != "fedavg"]
         if skewed and (0.1, "fedavg") in by:
             best, fedavg = max(skewed, key=lambda r: r["final_auc"]), by[(0.1, "fedavg")]
@@ -200,6 +227,12 @@ def acceptance(rows: list[dict[str, Any]], bounds: dict[str, Any]) -> dict[str, 
             check.update(best_at_alpha_0_1=best["strategy"], its_auc_at_0_1=best["final_auc"], fedavg_auc_at_0_1=fedavg["final_auc"],
                          margin=margin, larger_std=max(best["final_auc_std"], fedavg["final_auc_std"]),
                          beats_fedavg_beyond_std=margin > max(best["final_auc_std"], fedavg["final_auc_std"]))  # fmt: skip
+            calibrated = [r for (a, _), r in by.items() if a == 0.1 and "calibrated_auc" in r]
+            if calibrated:  # a strategy with the LDA head against FedAvg as it ends (without one)
+                best = max(calibrated, key=lambda r: r["calibrated_auc"])
+                margin, spread = best["calibrated_auc"] - fedavg["final_auc"], max(best["calibrated_auc_std"], fedavg["final_auc_std"])
+                check.update(best_calibrated_at_alpha_0_1=best["strategy"], its_calibrated_auc_at_0_1=best["calibrated_auc"], calibrated_margin=margin,
+                             calibrated_larger_std=spread, calibrated_beats_fedavg_beyond_std=margin > spread)  # fmt: skip
         out[dataset] = check
     return out
 
@@ -215,6 +248,9 @@ def print_table(report: dict[str, Any]) -> None:
         cells = {(r["alpha"], r["strategy"]): r for r in report["results"] if r["dataset"] == dataset}
         for strategy in report["strategies"]:
             table.add_row(strategy, *[f"{c['final_auc']:.3f} ± {c['final_auc_std']:.3f}" if (c := cells.get((a, strategy))) else "" for a in report["alphas"]])
+            if any("calibrated_auc" in c for c in cells.values() if c["strategy"] == strategy):
+                table.add_row(f"{strategy} + LDA head", *[f"{c['calibrated_auc']:.3f} ± {c['calibrated_auc_std']:.3f}" if (c := cells.get((a, strategy))) and "calibrated_auc" in c else ""
+                                                           for a in report["alphas"]])  # fmt: skip
         table.add_row("local-only", *[f"{v:.3f}" if (v := b["local_only_auc_by_alpha"].get(str(a))) is not None else "" for a in report["alphas"]])
         console.print(table)
 
@@ -239,6 +275,8 @@ def main() -> None:
                         help="alphas at which the local-only bound is trained (default: the acceptance setting; add 0.1 1.0 for every column, +8 min)")  # fmt: skip
     parser.add_argument("--cosine", nargs="*", default=["breastmnist"], choices=list(DATASETS),
                         help="datasets run on the cosine lr schedule (fedge.schedule; the bounds follow it per epoch); the others at a constant lr")  # fmt: skip
+    parser.add_argument("--calibrate", nargs="*", default=["breastmnist"], choices=list(DATASETS),
+                        help="datasets whose final models (and centralized bound) also get the LDA head from class-wise feature statistics (fedge.tasks.calibration)")  # fmt: skip
     parser.add_argument("--codec", default="topk:0.02,ef|ternary|zstd")
     parser.add_argument("--pneumonia-widths", type=int, nargs="+", default=[8, 16, 32], help="cnn channel widths on PneumoniaMNIST")
     parser.add_argument("--breast-widths", type=int, nargs="+", default=[32, 64, 128], help="cnn channel widths on BreastMNIST")

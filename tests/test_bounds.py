@@ -55,15 +55,22 @@ def test_noniid_summary_and_acceptance() -> None:
     bench = load_benchmark("noniid")
     args = argparse.Namespace(datasets=["breastmnist"], strategies=["fedavg", "fedprox"], alphas=[0.1, 0.5], seeds=[0, 1], sites=4,
                               pneumonia_rounds=2, breast_rounds=2, augment=["breastmnist"], cosine=["breastmnist"], logit_adjust=["breastmnist"],
-                              sgd=["breastmnist"], sgd_lr=0.2, epochs=1, lr=1e-3, codec="fp32", pneumonia_widths=[8], breast_widths=[8])  # fmt: skip
+                              sgd=["breastmnist"], sgd_lr=0.2, epochs=1, lr=1e-3, codec="fp32", pneumonia_widths=[8], breast_widths=[8],
+                              calibrate=["breastmnist"])  # fmt: skip
     runs = [{"kind": "centralized", "dataset": "breastmnist", "seed": s, "alpha": None, "strategy": None, "auc": auc} for s, auc in ((0, 0.9), (1, 0.88))]
     runs += [{"kind": "local_only", "dataset": "breastmnist", "seed": 0, "alpha": a, "strategy": None, "auc": auc} for a, auc in ((0.1, 0.6), (0.5, 0.7))]
     runs += [{"kind": "federation", "dataset": "breastmnist", "seed": s, "alpha": a, "strategy": st, "final_auc": auc, "finite": True,
               "uplink_bytes_per_round": 10.0, "rejected": 0, "cpu_seconds": 1.0}
              for a, st, s, auc in [(0.1, "fedavg", 0, 0.70), (0.1, "fedavg", 1, 0.72), (0.1, "fedprox", 0, 0.80), (0.1, "fedprox", 1, 0.82),
                                    (0.5, "fedavg", 0, 0.87), (0.5, "fedavg", 1, 0.89), (0.5, "fedprox", 0, 0.80), (0.5, "fedprox", 1, 0.80)]]  # fmt: skip
+    for run in runs:  # the LDA head lifts fedprox at alpha 0.5 past fedavg, and the centralized bound a little
+        if run["kind"] == "centralized" or (run["kind"] == "federation" and (run["alpha"] == 0.5 or run["strategy"] == "fedavg")):
+            run["calibrated_auc"] = run.get("auc", run.get("final_auc")) + (0.1 if run["strategy"] == "fedprox" else 0.01)
+            if run["kind"] == "federation":
+                run["calibration_bytes_per_site"] = 400
     report = bench.summarize(runs, args)
     assert report["bounds"]["breastmnist"]["centralized_auc"] == pytest.approx(0.89)
+    assert report["bounds"]["breastmnist"]["centralized_calibrated_auc"] == pytest.approx(0.90)
     assert report["bounds"]["breastmnist"]["local_only_auc"] == pytest.approx(0.7)  # at alpha 0.5
     assert report["optimizer"] == {"breastmnist": "sgd"} and report["lr"] == {"breastmnist": 0.2}  # --sgd's datasets at --sgd-lr
     row = next(r for r in report["results"] if r["alpha"] == 0.1 and r["strategy"] == "fedprox")
@@ -71,6 +78,13 @@ def test_noniid_summary_and_acceptance() -> None:
     check = report["acceptance"]["breastmnist"]
     assert check["best_at_alpha_0_5"] == "fedavg" and check["within_0_02_of_centralized"]
     assert check["best_at_alpha_0_1"] == "fedprox" and check["beats_fedavg_beyond_std"] and check["margin"] == pytest.approx(0.1)
+    assert check["best_calibrated_at_alpha_0_5"] == "fedprox" and check["its_calibrated_auc"] == pytest.approx(0.9)
+    assert check["calibrated_within_0_02_of_centralized"] and check["centralized_calibrated_auc"] == pytest.approx(0.90)
+    fedprox = next(r for r in report["results"] if r["alpha"] == 0.5 and r["strategy"] == "fedprox")
+    assert fedprox["calibrated_auc_per_seed"] == pytest.approx([0.9, 0.9]) and fedprox["calibration_bytes_per_site"] == 400
+    assert "calibrated_auc" not in next(r for r in report["results"] if r["alpha"] == 0.1 and r["strategy"] == "fedprox")  # not measured: not reported
+    assert check["best_calibrated_at_alpha_0_1"] == "fedavg" and check["calibrated_margin"] == pytest.approx(0.01)  # against FedAvg without a head
+    assert not check["calibrated_beats_fedavg_beyond_std"]  # 0.01 is inside the seeds' spread (0.014)
 
 
 @pytest.mark.integration
@@ -86,3 +100,6 @@ def test_noniid_benchmark_runs_end_to_end(medmnist_root, tmp_path, monkeypatch, 
     assert set(data["bounds"]["breastmnist"]) >= {"centralized_auc", "local_only_auc"}
     bytes_per_round = {r["strategy"]: r["uplink_bytes_per_round"] for r in data["results"]}
     assert bytes_per_round["fedbn"] < bytes_per_round["fedavg"]  # normalisation layers stay at the sites
+    calibrated = {r["strategy"]: r.get("calibrated_auc") for r in data["results"]}  # --calibrate's default: breastmnist
+    assert calibrated["fedbn"] is None and 0.5 < calibrated["fedavg"] <= 1.0  # FedBN has no one global model to calibrate
+    assert 0.5 < data["bounds"]["breastmnist"]["centralized_calibrated_auc"] <= 1.0

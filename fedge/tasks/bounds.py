@@ -81,11 +81,16 @@ def _train(task: ClassificationTask, model: nn.Module, indices: np.ndarray | Non
                          logit_adjust=s.logit_adjust, optimizer=s.optimizer)  # fmt: skip
 
 
-def centralized_auc(task: ClassificationTask, make_model: ModelFactory, settings: BoundSettings, seed: int) -> float:
-    """Test AUC of the model trained on all sites' data pooled (the whole train split)."""
+def centralized_model(task: ClassificationTask, make_model: ModelFactory, settings: BoundSettings, seed: int) -> nn.Module:
+    """The model trained on all sites' data pooled (the whole train split)."""
     model = make_model(seed)
     _train(task, model, None, settings, seed)
-    return float(task.evaluate(model)["auc"])
+    return model
+
+
+def centralized_auc(task: ClassificationTask, make_model: ModelFactory, settings: BoundSettings, seed: int) -> float:
+    """Test AUC of `centralized_model`."""
+    return float(task.evaluate(centralized_model(task, make_model, settings, seed))["auc"])
 
 
 def local_only_aucs(task: ClassificationTask, make_model: ModelFactory, settings: BoundSettings, seed: int) -> list[float]:

@@ -27,6 +27,7 @@ from fedge.protocol.messages import LocalOptimizer
 from fedge.schedule import LrSchedule, check_schedule, scheduled_lr
 from fedge.tasks import ClassificationTask
 from fedge.tasks.base import Task
+from fedge.tasks.calibration import DEFAULT_SHRINKAGE, calibrate_head, feature_stats
 from fedge.tasks.optimizer import check_optimizer
 from server.simulation.attacks import Attack, AttackContext
 from server.strategies import ClientUpdate, Strategy, announced_train
@@ -250,6 +251,20 @@ class InProcessFederation:
             return self._score(self.weights)
         scores = [self._score(self.weights | self.site_local[site]) for site in self.names]
         return {k: float(np.mean([m[k] for m, _ in scores])) for k in ("auc", "accuracy")}, any(b for _, b in scores)
+
+    def calibrated(self, shrinkage: float = DEFAULT_SHRINKAGE) -> tuple[dict[str, float], int]:
+        """Test metrics of the global with its head refit by LDA from the sites' class-wise feature
+        statistics (fedge.tasks.calibration), and the bytes one site's statistics take in float32.
+        Each site computes them for the current global on its own shard; the server sums them."""
+        task = self.task
+        if self.local or self.site_tasks or self.adversary or not isinstance(task, ClassificationTask):
+            raise ValueError("head calibration needs one global model (not fedbn), no adversary and Dirichlet shards of a classification task")
+        W.load_float_state(self.model, CV.split(self.weights)[0])
+        images, labels = task.splits.images["train"], task.splits.labels["train"]
+        stats = [feature_stats(self.model, images[idx], labels[idx], task.splits.num_classes) for idx in self.shards.values() if idx is not None]
+        total = sum(stats[1:], stats[0])
+        calibrate_head(self.model, total, shrinkage)
+        return task.evaluate(self.model), 4 * total.wire_floats
 
     def _score(self, weights: Dense) -> tuple[dict[str, float], bool]:
         W.load_float_state(self.model, CV.split(weights)[0])

@@ -1,0 +1,104 @@
+"""Head calibration from class-wise feature statistics: a closed-form linear head (LDA) for a
+federated feature extractor.
+
+Why: on label-skewed sites most of a federation's loss sits in its classifier, not its features
+(docs/noniid.md: a head refit on the final global's features recovers most of BreastMNIST's gap).
+CCVR (Luo et al., NeurIPS 2021) calibrates the head from each site's class-wise feature means and
+covariances; Fed3R (Fanì et al., 2024) fits a closed-form head from the same kind of sums. The
+sufficient statistics of LDA (per-class counts, per-class feature sums, one Gram matrix) add up over
+sites exactly, so the head the server fits equals the one it would fit on the pooled features,
+without any site sending a feature vector or an image. What a site sends is one
+(C + C*D + D*(D+1)/2)-float record after training (BreastMNIST's cnn: 8,514 floats, 34 kB); like any
+class mean it says more about a site's data than a model delta does, which is why it is a setting
+and not the default.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from fedge.tasks.classification import preprocess
+
+DEFAULT_SHRINKAGE = 0.1  # covariance shrinkage toward a scaled identity; docs/noniid.md has the choice
+
+
+@dataclass(frozen=True)
+class FeatureStats:
+    """One site's (or the sum of several sites') statistics of the head's input features."""
+
+    counts: np.ndarray  # (C,) images per class
+    sums: np.ndarray  # (C, D) per-class sum of feature vectors
+    gram: np.ndarray  # (D, D) sum of x x^T over all images
+
+    def __add__(self, other: FeatureStats) -> FeatureStats:
+        return FeatureStats(self.counts + other.counts, self.sums + other.sums, self.gram + other.gram)
+
+    @property
+    def wire_floats(self) -> int:
+        """Floats a site would send: counts, sums and the Gram matrix's upper triangle."""
+        c, d = self.sums.shape
+        return c + c * d + d * (d + 1) // 2
+
+
+def linear_head(model: nn.Module) -> nn.Linear:
+    """The model's classifier: a `head` that is an nn.Linear (the zoo's cnn, resnet and vit)."""
+    head = getattr(model, "head", None)
+    if not isinstance(head, nn.Linear):
+        raise ValueError(f"head calibration needs a model whose `head` is an nn.Linear; {type(model).__name__} has {type(head).__name__}")
+    return head
+
+
+@torch.no_grad()
+def feature_stats(model: nn.Module, images: np.ndarray, labels: np.ndarray, num_classes: int, batch_size: int = 256) -> FeatureStats:
+    """Statistics of the head's input over (images, labels), the model in eval mode (BatchNorm's
+    running statistics, as the model predicts)."""
+    head = linear_head(model)
+    captured: list[torch.Tensor] = []
+    hook = head.register_forward_pre_hook(lambda _m, args: captured.append(args[0].detach().double()))
+    was_training = model.training
+    model.eval()
+    try:
+        for start in range(0, len(images), batch_size):
+            model(preprocess(images[start : start + batch_size]))
+    finally:
+        hook.remove()
+        model.train(was_training)
+    feats = torch.cat(captured).numpy() if captured else np.zeros((0, head.in_features))
+    y = np.asarray(labels).reshape(-1).astype(np.int64)
+    onehot = np.eye(num_classes)[y]
+    return FeatureStats(onehot.sum(0), onehot.T @ feats, feats.T @ feats)
+
+
+def lda_head(stats: FeatureStats, shrinkage: float = DEFAULT_SHRINKAGE) -> tuple[np.ndarray, np.ndarray]:
+    """(weight (C, D), bias (C,)) of LDA with the pooled within-class covariance shrunk toward
+    tr(S)/D * I: logit_c = x S^-1 mu_c - mu_c S^-1 mu_c / 2 + log prior_c. A class no site holds
+    keeps a logit of -inf's stand-in (a bias of log(1e-12)) so it is never predicted."""
+    if not 0.0 <= shrinkage <= 1.0:
+        raise ValueError(f"shrinkage must be in [0, 1], got {shrinkage}")
+    n = float(stats.counts.sum())
+    if n < 2:
+        raise ValueError("head calibration needs statistics of at least 2 images")
+    present = stats.counts > 0
+    means = np.zeros_like(stats.sums)
+    means[present] = stats.sums[present] / stats.counts[present, None]
+    within = (stats.gram - (stats.sums[present].T @ means[present])) / n  # sum_c sum_i (x - mu_c)(x - mu_c)^T / n
+    d = within.shape[0]
+    cov = (1.0 - shrinkage) * within + shrinkage * (np.trace(within) / d) * np.eye(d)
+    weight = np.linalg.lstsq(cov, means.T, rcond=None)[0].T
+    prior = np.maximum(stats.counts / n, 1e-12)
+    bias = -0.5 * np.einsum("cd,cd->c", means, weight) + np.log(prior)
+    return weight.astype(np.float32), bias.astype(np.float32)
+
+
+def calibrate_head(model: nn.Module, stats: FeatureStats, shrinkage: float = DEFAULT_SHRINKAGE) -> None:
+    """Replace the model's head by the LDA head of `stats`."""
+    head = linear_head(model)
+    weight, bias = lda_head(stats, shrinkage)
+    with torch.no_grad():
+        head.weight.copy_(torch.from_numpy(weight))
+        if head.bias is not None:
+            head.bias.copy_(torch.from_numpy(bias))
