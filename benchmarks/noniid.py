@@ -17,6 +17,11 @@ it at alpha 0.5 (the acceptance setting) and `local_only_auc_by_alpha` at each o
 FedBN has no single global model: its AUC is the mean over sites of each site's model (the global
 plus its own normalisation layers) on the test split.
 
+`--calibrate DATASET...` (default breastmnist) also scores every final global, and the centralized
+model, with its head replaced by the LDA head fit from the sites' class-wise feature statistics
+(fedge.tasks.calibration; summed over the sites' shards, as a server would): `calibrated_auc` beside
+`final_auc`, and the calibrated checks in "acceptance". FedBN is not calibrated (no one global model).
+
 The model per dataset (`--pneumonia-widths`, `--breast-widths`: the zoo's cnn) is the smallest
 measured to come near MedMNIST v2's centralized ResNet-18 (28) AUC (0.944 pneumonia, 0.901 breast)
 within the half-hour budget; the report gives the centralized AUC it actually reached. BreastMNIST's
