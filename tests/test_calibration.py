@@ -67,6 +67,10 @@ def test_bad_inputs_say_what_is_wrong() -> None:
     denoiser = build_model(ModelConfig(arch="redcnn", in_channels=1, num_classes=1, image_size=32))
     with pytest.raises(ValueError, match="nn.Linear"):
         linear_head(denoiser)
+    model = _cnn()
+    model.head = nn.Linear(16, 2, bias=False)  # the LDA head has a bias it could not write
+    with pytest.raises(ValueError, match="with a bias"):
+        linear_head(model)
 
 
 def test_calibration_repairs_a_ruined_head(breast_task) -> None:

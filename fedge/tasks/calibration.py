@@ -45,10 +45,10 @@ class FeatureStats:
 
 
 def linear_head(model: nn.Module) -> nn.Linear:
-    """The model's classifier: a `head` that is an nn.Linear (the zoo's cnn, resnet and vit)."""
+    """The model's classifier: a `head` that is an nn.Linear with a bias (the zoo's cnn, resnet and vit)."""
     head = getattr(model, "head", None)
-    if not isinstance(head, nn.Linear):
-        raise ValueError(f"head calibration needs a model whose `head` is an nn.Linear; {type(model).__name__} has {type(head).__name__}")
+    if not isinstance(head, nn.Linear) or head.bias is None:
+        raise ValueError(f"head calibration needs a model whose `head` is an nn.Linear with a bias; {type(model).__name__} has {type(head).__name__}")
     return head
 
 
@@ -100,5 +100,4 @@ def calibrate_head(model: nn.Module, stats: FeatureStats, shrinkage: float = DEF
     weight, bias = lda_head(stats, shrinkage)
     with torch.no_grad():
         head.weight.copy_(torch.from_numpy(weight))
-        if head.bias is not None:
-            head.bias.copy_(torch.from_numpy(bias))
+        head.bias.copy_(torch.from_numpy(bias))
