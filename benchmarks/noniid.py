@@ -105,7 +105,7 @@ def _model_factory(job: dict[str, Any]) -> Any:
 def run_one(job: dict[str, Any]) -> dict[str, Any]:
     """One federation, or one bound (centralized for a seed; local-only for a seed and alpha)."""
     from fedge.tasks.bounds import BoundSettings, centralized_model, local_only_aucs
-    from fedge.tasks.calibration import calibrate_head, feature_stats
+    from fedge.tasks.calibration import calibrate_on_shards
     from server.simulation import InProcessFederation
     from server.strategies import get_strategy
 
@@ -129,8 +129,7 @@ def run_one(job: dict[str, Any]) -> dict[str, Any]:
             model = centralized_model(task, _model_factory(job), bound, job["seed"])
             out["auc"] = task.evaluate(model)["auc"]
             if job["calibrate"]:  # the same LDA head, from the pooled train split's statistics
-                splits = task.splits
-                calibrate_head(model, feature_stats(model, splits.images["train"], splits.labels["train"], splits.num_classes))
+                calibrate_on_shards(model, task.splits, [None])
                 out["calibrated_auc"] = task.evaluate(model)["auc"]
         else:
             out["auc_per_site"] = local_only_aucs(task, _model_factory(job), bound, job["seed"])

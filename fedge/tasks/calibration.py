@@ -15,12 +15,14 @@ and not the default.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch import nn
 
+from fedge.data import ImageSplits
 from fedge.tasks.classification import preprocess
 
 DEFAULT_SHRINKAGE = 0.1  # covariance shrinkage toward a scaled identity; docs/noniid.md has the choice
@@ -92,6 +94,17 @@ def lda_head(stats: FeatureStats, shrinkage: float = DEFAULT_SHRINKAGE) -> tuple
     prior = np.maximum(stats.counts / n, 1e-12)
     bias = -0.5 * np.einsum("cd,cd->c", means, weight) + np.log(prior)
     return weight.astype(np.float32), bias.astype(np.float32)
+
+
+def calibrate_on_shards(model: nn.Module, splits: ImageSplits, shards: Sequence[np.ndarray | None], shrinkage: float = DEFAULT_SHRINKAGE) -> FeatureStats:
+    """What a calibration round does: each shard of the train split (a site's indices; None: all of
+    it) computes its statistics for `model`, they are summed, and the head is refit on the sum
+    (returned, for its size)."""
+    images, labels = splits.images["train"], splits.labels["train"]
+    parts = [feature_stats(model, images if idx is None else images[idx], labels if idx is None else labels[idx], splits.num_classes) for idx in shards]
+    total = sum(parts[1:], parts[0])
+    calibrate_head(model, total, shrinkage)
+    return total
 
 
 def calibrate_head(model: nn.Module, stats: FeatureStats, shrinkage: float = DEFAULT_SHRINKAGE) -> None:

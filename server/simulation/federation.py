@@ -27,7 +27,7 @@ from fedge.protocol.messages import LocalOptimizer
 from fedge.schedule import LrSchedule, check_schedule, scheduled_lr
 from fedge.tasks import ClassificationTask
 from fedge.tasks.base import Task
-from fedge.tasks.calibration import DEFAULT_SHRINKAGE, calibrate_head, feature_stats
+from fedge.tasks.calibration import DEFAULT_SHRINKAGE, calibrate_on_shards
 from fedge.tasks.optimizer import check_optimizer
 from server.simulation.attacks import Attack, AttackContext
 from server.strategies import ClientUpdate, Strategy, announced_train
@@ -260,10 +260,7 @@ class InProcessFederation:
         if self.local or self.site_tasks or self.adversary or not isinstance(task, ClassificationTask):
             raise ValueError("head calibration needs one global model (not fedbn), no adversary and Dirichlet shards of a classification task")
         W.load_float_state(self.model, CV.split(self.weights)[0])
-        images, labels = task.splits.images["train"], task.splits.labels["train"]
-        stats = [feature_stats(self.model, images[idx], labels[idx], task.splits.num_classes) for idx in self.shards.values() if idx is not None]
-        total = sum(stats[1:], stats[0])
-        calibrate_head(self.model, total, shrinkage)
+        total = calibrate_on_shards(self.model, task.splits, list(self.shards.values()), shrinkage)
         return task.evaluate(self.model), 4 * total.wire_floats
 
     def _score(self, weights: Dense) -> tuple[dict[str, float], bool]:
