@@ -38,8 +38,9 @@ from fedge.protocol.messages import ServerRecord
 from fedge.protocol.signing import SignatureError, Signer, Verifier
 from fedge.refusals import Refusals
 from fedge.rounds import GlobalPayload, Manifest, codec_for, make_update, read_global
-from fedge.tasks import default_device
+from fedge.tasks import ClassificationTask, default_device
 from fedge.tasks.base import Task
+from fedge.tasks.calibration import STATS_CODEC, shard_stats
 from fedge.tasks.dp import DPSettings
 from fedge.transport import Message, MqttSession, Session, SessionFactory, TlsFiles
 
@@ -221,7 +222,14 @@ class Agent:
     # ---- training --------------------------------------------------------------------------------
     def _refusal(self, ann: RoundAnnouncement) -> str | None:
         """Why this site does not train round `ann` (the operator pinned another codec or mode), else None."""
-        if self.config.codec and codec_for(self.config.codec).spec != ann.uplink_codec:
+        if ann.train.calibrate_head:
+            if not self.config.head_stats:
+                return "it asks for this site's class counts and feature sums (head calibration), which this site does not share (head_stats: false)"
+            if not isinstance(self.task, ClassificationTask):
+                return f"it asks for head calibration, and the {self.task.name} task has no classifier head"
+            if ann.uplink_codec != STATS_CODEC:
+                return f"its head statistics would travel with codec {ann.uplink_codec!r}, not the lossless {STATS_CODEC!r}"
+        elif self.config.codec and codec_for(self.config.codec).spec != ann.uplink_codec:
             return f"it asks for codec {ann.uplink_codec!r} but this site is configured for {self.config.codec!r}"
         mode = ann.train.mode
         if self.config.mode and mode != self.config.mode:
@@ -257,6 +265,8 @@ class Agent:
     def _train(self, ann: RoundAnnouncement) -> bytes:
         if self.model is None or self.held is None or self.mode is None:
             raise RuntimeError("no global model installed: _try_obtain must succeed before training")
+        if ann.train.calibrate_head:
+            return self._head_stats(ann)
         local = self._local_names(self.model, ann)
         weights, server_variates = CV.split(self.held.weights)
         W.load_float_state(self.model, weights, local=local)
@@ -301,6 +311,21 @@ class Agent:
             self.state.save_variates(result.mean_gradient)
         if codec_for(ann.uplink_codec).uses_error_feedback:
             self.state.save_residual()
+        return envelope
+
+    def _head_stats(self, ann: RoundAnnouncement) -> bytes:
+        """A calibration round: no training, and nothing of this site's training state changes; the
+        statistics of the global's head input over this site's images, lossless."""
+        assert self.model is not None and self.held is not None and isinstance(self.task, ClassificationTask)  # _refusal, _train
+        W.load_float_state(self.model, CV.split(self.held.weights)[0], local=self._local_names(self.model, ann))
+        started = time.perf_counter()
+        stats = shard_stats(self.model, self.task.splits, self.indices)
+        envelope = make_update(
+            stats.to_tensors(), codec=STATS_CODEC, federation=self.config.federation, site=self.config.site, round=ann.round, run=ann.run,
+            model_sha256=ann.model_sha256, num_samples=int(stats.counts.sum()), metrics={"train_seconds": time.perf_counter() - started},
+            signer=self.signer,
+        )  # fmt: skip
+        self.state.remember_update(self.config.federation, ann.run, ann.round, ann.model_sha256, envelope)
         return envelope
 
     # ---- message handling ------------------------------------------------------------------------

@@ -33,6 +33,9 @@ class AgentConfig(BaseModel):
     state_dir: Path = Path("agent-state")
     codec: str | None = None  # if set, refuse rounds that announce another uplink codec
     mode: ModeName | None = None  # if set, refuse rounds in another training mode
+    # Answer a head-calibration round with this site's class counts, class feature sums and feature Gram
+    # matrix (fedge.tasks.calibration): more about its data than a model delta says. False: refuse it.
+    head_stats: bool = True
     seed: int = 0
     threads: int = Field(default=1, ge=1)
     device: str = Field(default="auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")  # auto: CUDA when present

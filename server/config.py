@@ -12,7 +12,7 @@ from fedge.protocol import TrainSettings
 from fedge.protocol.chunks import DEFAULT_CHUNK_SIZE
 from fedge.rounds import codec_for
 from fedge.schedule import LrSchedule, check_schedule
-from server.strategies import announced_train, get_strategy
+from server.strategies import STRATEGIES, announced_train, get_strategy
 
 
 @dataclass(frozen=True)
@@ -54,6 +54,10 @@ class ServerConfig:
     rounds_mode: Literal["sync", "async"] = "sync"
     buffer: int = 2
     max_staleness: int = 4
+    # After the last round, one head-calibration round (fedge.tasks.calibration): the sites' feature
+    # statistics refit the final model's linear head as LDA, shrunk by `head_shrinkage`.
+    calibrate_head: bool = False
+    head_shrinkage: float = 0.1
 
     def __post_init__(self) -> None:
         if self.rounds < 1 or self.min_clients < 1:
@@ -70,6 +74,21 @@ class ServerConfig:
             raise ValueError("round_timeout must be positive and chunk_size at least 1024 bytes")
         # A wrong name or option, or a strategy the training settings exclude, fails before anything starts.
         check_strategy(self.train, self.strategy, self.strategy_options, self.rounds_mode, self.uplink_codec)
+        if self.calibrate_head:
+            check_calibration(self.strategy, self.rounds_mode, dp_sgd=self.train.dp_noise_multiplier is not None, shrinkage=self.head_shrinkage)
+
+
+def check_calibration(strategy: str, rounds_mode: str, *, dp_sgd: bool, shrinkage: float = 0.1) -> None:
+    """UsageError for a head-calibration round the federation cannot run (the model's head is checked by the server)."""
+    refusal = STRATEGIES.get(strategy).calibration_refusal
+    if refusal:
+        raise UsageError(f"--calibrate-head with strategy {strategy!r}: {refusal}; use fedavg, fedprox, fedadam, fedyogi or scaffold")
+    if dp_sgd:
+        raise UsageError("--calibrate-head with DP-SGD: the sites' class feature sums would travel without noise; leave out one of them")
+    if rounds_mode != "sync":
+        raise UsageError("--calibrate-head needs synchronous rounds: every site's statistics of the one final model; use --rounds-mode sync")
+    if not 0.0 <= shrinkage <= 1.0:
+        raise UsageError(f"head_shrinkage must be in [0, 1], got {shrinkage}")
 
 
 def check_strategy(train: TrainSettings, strategy: str, options: dict[str, Any], rounds_mode: str, uplink_codec: str) -> TrainSettings:

@@ -20,7 +20,7 @@ from compression import CodecError
 from fedge.protocol import ProtocolError
 from fedge.protocol.signing import SignatureError, Verifier
 from fedge.rounds import Expected, RejectedUpdate, Update, read_update
-from server.validation import check_update
+from server.validation import check_head_stats, check_update
 
 
 @dataclass(frozen=True)
@@ -35,9 +35,12 @@ class Decoded:
 
 
 def decode_update(data: bytes, rnd: int, client: str, expected: Expected, verifier: Verifier | None, max_norm: float) -> Decoded:
-    """Every wire check and the server's norm policy; never raises for what a sender got wrong."""
+    """Every wire check and the server's norm policy (a calibration round's statistics policy);
+    never raises for what a sender got wrong."""
     try:
         update = read_update(data, topic_client=client, expected=expected, verifier=verifier)
+        if expected.head_stats:
+            return Decoded(rnd, client, update, check_head_stats(update.delta, update.header.num_samples))
         return Decoded(rnd, client, update, check_update(update.delta, max_norm))
     except SignatureError as exc:
         return Decoded(rnd, client, None, refusal=("bad-signature", str(exc)))

@@ -92,8 +92,8 @@ class FederationView:
         # and records the round, and a view between the two would be "finished" with a round missing.
         state_round = int(history[-1]["round"]) if history else 0
         return cls(
-            federation=server.config.federation, run=server.run_id, round=state_round, rounds=server.config.rounds,
-            running=server.session is not None and state_round < server.config.rounds, history=history, online=online,
+            federation=server.config.federation, run=server.run_id, round=state_round, rounds=server.last_round,
+            running=server.session is not None and state_round < server.last_round, history=history, online=online,
             sites=tuple(sites), refusals=refusals, recent_refusals=recent,
         )  # fmt: skip
 

@@ -16,10 +16,11 @@ import numpy as np
 import torch
 from safetensors.numpy import load_file, save
 
-from compression import ErrorFeedback, UpdateCodec
+from compression import ErrorFeedback, TensorSpec, UpdateCodec
 from fedge import controlvariates as CV
 from fedge import weights as W
 from fedge.checkpoint import init_from_checkpoint
+from fedge.errors import UsageError
 from fedge.files import atomic_write_bytes
 from fedge.models import ModelConfig, build_model
 from fedge.modes import get_mode
@@ -46,6 +47,7 @@ from fedge.rounds import (
     make_global,
 )
 from fedge.schedule import scheduled_lr
+from fedge.tasks.calibration import STATS_CODEC, FeatureStats, lda_head, linear_head, stats_shapes
 from fedge.transport import Message, MqttSession, Session, SessionFactory, TlsFiles
 from server.config import ServerConfig
 from server.intake import Decoded, UpdateIntake
@@ -118,8 +120,15 @@ class RoundServer:
         # What travels up (and as downlink deltas): the mode's trainable tensors only, e.g. LoRA adapters + head.
         trainable = self.mode.trainable_state(template)
         self.uplink_manifest = self.manifest.only(set(trainable) | {k for k in self.state.weights if CV.is_variate(k)})
-        # One open transfer per site, never larger than an update of this manifest can be.
-        self.max_update_bytes = UpdateCodec.max_payload_bytes(list(self.uplink_manifest)) + (1 << 20) + 1024
+        # With --calibrate-head, one round after the last: the sites send feature statistics, not deltas.
+        self.last_round = config.rounds + int(config.calibrate_head)
+        self.head: tuple[str, str] | None = None
+        self.stats_manifest: Manifest | None = None
+        if config.calibrate_head:
+            self.head, self.stats_manifest = self._head_of(template)
+        # One open transfer per site, never larger than an update of these manifests can be.
+        manifests = [self.uplink_manifest] + ([self.stats_manifest] if self.stats_manifest else [])
+        self.max_update_bytes = max(UpdateCodec.max_payload_bytes(list(m)) for m in manifests) + (1 << 20) + 1024
         self.reassembler = Reassembler(max_bytes=self.max_update_bytes, one_per_key=True)
         self.intake = UpdateIntake(config.decode_workers, verifier=self.verifier, trusted_keys=config.trusted_keys,
                                    max_norm=config.max_update_norm)  # fmt: skip
@@ -161,6 +170,24 @@ class RoundServer:
             log.warning("resuming federation %s after round %d (checkpoint in %s)", self.config.federation, state.round, self.store.folder)
             return state
         return RoundState(0, {k: v for k, v in W.float_state(self.template).items() if k not in self.local_names} | self._variates(None))
+
+    def _head_of(self, template: torch.nn.Module) -> tuple[tuple[str, str], Manifest]:
+        """The global's names of the linear head that a calibration round refits, and the manifest of
+        the statistics the sites send for it; UsageError for a model without one."""
+        try:
+            head = linear_head(template)
+        except ValueError as exc:
+            raise UsageError(f"--calibrate-head: {exc} (mode {self.config.train.mode}); calibrate a classifier in mode full, pruned or qat") from None
+        names = {id(p): n for n, p in template.named_parameters()}
+        weight, bias = names.get(id(head.weight)), names.get(id(head.bias))
+        if weight not in self.state.weights or bias not in self.state.weights:
+            raise UsageError(f"--calibrate-head: the head's weights are not in the global model (mode {self.config.train.mode}); use mode full")
+        shapes = stats_shapes(head.out_features, head.in_features)
+        return (str(weight), str(bias)), Manifest(tuple(TensorSpec(k, shape) for k, shape in shapes.items()))
+
+    def _calibrating(self, rnd: int) -> bool:
+        """Round `rnd` is the head-calibration round (the one after the configured rounds)."""
+        return self.head is not None and rnd > self.config.rounds
 
     def _variates(self, record: dict[str, Any] | None) -> dict[str, np.ndarray]:
         """SCAFFOLD's server variate c (part of the global: fedge.controlvariates): from the checkpoint
@@ -242,7 +269,7 @@ class RoundServer:
             downlink=transfer,
             downlink_kind=kind,
             base_round=base,
-            uplink_codec=self.uplink.spec,
+            uplink_codec=STATS_CODEC if self._calibrating(rnd) else self.uplink.spec,
             train=self.train_for(rnd),
             **self._announced(),
             **self._signed_by(),
@@ -257,7 +284,10 @@ class RoundServer:
         return self.session
 
     def train_for(self, rnd: int) -> TrainSettings:
-        """What round (or version) `rnd` announces: the training settings, with the scheduled lr."""
+        """What round (or version) `rnd` announces: the training settings, with the scheduled lr; the
+        calibration round's say to send statistics instead."""
+        if self._calibrating(rnd):
+            return self.train.model_copy(update={"calibrate_head": True})
         lr = scheduled_lr(self.train.lr, rnd, self.config.rounds, self.config.lr_schedule)
         return self.train if lr == self.train.lr else self.train.model_copy(update={"lr": lr})
 
@@ -354,15 +384,17 @@ class RoundServer:
 
     def _expected(self, current: _Round, client: str) -> Expected:
         max_samples = min(self.config.max_samples, self.config.site_max_samples.get(client, self.config.max_samples))
+        stats = self.stats_manifest if self._calibrating(current.number) else None  # the calibration round's statistics
         return Expected(
             federation=self.config.federation,
             run=self.run_id,
             round=current.number,
             model_sha256=current.model_sha256,
             selected=current.selected,
-            codec=self.uplink.spec,
-            manifest=self.uplink_manifest,
+            codec=self.uplink.spec if stats is None else STATS_CODEC,
+            manifest=self.uplink_manifest if stats is None else stats,
             max_samples=max_samples,
+            head_stats=stats is not None,
         )
 
     def _reassemble(self, rnd: int, client: str, raw: bytes, current: _Round | None) -> bytes | None:
@@ -484,7 +516,8 @@ class RoundServer:
             current.excluded.add(worst.client)
         return None
 
-    def _advance(self, current: _Round) -> dict[str, Any] | None:
+    def _apply_mean(self, current: _Round) -> dict[str, float] | None:
+        """A training round: the strategy's aggregate applied to the global; the round record's extra numbers."""
         mean_delta = self._aggregate(current)
         if mean_delta is None:
             return None
@@ -495,6 +528,34 @@ class RoundServer:
             )
         self.state.weights = W.add(self.state.weights, mean_delta)
         self.strategy.commit()  # e.g. FedAdam's moments: the aggregate was applied
+        return self.strategy.round_metrics()  # e.g. dp_epsilon, dp_delta of DP-FedAvg
+
+    def _calibrate(self, current: _Round) -> dict[str, Any]:
+        """The calibration round: the sites' statistics summed (exactly: the pooled statistics), and
+        the LDA head fit on the sum replaces the global's. Statistics that pass every check and still
+        fit no head (fewer than 2 images in all, values that overflow) are refused and counted, and
+        the final model keeps its trained head: a calibration round never stops a federation."""
+        assert self.head is not None
+        parts = [FeatureStats.from_tensors(u.delta) for _, u in sorted(current.updates.items())]  # type: ignore[arg-type]  # STATS_CODEC is dense
+        total = sum(parts[1:], parts[0])
+        images = int(total.counts.sum())
+        try:
+            with np.errstate(over="ignore", invalid="ignore"):
+                weight, bias = lda_head(total, self.config.head_shrinkage)
+            if not (np.isfinite(weight).all() and np.isfinite(bias).all()):
+                raise ValueError("the head fit on them is not finite")
+        except (ValueError, np.linalg.LinAlgError) as exc:
+            self.refusals("calibration-failed", f"round {current.number}: the statistics of {', '.join(sorted(current.updates))} fit no head ({exc}); "
+                          "the final model keeps its trained head")  # fmt: skip
+            return {"head_calibration": False, "calibration_images": images}
+        self.state.weights = self.state.weights | dict(zip(self.head, (weight, bias)))
+        self._pending_delta = None  # nothing follows: the final model is published whole
+        return {"head_calibration": True, "calibration_images": images}
+
+    def _advance(self, current: _Round) -> dict[str, Any] | None:
+        applied = self._calibrate(current) if self._calibrating(current.number) else self._apply_mean(current)
+        if applied is None:
+            return None
         self.state.round = current.number
         uplink = sum(u.nbytes for u in current.updates.values())
         record: dict[str, Any] = {
@@ -504,7 +565,7 @@ class RoundServer:
             "downlink_bytes": int(current.downlink_bytes * len(current.selected)),
             "rejected": len(current.rejected),
             "seconds": round(time.monotonic() - current.started, 3),
-            **self.strategy.round_metrics(),  # e.g. dp_epsilon, dp_delta of DP-FedAvg
+            **applied,
         }
         if self.evaluator is not None:
             record.update(self.evaluator(self.global_model()))
@@ -551,7 +612,7 @@ class RoundServer:
 
     def _rounds(self) -> None:
         """Synchronous rounds: each waits for its selected sites (or the deadline's quorum)."""
-        while self.state.round < self.config.rounds:
+        while self.state.round < self.last_round:
             rnd = self.state.round + 1
             selected = self._wait_for_clients()
             started = time.monotonic()

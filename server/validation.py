@@ -8,6 +8,7 @@ import numpy as np
 
 from compression import SparseTensor
 from fedge.rounds import RejectedUpdate
+from fedge.tasks.calibration import FeatureStats
 
 
 def update_norm(delta: Mapping[str, np.ndarray | SparseTensor]) -> float:
@@ -27,3 +28,13 @@ def check_update(delta: Mapping[str, np.ndarray | SparseTensor], max_norm: float
     if norm > max_norm:
         raise RejectedUpdate("norm-bound", f"update L2 norm {norm:.4g} over the bound {max_norm:.4g} (--max-update-norm)")
     return norm
+
+
+def check_head_stats(delta: Mapping[str, np.ndarray | SparseTensor], num_samples: int) -> float:
+    """A head-calibration round's statistics are not a delta, and no norm bound fits them (the Gram
+    matrix grows with the images): they must be statistics some set of `num_samples` images has."""
+    try:
+        FeatureStats.from_tensors(delta).check(num_samples)  # type: ignore[arg-type]  # STATS_CODEC is dense
+    except ValueError as exc:
+        raise RejectedUpdate("bad-head-stats", str(exc)) from None
+    return 0.0

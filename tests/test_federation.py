@@ -66,6 +66,22 @@ def test_other_dataset_on_mosquitto(medmnist_root, tmp_path, mosquitto_broker):
     assert report["final"]["auc"] > 0.6  # well above chance after two fp16 rounds (seeded: 0.6775 after one fp32 round)
 
 
+def test_a_head_calibration_round_on_the_embedded_broker(medmnist_root, tmp_path):
+    """Sites in their own processes send their statistics over amqtt; the server refits the final head."""
+    from fedge.tasks.calibration import feature_stats
+
+    report = run_federation(
+        FederationSettings(dataset="breastmnist", data_dir=str(medmnist_root), clients=2, rounds=2, workdir=tmp_path / "run", calibrate_head=True)
+    )
+    trained, calibrated = report["rounds"][-2], report["rounds"][-1]
+    assert [r["round"] for r in report["rounds"]] == [1, 2, 3] and calibrated["head_calibration"] is True
+    assert report["rejected_updates"] == 0 and report["final"]["auc"] == calibrated["auc"] != trained["auc"]
+    model = load_checkpoint(report["checkpoint"]).build()
+    per_site = feature_stats(model, np.zeros((1, 28, 28, 1), np.uint8), np.zeros(1), 2).wire_floats * 4
+    assert 2 * 0.5 * per_site < calibrated["uplink_bytes"] < 2 * 1.05 * per_site  # two sites' float32 statistics, zstd'd
+    assert calibrated["uplink_bytes"] < 0.2 * trained["uplink_bytes"]
+
+
 def _spawn_federation(root: Path, data: Path, broker: str, federation: str, rounds: int) -> tuple[list[str], list[subprocess.Popen]]:
     server_cmd = FEDGE + [
         "server",

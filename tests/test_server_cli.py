@@ -42,6 +42,12 @@ def test_a_bad_codec_is_a_usage_error_before_any_broker_starts(invoke) -> None:
     assert code == 2 and len(lines) == 1 and "unknown stage 'q9'" in lines[0]
 
 
+def test_a_calibration_round_under_a_robust_strategy_is_a_usage_error_before_any_broker_starts(invoke) -> None:
+    code, lines = invoke("--calibrate-head", "--strategy", "median")
+
+    assert code == 2 and len(lines) == 1 and "--calibrate-head with strategy 'median'" in lines[0] and "one lying site" in lines[0]
+
+
 @pytest.mark.integration  # the session retries the broker for 30 s before it gives up
 def test_an_unreachable_broker_is_an_io_error(invoke) -> None:
     code, lines = invoke("--broker", "mqtt://127.0.0.1:9")

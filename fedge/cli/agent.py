@@ -28,6 +28,11 @@ def agent(
     mode: str = typer.Option(
         None, help="Refuse rounds in another training mode (full, lora, pruned, qat): e.g. lora on a device short of memory; default: the server's"
     ),
+    head_stats: bool = typer.Option(
+        True,
+        "--head-stats/--no-head-stats",
+        help="Answer a server's head-calibration round (`fedge server --calibrate-head`) with this site's class counts and class feature sums; --no-head-stats: refuse it",
+    ),
     seed: int = typer.Option(0),
     threads: int = typer.Option(1, help="Torch CPU threads for local training"),
     device: str = typer.Option("auto", help="Training device: auto (CUDA when present), cpu, cuda, cuda:N"),
@@ -66,6 +71,7 @@ def agent(
             state_dir=state_dir,
             codec=codec,
             mode=mode,  # type: ignore[arg-type]  # pydantic validates the choice
+            head_stats=head_stats,
             seed=seed,
             threads=threads,
             signing_key=signing_key,

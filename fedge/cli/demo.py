@@ -38,6 +38,7 @@ def demo(
     lr_schedule: str = typer.Option("constant", help=helps.LR_SCHEDULE_HELP),
     augment: bool = typer.Option(False, "--augment", help=helps.AUGMENT_HELP),
     logit_adjust: float = typer.Option(0.0, "--logit-adjust", min=0.0, max=10.0, help=helps.LOGIT_ADJUST_HELP),
+    calibrate_head: bool = typer.Option(False, "--calibrate-head", help=helps.CALIBRATE_HEAD_HELP),
     dp_noise_multiplier: float = typer.Option(None, help=helps.DP_HELP),
     dp_max_grad_norm: float = typer.Option(1.0, help="DP-SGD: per-sample gradient clip"),
     dp_delta: float = typer.Option(1e-5, help="DP-SGD: the delta each site's epsilon is reported at"),
@@ -122,6 +123,7 @@ def demo(
             strategy_options=parse_strategy_options(strategy_options),
             augment=augment,
             logit_adjust=logit_adjust,
+            calibrate_head=calibrate_head,
             local_optimizer=local_optimizer,  # type: ignore[arg-type]  # checked before anything starts
             lr_schedule=lr_schedule,  # type: ignore[arg-type]  # checked before anything starts
             dp_noise_multiplier=dp_noise_multiplier,

@@ -57,6 +57,7 @@ class FederationSettings:
     strategy_options: dict[str, Any] = field(default_factory=dict)
     augment: bool = False  # sites flip and shift their training images (TrainSettings.augment)
     logit_adjust: float = 0.0  # tau of the sites' logit-adjusted loss (TrainSettings.logit_adjust)
+    calibrate_head: bool = False  # one head-calibration round after the last (ServerConfig.calibrate_head)
     local_optimizer: LocalOptimizer = "adam"  # the sites' local step (TrainSettings.optimizer)
     lr_schedule: LrSchedule = "constant"  # each round's announced lr (fedge.schedule)
     dp_noise_multiplier: float | None = None  # record-level DP: DP-SGD at every site (the cnn is then built with GroupNorm)
@@ -99,6 +100,12 @@ def _check(settings: FederationSettings) -> None:
         from fedge.tasks.ldct import NO_AUGMENT, NO_DP, NO_LOGIT_ADJUST
 
         raise ValueError(NO_DP if settings.dp_noise_multiplier is not None else NO_AUGMENT if settings.augment else NO_LOGIT_ADJUST)
+    if settings.calibrate_head:
+        from server.config import check_calibration
+
+        if settings.task != "classification" or settings.mode == "lora":
+            raise ValueError("--calibrate-head refits a classifier's linear head: use it with --task classification and --mode full, pruned or qat")
+        check_calibration(settings.strategy, settings.rounds_mode, dp_sgd=settings.dp_noise_multiplier is not None)
     from fedge.schedule import check_schedule
 
     check_schedule(settings.lr_schedule)
@@ -226,6 +233,7 @@ def run_federation(
                 rounds_mode=settings.rounds_mode,
                 buffer=settings.buffer,
                 max_staleness=settings.max_staleness,
+                calibrate_head=settings.calibrate_head,
             ),
             evaluator=task.evaluate,
             on_round=on_round,
@@ -276,7 +284,11 @@ def run_federation(
         "seed": settings.seed,
         "rounds_mode": settings.rounds_mode if settings.rounds_mode == "sync" else f"async buffer {settings.buffer} max staleness {settings.max_staleness}",
         "rounds": [
-            {k: r[k] for k in ("round", *HEADLINE[settings.task], "uplink_bytes", "downlink_bytes", "seconds", "dp_epsilon", "staleness") if k in r}
+            {
+                k: r[k]
+                for k in ("round", *HEADLINE[settings.task], "uplink_bytes", "downlink_bytes", "seconds", "dp_epsilon", "staleness", "head_calibration")
+                if k in r
+            }
             for r in history
         ],
         "strategy": {"name": settings.strategy, "options": settings.strategy_options},

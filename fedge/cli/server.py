@@ -10,6 +10,7 @@ import typer
 
 from fedge.cli.options import (
     AUGMENT_HELP,
+    CALIBRATE_HEAD_HELP,
     DP_HELP,
     FILM_HELP,
     IMAGE_SIZE_HELP,
@@ -76,6 +77,7 @@ def server(
     lr_schedule: str = typer.Option("constant", help=LR_SCHEDULE_HELP),
     augment: bool = typer.Option(False, "--augment", help=AUGMENT_HELP),
     logit_adjust: float = typer.Option(0.0, "--logit-adjust", min=0.0, max=10.0, help=LOGIT_ADJUST_HELP),
+    calibrate_head: bool = typer.Option(False, "--calibrate-head", help=CALIBRATE_HEAD_HELP),
     dp_noise_multiplier: float = typer.Option(None, help=DP_HELP),
     dp_max_grad_norm: float = typer.Option(1.0, help="DP-SGD: per-sample gradient clip"),
     dp_delta: float = typer.Option(1e-5, help="DP-SGD: the delta each site's epsilon is reported at (below 1 / its records)"),
@@ -123,7 +125,7 @@ def server(
     from fedge.schedule import LR_SCHEDULES
     from fedge.tasks import ClassificationTask
     from fedge.tasks.base import DEFAULT_ARCH, TASK_NAMES, check_task_arch
-    from server.config import ServerConfig
+    from server.config import ServerConfig, check_calibration
     from server.fedbuff import round_server as make_round_server
     from server.strategies import get_strategy
     from server.watch import WatchSettings, watched
@@ -150,6 +152,8 @@ def server(
     for spec in filter(None, (codec, downlink_codec)):
         UpdateCodec.from_spec(spec)  # a typo fails here, before a broker starts or a dataset loads
     get_strategy(strategy, **parse_strategy_options(strategy_options))  # so does a wrong strategy or option
+    if calibrate_head:  # and a calibration round the strategy or the rounds cannot have
+        check_calibration(strategy, rounds_mode, dp_sgd=dp_noise_multiplier is not None)
     if lr_schedule not in LR_SCHEDULES:
         raise fail(f"--lr-schedule {lr_schedule!r}: choose one of {', '.join(LR_SCHEDULES)}")
     if rounds_mode not in ("sync", "async"):
@@ -215,6 +219,7 @@ def server(
             rounds_mode=rounds_mode,  # type: ignore[arg-type]
             buffer=buffer,
             max_staleness=max_staleness,
+            calibrate_head=calibrate_head,
         )
         round_server = make_round_server(config, evaluator=evaluator, on_round=lambda r: console.print(r))
         with watched(round_server, watch, say=console.print):

@@ -70,6 +70,10 @@ class TrainSettings(_Message):
     # variates (fedge.controlvariates): the global carries the server's, each update the site's change.
     logit_adjust: float = Field(default=0.0, ge=0, le=10)
     control_variates: bool = False
+    # A head-calibration round (fedge.tasks.calibration): no training; each site sends the class counts,
+    # class feature sums and Gram matrix of the global's head input over its images, which the server
+    # sums into the LDA head of the final model.
+    calibrate_head: bool = False
 
     @model_validator(mode="after")
     def _dp_alone(self) -> TrainSettings:
@@ -77,11 +81,13 @@ class TrainSettings(_Message):
             for name, on in (("augment", self.augment), ("logit_adjust", self.logit_adjust > 0), ("control_variates", self.control_variates)):
                 if on:
                     raise ValueError(f"{name} is not implemented with DP-SGD (opacus runs its own training loop): leave out one of them")
+            if self.calibrate_head:
+                raise ValueError("calibrate_head would send the sites' class feature sums without the noise DP-SGD adds: leave out one of them")
         return self
 
     @model_serializer(mode="wrap")
     def _without_unused_newer_fields(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
-        """optimizer, prox_mu, local_norm, augment, logit_adjust and control_variates are left out at their defaults: agents from before them (whose
+        """optimizer, prox_mu, local_norm, augment, logit_adjust, control_variates and calibrate_head are left out at their defaults: agents from before them (whose
         records forbid unknown fields) still accept every announcement that does not use them."""
         data = handler(self)
         for key, default in NEWER_DEFAULTS.items():
@@ -90,7 +96,15 @@ class TrainSettings(_Message):
         return data
 
 
-NEWER_DEFAULTS: dict[str, object] = {"optimizer": "adam", "prox_mu": 0.0, "local_norm": False, "augment": False, "logit_adjust": 0.0, "control_variates": False}
+NEWER_DEFAULTS: dict[str, object] = {
+    "optimizer": "adam",
+    "prox_mu": 0.0,
+    "local_norm": False,
+    "augment": False,
+    "logit_adjust": 0.0,
+    "control_variates": False,
+    "calibrate_head": False,
+}
 
 
 class Record(_Message):

@@ -38,6 +38,7 @@ class Expected:
     codec: str
     manifest: Manifest
     max_samples: int
+    head_stats: bool = False  # a head-calibration round: feature statistics (fedge.tasks.calibration), not a delta
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ and not the default.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -26,6 +26,13 @@ from fedge.data import ImageSplits
 from fedge.tasks.classification import preprocess
 
 DEFAULT_SHRINKAGE = 0.1  # covariance shrinkage toward a scaled identity; docs/noniid.md has the choice
+# How a site's statistics travel in a live calibration round: lossless (a sum of rounded sums is not the
+# pooled statistic), in the tensors below; the server holds the shapes, from its model's head.
+STATS_CODEC = "fp32|zstd"
+COUNTS, SUMS, GRAM = "head_stats.counts", "head_stats.sums", "head_stats.gram_triu"
+# A within-class scatter is positive semi-definite; float32 rounding on the wire moves its eigenvalues by
+# about 1e-7 of its trace, so one below -PSD_TOLERANCE * trace was not computed from any images.
+PSD_TOLERANCE = 1e-4
 
 
 @dataclass(frozen=True)
@@ -41,9 +48,52 @@ class FeatureStats:
 
     @property
     def wire_floats(self) -> int:
-        """Floats a site would send: counts, sums and the Gram matrix's upper triangle."""
-        c, d = self.sums.shape
-        return c + c * d + d * (d + 1) // 2
+        """Floats a site sends: counts, sums and the Gram matrix's upper triangle."""
+        return sum(int(np.prod(shape)) for shape in stats_shapes(*self.sums.shape).values())
+
+    def to_tensors(self) -> dict[str, np.ndarray]:
+        """The wire form (float32, in `stats_shapes` order): the Gram matrix as its upper triangle."""
+        rows, cols = np.triu_indices(self.gram.shape[0])
+        return {COUNTS: self.counts.astype(np.float32), SUMS: self.sums.astype(np.float32), GRAM: self.gram[rows, cols].astype(np.float32)}
+
+    @classmethod
+    def from_tensors(cls, tensors: Mapping[str, np.ndarray]) -> FeatureStats:
+        """The statistics of `to_tensors`' form, in float64 (unchecked: see `check`)."""
+        counts, sums, triu = (np.asarray(tensors[k], dtype=np.float64) for k in (COUNTS, SUMS, GRAM))
+        d = sums.shape[1]
+        gram = np.zeros((d, d))
+        gram[np.triu_indices(d)] = triu
+        return cls(counts, sums, gram + np.triu(gram, 1).T)
+
+    def check(self, num_samples: int) -> None:
+        """ValueError unless these could be a site's statistics: finite, whole non-negative counts
+        adding up to the images it claims, and a within-class scatter that is positive
+        semi-definite, as any set of images gives. A site can still lie within these; that is why
+        robust strategies refuse calibration."""
+        if not all(np.isfinite(t).all() for t in (self.counts, self.sums, self.gram)):
+            raise ValueError("head statistics hold NaN or Inf values")
+        if (self.counts < 0).any() or (self.counts != np.round(self.counts)).any() or self.counts.sum() != num_samples:
+            raise ValueError(f"class counts {self.counts.tolist()[:8]} are not whole non-negative numbers adding up to the {num_samples} images claimed")
+        lowest = float(np.linalg.eigvalsh(self.within_scatter())[0]) if len(self.gram) else 0.0
+        if lowest < -PSD_TOLERANCE * max(float(np.trace(self.gram)), 1e-12):
+            raise ValueError(f"the within-class scatter has eigenvalue {lowest:.4g} < 0: no set of images has these statistics")
+
+    def means(self) -> np.ndarray:
+        """(C, D) class means (zero for a class with no images)."""
+        present = self.counts > 0
+        means = np.zeros_like(self.sums)
+        means[present] = self.sums[present] / self.counts[present, None]
+        return means
+
+    def within_scatter(self) -> np.ndarray:
+        """sum_c sum_i (x - mu_c)(x - mu_c)^T: the Gram matrix less what the class means explain."""
+        present = self.counts > 0
+        return self.gram - self.sums[present].T @ self.means()[present]
+
+
+def stats_shapes(num_classes: int, dim: int) -> dict[str, tuple[int, ...]]:
+    """Names and shapes of the statistics of a head with `num_classes` outputs and `dim` inputs."""
+    return {COUNTS: (num_classes,), SUMS: (num_classes, dim), GRAM: (dim * (dim + 1) // 2,)}
 
 
 def linear_head(model: nn.Module) -> nn.Linear:
@@ -84,10 +134,8 @@ def lda_head(stats: FeatureStats, shrinkage: float = DEFAULT_SHRINKAGE) -> tuple
     n = float(stats.counts.sum())
     if n < 2:
         raise ValueError("head calibration needs statistics of at least 2 images")
-    present = stats.counts > 0
-    means = np.zeros_like(stats.sums)
-    means[present] = stats.sums[present] / stats.counts[present, None]
-    within = (stats.gram - (stats.sums[present].T @ means[present])) / n  # sum_c sum_i (x - mu_c)(x - mu_c)^T / n
+    means = stats.means()
+    within = stats.within_scatter() / n
     d = within.shape[0]
     cov = (1.0 - shrinkage) * within + shrinkage * (np.trace(within) / d) * np.eye(d)
     weight = np.linalg.lstsq(cov, means.T, rcond=None)[0].T
@@ -96,12 +144,17 @@ def lda_head(stats: FeatureStats, shrinkage: float = DEFAULT_SHRINKAGE) -> tuple
     return weight.astype(np.float32), bias.astype(np.float32)
 
 
+def shard_stats(model: nn.Module, splits: ImageSplits, indices: np.ndarray | None) -> FeatureStats:
+    """A site's statistics: over its indices of the train split (None: all of it)."""
+    images, labels = splits.images["train"], splits.labels["train"]
+    return feature_stats(model, images if indices is None else images[indices], labels if indices is None else labels[indices], splits.num_classes)
+
+
 def calibrate_on_shards(model: nn.Module, splits: ImageSplits, shards: Sequence[np.ndarray | None], shrinkage: float = DEFAULT_SHRINKAGE) -> FeatureStats:
     """What a calibration round does: each shard of the train split (a site's indices; None: all of
     it) computes its statistics for `model`, they are summed, and the head is refit on the sum
     (returned, for its size)."""
-    images, labels = splits.images["train"], splits.labels["train"]
-    parts = [feature_stats(model, images if idx is None else images[idx], labels if idx is None else labels[idx], splits.num_classes) for idx in shards]
+    parts = [shard_stats(model, splits, idx) for idx in shards]
     total = sum(parts[1:], parts[0])
     calibrate_head(model, total, shrinkage)
     return total

@@ -30,6 +30,8 @@ from fedge.weights import NORM_STAT_SUFFIXES
 Delta = dict[str, np.ndarray | SparseTensor]
 STRATEGIES: Registry[type[Strategy]] = Registry("strategy")
 S = TypeVar("S", bound="type[Strategy]")
+ROBUST_REFUSAL = ("it bounds what one lying site does to the model, but the head fit from the sites' summed statistics has "
+                  "no such bound: one site could set it anywhere")  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -47,6 +49,9 @@ class Strategy(ABC):
     manifest, and returns float32 arrays in manifest shapes."""
 
     name: ClassVar[str]
+    # Why a head-calibration round (fedge.tasks.calibration) cannot follow this rule, or None: the
+    # server sums the sites' statistics as sent, which only rules that take each site at its word allow.
+    calibration_refusal: ClassVar[str | None] = None
 
     @abstractmethod
     def aggregate(self, updates: Sequence[ClientUpdate], manifest: list[TensorSpec]) -> dict[str, np.ndarray]: ...
@@ -91,6 +96,8 @@ class WeightRule(Strategy):
     output is NaN. Their median stays inside the honest sites' values while attackers are fewer
     than half.
     """
+
+    calibration_refusal = ROBUST_REFUSAL
 
     @abstractmethod
     def aggregate_weights(self, updates: Sequence[ClientUpdate], manifest: list[TensorSpec]) -> dict[str, np.ndarray]:

@@ -45,6 +45,8 @@ class DPFedAvg(Strategy):
     Cost: O(K) for clipping and the mean (sparse stays sparse), plus O(d) Gaussian draws.
     """
 
+    calibration_refusal = "the sites' class counts and feature sums would travel without its noise, outside the privacy guarantee"
+
     noise_multiplier: float = 1.0
     max_norm: float = 1.0
     delta: float = DEFAULT_DELTA

@@ -22,5 +22,7 @@ class FedBN(FedAvg):
     initialised normalisation layers: a site's model is the global plus its own.
     """
 
+    calibration_refusal = "each site keeps its own normalisation layers, so there is no one feature extractor whose features the sites could sum"
+
     def announce(self) -> dict[str, object]:
         return {"local_norm": True}

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from compression import TensorSpec, order_statistic_mean
-from server.strategies.base import ClientUpdate, Strategy, register_strategy
+from server.strategies.base import ROBUST_REFUSAL, ClientUpdate, Strategy, register_strategy
 
 
 @register_strategy("median")
@@ -24,6 +24,8 @@ class CoordinateMedian(Strategy):
     result; a tensor that any update sent dense (BatchNorm statistics, dense codecs) is densified to
     n x numel and sorted, O(n d log n).
     """
+
+    calibration_refusal = ROBUST_REFUSAL
 
     def aggregate(self, updates: Sequence[ClientUpdate], manifest: list[TensorSpec]) -> dict[str, np.ndarray]:
         n = len(updates)
