@@ -6,9 +6,13 @@ lossy codec, and the rules under which a lying site must not be summed."""
 
 from __future__ import annotations
 
+import json
+import sys
+
 import numpy as np
 import pytest
 import torch
+from model_fixtures import BENCHMARKS, load_benchmark
 from test_rounds_memory import FED, MODEL, Federation
 
 from edge_client.agent import Agent
@@ -110,6 +114,28 @@ def test_statistics_that_fit_no_head_leave_the_trained_head_and_the_federation_f
     record = fed.server.state.history[-1]
     assert record["round"] == 2 and record["head_calibration"] is False and record["calibration_images"] == 1
     assert fed.server.refusals.counts["calibration-failed"] == 1 and lone.finished
+
+
+@pytest.mark.integration
+def test_the_live_round_scores_what_the_simulation_scores(medmnist_root, tmp_path, monkeypatch) -> None:
+    """benchmarks/live_calibration.py end to end (one round, one seed): the federation over amqtt with
+    its calibration round, beside the simulation of the same settings in the same process."""
+    monkeypatch.syspath_prepend(str(BENCHMARKS))  # it imports noniid.py, as it does run from benchmarks/
+    report = tmp_path / "live.json"
+    cmd = ["live_calibration.py", "--report", str(report), "--seeds", "0", "--strategies", "fedavg", "--rounds", "1", "--data-dir", str(medmnist_root)]
+    monkeypatch.setattr(sys, "argv", cmd)
+    load_benchmark("live_calibration").main()
+    data = json.loads(report.read_text())
+    (fedavg,) = data["results"]
+    for stage in ("trained", "calibrated"):
+        (live,), (simulated,) = fedavg[f"live_{stage}_auc"]["per_seed"], fedavg[f"simulation_{stage}_auc"]["per_seed"]
+        assert abs(live - simulated) < 0.01, (stage, live, simulated)
+    assert (
+        0.5 * fedavg["simulation_calibration_bytes_per_site"]
+        < fedavg["calibration_uplink_bytes_per_site"]
+        < 1.05 * fedavg["simulation_calibration_bytes_per_site"]
+    )
+    assert fedavg["rejected_updates"] == 0 and data["published_resnet18_28_auc"] == 0.901 and 0.5 < data["centralized_auc"]["mean"] <= 1.0
 
 
 # ---- attacks on the round: what the server's intake does with each (server.intake.decode_update) ----
