@@ -143,15 +143,16 @@ def demo(
     except ValueError as exc:
         raise fail_with(exc) from None
     with Progress(TextColumn("[bold]rounds"), BarColumn(), TextColumn("{task.completed}/{task.total}"), TimeElapsedColumn(), console=console) as progress:
-        bar = progress.add_task("rounds", total=rounds)
+        bar = progress.add_task("rounds", total=rounds + int(calibrate_head))
 
         def on_round(record: dict) -> None:
             scores = "  ".join(f"{k} {record[k]:.4f}" for k in headline)
+            label = f"{record['round']} (LDA head)" if record.get("head_calibration") else str(record["round"])  # the calibration round
             progress.console.print(
-                f"round {record['round']:>3}  {scores}  up {record['uplink_bytes']:>10,d} B  down {record['downlink_bytes']:>10,d} B  {record['seconds']:.1f}s"
+                f"round {label:>3}  {scores}  up {record['uplink_bytes']:>10,d} B  down {record['downlink_bytes']:>10,d} B  {record['seconds']:.1f}s"
             )
             table.add_row(
-                str(record["round"]),
+                label,
                 *[f"{record[k]:.4f}" for k in headline],
                 f"{record['uplink_bytes']:,}",
                 f"{record['downlink_bytes']:,}",
