@@ -68,6 +68,24 @@ def test_the_calibration_round_refits_the_head_from_the_sites_summed_statistics(
     assert not np.allclose(history[-1]["auc"], history[-2]["auc"])
 
 
+@pytest.mark.parametrize("mode", ["pruned", "qat"])
+def test_the_calibration_round_in_the_compressed_modes(task, tmp_path, mode) -> None:
+    """The pruned global's narrower head and QAT's fake-quantised one are refit as the plain one is."""
+    from fedge.protocol import TrainSettings
+
+    fed = Federation(MemoryBroker(), task, tmp_path, calibrate_head=True, rounds=1, train=TrainSettings(mode=mode))
+    fed.start_server()
+    for site in ("site-1", "site-2"):
+        fed.start_agent(site)
+    fed.join()
+    record = fed.server.state.history[-1]
+    assert record["round"] == 2 and record["head_calibration"] is True and record["calibration_images"] == 128
+    assert fed.server.refusals.total == 0 and all(a.refusals.total == 0 and a.rounds_done == [1, 2] for a in fed.agents.values())
+    assert fed.server.stats_manifest is not None
+    dim = fed.server.stats_manifest.specs[1].shape[1]  # the head's inputs: 4 of the cnn's 8 once pruned
+    assert fed.server.state.weights["head.weight"].shape == (2, dim) and (dim < 8) == (mode == "pruned")
+
+
 def test_calibrate_head_on_a_finished_federation_runs_that_round_only(task, tmp_path) -> None:
     first = Federation(MemoryBroker(), task, tmp_path)
     first.start_server()
