@@ -70,16 +70,18 @@ def test_the_calibration_round_refits_the_head_from_the_sites_summed_statistics(
 
 @pytest.mark.parametrize("mode", ["pruned", "qat"])
 def test_the_calibration_round_in_the_compressed_modes(task, tmp_path, mode) -> None:
-    """The pruned global's narrower head and QAT's fake-quantised one are refit as the plain one is."""
+    """The pruned global's narrower head and QAT's fake-quantised one are refit as the plain one is
+    (here with a lossy delta downlink: the calibration round starts from round 1's delta)."""
     from fedge.protocol import TrainSettings
 
-    fed = Federation(MemoryBroker(), task, tmp_path, calibrate_head=True, rounds=1, train=TrainSettings(mode=mode))
+    fed = Federation(MemoryBroker(), task, tmp_path, calibrate_head=True, rounds=1, train=TrainSettings(mode=mode), downlink_codec="q8,ef|zstd")
     fed.start_server()
     for site in ("site-1", "site-2"):
         fed.start_agent(site)
     fed.join()
     record = fed.server.state.history[-1]
     assert record["round"] == 2 and record["head_calibration"] is True and record["calibration_images"] == 128
+    assert [a.downlink_kind for a in fed.announcements(2)] == ["delta"]
     assert fed.server.refusals.total == 0 and all(a.refusals.total == 0 and a.rounds_done == [1, 2] for a in fed.agents.values())
     assert fed.server.stats_manifest is not None
     dim = fed.server.stats_manifest.specs[1].shape[1]  # the head's inputs: 4 of the cnn's 8 once pruned
