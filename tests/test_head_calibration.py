@@ -44,10 +44,7 @@ def _model(weights: dict[str, np.ndarray]) -> torch.nn.Module:
 def test_the_calibration_round_refits_the_head_from_the_sites_summed_statistics(task, tmp_path) -> None:
     fed = Federation(MemoryBroker(), task, tmp_path, calibrate_head=True)
     fed.server.evaluator = task.evaluate
-    fed.start_server()
-    for site in ("site-1", "site-2"):
-        fed.start_agent(site)
-    fed.join()
+    fed.run()
     history = fed.server.state.history
     assert [r["round"] for r in history] == [1, 2, 3]
     assert history[-1]["head_calibration"] is True and history[-1]["calibration_images"] == 128
@@ -75,10 +72,7 @@ def test_the_calibration_round_in_the_compressed_modes(task, tmp_path, mode) -> 
     from fedge.protocol import TrainSettings
 
     fed = Federation(MemoryBroker(), task, tmp_path, calibrate_head=True, rounds=1, train=TrainSettings(mode=mode), downlink_codec="q8,ef|zstd")
-    fed.start_server()
-    for site in ("site-1", "site-2"):
-        fed.start_agent(site)
-    fed.join()
+    fed.run()
     record = fed.server.state.history[-1]
     assert record["round"] == 2 and record["head_calibration"] is True and record["calibration_images"] == 128
     assert [a.downlink_kind for a in fed.announcements(2)] == ["delta"]
@@ -90,18 +84,12 @@ def test_the_calibration_round_in_the_compressed_modes(task, tmp_path, mode) -> 
 
 def test_calibrate_head_on_a_finished_federation_runs_that_round_only(task, tmp_path) -> None:
     first = Federation(MemoryBroker(), task, tmp_path)
-    first.start_server()
-    for site in ("site-1", "site-2"):
-        first.start_agent(site)
-    first.join()
+    first.run()
     trained = dict(first.server.state.weights)
 
     second = Federation(MemoryBroker(), task, tmp_path, calibrate_head=True)
     assert second.server.state.round == 2
-    second.start_server()
-    for site in ("site-1", "site-2"):
-        second.start_agent(site)
-    second.join()
+    second.run()
     assert [r["round"] for r in second.server.state.history] == [1, 2, 3]
     assert all(agent.rounds_done == [3] for agent in second.agents.values())
     calibrated = second.server.state.weights

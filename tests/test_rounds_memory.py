@@ -65,6 +65,13 @@ class Federation:
         self._thread(lambda: agent.run(transport=self.broker.session), site)
         return agent
 
+    def run(self, sites: tuple[str, ...] = ("site-1", "site-2")) -> None:
+        """The server and an agent per site, until all of them finish."""
+        self.start_server()
+        for site in sites:
+            self.start_agent(site)
+        self.join()
+
     def join(self, timeout: float = 120) -> None:
         deadline = time.monotonic() + timeout
         for thread in self.threads:
@@ -84,10 +91,7 @@ class Federation:
 
 def test_two_sites_two_rounds(task, tmp_path) -> None:
     fed = Federation(MemoryBroker(), task, tmp_path)
-    fed.start_server()
-    for site in ("site-1", "site-2"):
-        fed.start_agent(site)
-    fed.join()
+    fed.run()
     assert [r["clients"] for r in fed.server.state.history] == [["site-1", "site-2"]] * 2
     assert all(agent.rounds_done == [1, 2] and agent.finished for agent in fed.agents.values())
     assert all(agent.run_id == fed.server.run_id for agent in fed.agents.values())
@@ -170,10 +174,7 @@ def test_a_round_that_fails_at_a_site_is_skipped_and_the_agent_takes_the_next(ta
 def test_a_restarted_server_resumes_its_run_and_the_agents_follow(task, tmp_path) -> None:
     broker = MemoryBroker()
     first = Federation(broker, task, tmp_path, rounds=1)
-    first.start_server()
-    for site in ("site-1", "site-2"):
-        first.start_agent(site)
-    first.join()
+    first.run()
     run = first.server.run_id
 
     second = Federation(broker, task, tmp_path, rounds=2)
