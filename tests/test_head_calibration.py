@@ -146,6 +146,86 @@ def test_the_live_round_scores_what_the_simulation_scores(medmnist_root, tmp_pat
     assert fedavg["rejected_updates"] == 0 and data["published_resnet18_28_auc"] == 0.901 and 0.5 < data["centralized_auc"]["mean"] <= 1.0
 
 
+class LyingSite(Agent):
+    """A selected site that holds its own signing key and lies in the calibration round: statistics no
+    set of images has (its class sums scaled up), then a replay of its signed round-1 update."""
+
+    trained: bytes | None = None
+
+    def _train(self, ann):
+        envelope = super()._train(ann)
+        if not ann.train.calibrate_head:
+            self.trained = envelope
+        return envelope
+
+    def _head_stats(self, ann) -> bytes:
+        assert self.model is not None and self.held is not None
+        W.load_float_state(self.model, self.held.weights)
+        tensors = shard_stats(self.model, self.task.splits, self.indices).to_tensors()  # type: ignore[attr-defined]
+        tensors[SUMS] = tensors[SUMS] * 10
+        return make_update(tensors, codec=STATS_CODEC, federation=self.config.federation, site=self.config.site, round=ann.round, run=ann.run,
+                           model_sha256=ann.model_sha256, num_samples=int(tensors[COUNTS].sum()), metrics={}, signer=self.signer)  # fmt: skip
+
+    def _train_and_send(self, ann) -> None:
+        super()._train_and_send(ann)
+        if ann.train.calibrate_head and self.trained is not None:
+            self._mq.publish_chunked(lambda i: self.topics.update_chunk(ann.round, self.config.site, i), self.trained, chunk_size=self.config.chunk_size)
+
+
+@pytest.mark.integration
+def test_a_lying_site_over_amqtt_is_refused_and_the_honest_ones_calibrate(task, tmp_path) -> None:
+    """Over the embedded amqtt broker with signatures on: the liar's statistics (signed with its own
+    key) are refused as statistics no images have, its replayed training update as stale (or dropped
+    unread when it arrives before the round reopens for it), and at the deadline the quorum's head
+    is the honest site's alone."""
+    import threading
+
+    from fedge.broker import EmbeddedBroker
+    from fedge.cli.federation import signing_keys
+    from fedge.data import dirichlet_split
+
+    keys = signing_keys(tmp_path / "keys", ("site-1", "site-2"))
+    shards = [s[:64] for s in dirichlet_split(task.splits.labels["train"], 2, 1.0, 0)]
+    with EmbeddedBroker() as broker:
+        server = RoundServer(
+            ServerConfig(
+                federation=FED,
+                broker=broker.url,
+                model=MODEL,
+                checkpoint_dir=tmp_path / "ckpt",
+                rounds=1,
+                min_clients=1,
+                expected_clients=("site-1", "site-2"),
+                round_timeout=8,
+                wait_for_clients=60,
+                calibrate_head=True,
+                trusted_keys=keys["trusted"],
+                signing_key=keys["server"],
+            )  # fmt: skip
+        )
+        agents = []
+        for i, (site, cls) in enumerate((("site-1", Agent), ("site-2", LyingSite))):
+            config = AgentConfig(broker=broker.url, site=site, federation=FED, state_dir=tmp_path / site, signing_key=keys[site], server_key=keys["server.pub"])
+            agents.append(cls(config, task, shards[i]))
+        threads = [threading.Thread(target=a.run, daemon=True) for a in agents]
+        for thread in threads:
+            thread.start()
+        server.run()
+        for thread in threads:
+            thread.join(60)
+    record = server.state.history[-1]
+    assert record["round"] == 2 and record["head_calibration"] is True
+    assert record["clients"] == ["site-1"] and record["calibration_images"] == 64
+    assert server.refusals.counts["bad-head-stats"] == 1
+    assert server.refusals.counts["stale"] + server.refusals.counts["unexpected-topic"] >= 1
+    reasons = [reason for _, client, reason in server.rejections if client == "site-2"]
+    assert any("eigenvalue" in r for r in reasons), reasons
+    expected = _model(server.state.weights)
+    calibrate_on_shards(expected, task.splits, [shards[0]])
+    np.testing.assert_allclose(server.state.weights["head.weight"], expected.head.weight.detach().numpy(), rtol=1e-3, atol=1e-4)
+    assert all(agent.finished for agent in agents)
+
+
 # ---- attacks on the round: what the server's intake does with each (server.intake.decode_update) ----
 
 
