@@ -12,6 +12,7 @@ from fedge.protocol import TrainSettings
 from fedge.protocol.chunks import DEFAULT_CHUNK_SIZE
 from fedge.rounds import codec_for
 from fedge.schedule import LrSchedule, check_schedule
+from fedge.tasks.calibration import DEFAULT_SHRINKAGE
 from server.strategies import STRATEGIES, announced_train, get_strategy
 
 
@@ -57,7 +58,7 @@ class ServerConfig:
     # After the last round, one head-calibration round (fedge.tasks.calibration): the sites' feature
     # statistics refit the final model's linear head as LDA, shrunk by `head_shrinkage`.
     calibrate_head: bool = False
-    head_shrinkage: float = 0.1
+    head_shrinkage: float = DEFAULT_SHRINKAGE
 
     def __post_init__(self) -> None:
         if self.rounds < 1 or self.min_clients < 1:
@@ -78,7 +79,7 @@ class ServerConfig:
             check_calibration(self.strategy, self.rounds_mode, dp_sgd=self.train.dp_noise_multiplier is not None, shrinkage=self.head_shrinkage)
 
 
-def check_calibration(strategy: str, rounds_mode: str, *, dp_sgd: bool, shrinkage: float = 0.1) -> None:
+def check_calibration(strategy: str, rounds_mode: str, *, dp_sgd: bool, shrinkage: float = DEFAULT_SHRINKAGE) -> None:
     """UsageError for a head-calibration round the federation cannot run (the model's head is checked by the server)."""
     refusal = STRATEGIES.get(strategy).calibration_refusal
     if refusal:
